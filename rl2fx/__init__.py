@@ -1,0 +1,102 @@
+"""rl2fx: a typed, functional toolkit for the RL side of LLM post-training.
+
+Every name the feature spec uses is importable from here. Imports are lazy so
+that ``import rl2fx`` stays fast: heavy back ends (BoTorch, MLflow, W&B,
+transformers) load only when the name that needs them is first used.
+
+>>> import rl2fx
+>>> callable(rl2fx.reverse_scan)
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    # advantage estimators (rl2fx.returns)
+    "reverse_scan": "rl2fx.returns.scan",
+    "gae": "rl2fx.returns.gae",
+    "td_lambda": "rl2fx.returns.gae",
+    "discounted": "rl2fx.returns.gae",
+    "n_step": "rl2fx.returns.gae",
+    "vtrace": "rl2fx.returns.offpolicy",
+    "retrace": "rl2fx.returns.offpolicy",
+    "clipped_is": "rl2fx.returns.offpolicy",
+    "multistep": "rl2fx.returns.multistep",
+    "reinforce": "rl2fx.returns.group",
+    "grpo": "rl2fx.returns.group",
+    "dr_grpo": "rl2fx.returns.group",
+    "rloo": "rl2fx.returns.group",
+    "reinforce_pp": "rl2fx.returns.group",
+    "whiten": "rl2fx.returns.whiten",
+    "advantages": "rl2fx.returns.unified",
+    "compute_advantages_unified": "rl2fx.returns.unified",
+    # controllers (rl2fx.control)
+    "AdaptiveKLController": "rl2fx.control.kl",
+    "LagrangianConstraints": "rl2fx.control.lagrangian",
+    "AdaptiveBatchSizer": "rl2fx.control.batch_size",
+    # multi-objective (rl2fx.pareto)
+    "MultiObjectiveOptimizer": "rl2fx.pareto.optimizer",
+    # tuning (rl2fx.tuning)
+    "HyperparameterConfig": "rl2fx.tuning.space",
+    "create_ppo_hyperparameter_configs": "rl2fx.tuning.space",
+    "HyperparameterTuner": "rl2fx.tuning.tuner",
+    "Study": "rl2fx.tuning.study",
+    # memory (rl2fx.memory)
+    "MemoryOptimizer": "rl2fx.memory.optimizer",
+    "MemoryProfiler": "rl2fx.memory.profiler",
+    "memory_efficient_context": "rl2fx.memory.context",
+    # tracking (rl2fx.tracking)
+    "ExperimentConfig": "rl2fx.tracking.config",
+    "ExperimentTracker": "rl2fx.tracking.tracker",
+    "ModelVersioning": "rl2fx.tracking.versioning",
+    # training
+    "train_step": "rl2fx.train",
+    "PPOTrainer": "rl2fx.train",
+    "load_config": "rl2fx.config",
+}
+
+_SUBMODULES = {"returns", "control", "pareto", "tuning", "memory", "tracking", "tasks", "testing",
+               "losses", "logprobs", "train", "config", "cli"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"rl2fx.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'rl2fx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for static type checkers and IDEs only
+    from rl2fx.control.batch_size import AdaptiveBatchSizer
+    from rl2fx.control.kl import AdaptiveKLController
+    from rl2fx.control.lagrangian import LagrangianConstraints
+    from rl2fx.config import load_config
+    from rl2fx.memory.context import memory_efficient_context
+    from rl2fx.memory.optimizer import MemoryOptimizer
+    from rl2fx.memory.profiler import MemoryProfiler
+    from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
+    from rl2fx.returns.unified import advantages, compute_advantages_unified
+    from rl2fx.tracking.config import ExperimentConfig
+    from rl2fx.tracking.tracker import ExperimentTracker
+    from rl2fx.tracking.versioning import ModelVersioning
+    from rl2fx.train import PPOTrainer, train_step
+    from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
+    from rl2fx.tuning.study import Study
+    from rl2fx.tuning.tuner import HyperparameterTuner

@@ -1,0 +1,1 @@
+"""Stateless advantage and return estimators over ``[*batch, time]`` tensors."""
