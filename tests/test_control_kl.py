@@ -331,3 +331,10 @@ def test_defaults_table_is_what_kl_init_uses():
     s = C.kl_init("pid")
     for k, v in s.param.items():
         assert DEFAULTS[k] == v
+
+
+@pytest.mark.cuda
+def test_cuda_scalar_kl():
+    c = rl2fx.AdaptiveKLController(controller_type="pid")
+    ref = rl2fx.AdaptiveKLController(controller_type="pid")
+    assert c.update(torch.tensor(0.02, device="cuda"), 0) == ref.update(0.02, 0)

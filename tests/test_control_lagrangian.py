@@ -125,3 +125,14 @@ def test_bad_measurements_raise():
         lc.update(entropy=float("inf"))
     with pytest.raises(ValueError, match="kl_multiplier"):
         lc.load_state_dict({**lc.state_dict(), "kl_multiplier": -1.0})
+
+
+@pytest.mark.cuda
+def test_cuda_tensors():
+    lc = rl2fx.LagrangianConstraints(lagrangian_lr=1.0)
+    kl = torch.tensor(0.03, device="cuda", requires_grad=True)
+    lc.update(kl=kl, entropy=torch.tensor(0.0, device="cuda"))
+    terms = lc.update(kl=kl, entropy=torch.tensor(0.0, device="cuda"))
+    assert terms["total"].device.type == "cuda"
+    terms["total"].backward()
+    assert kl.grad.item() == pytest.approx(0.02)
