@@ -84,6 +84,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for static type checkers and IDEs only
+    # ruff: noqa: F401, I001
     from rl2fx.control.batch_size import AdaptiveBatchSizer
     from rl2fx.control.kl import AdaptiveKLController
     from rl2fx.control.lagrangian import LagrangianConstraints

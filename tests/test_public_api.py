@@ -35,4 +35,4 @@ def test_spec_name_importable(name):
 
 def test_unknown_attribute_names_itself():
     with pytest.raises(AttributeError, match="no_such_name"):
-        rl2fx.no_such_name
+        _ = rl2fx.no_such_name
