@@ -388,7 +388,7 @@ def ref_reinforce_pp(rewards, group_size=1, *, gamma=1.0, mask=None, eps=1e-8):
         m = torch.ones_like(r) if mask is None else (mask != 0).to(torch.float64)
     G = ref_discounted(tok, gamma=gamma, mask=m)
     if group_size > 1:
-        s = _scores(tok, m)
+        s = _scores(rewards, mask)
         base = [_mean(g) for g in _groups(s, group_size) for _ in range(group_size)]
         G = torch.stack([G[i] - base[i] for i in range(B)]) * m
     out = ref_whiten(G, m, eps=eps)
