@@ -124,6 +124,7 @@ def whiten(
 
     :math:`(x - \mu) / \sqrt{\sigma^2 + \epsilon}`; with ``shift_mean=False`` the
     mean is added back (only the scale changes), as in TRL's ``masked_whiten``.
+    Masked-out positions are 0 (all of them when the mask selects nothing).
 
     >>> whiten(torch.tensor([1.0, 2.0, 3.0, 50.0]), torch.tensor([1, 1, 1, 0]))
     tensor([-1.0000,  0.0000,  1.0000,  0.0000])
@@ -134,7 +135,8 @@ def whiten(
     sums = _all_reduce(torch.stack([(xa * w).sum(), w.sum()]), group)
     n = sums[1]
     if n.item() == 0:
-        raise ValueError("mask selects no element: cannot whiten")
+        # every position is masked out (on every rank), so every output is 0 by the mask convention
+        return torch.zeros_like(x)
     mu = sums[0] / n
     ss = _all_reduce((w * (xa - mu) ** 2).sum(), group)
     var = ss / (n - 1) if n.item() > 1 else torch.zeros_like(ss)

@@ -364,6 +364,8 @@ def ref_whiten(x, mask=None, *, shift_mean=True, eps=1e-8):
     xs = x.detach().to(torch.float64).flatten().tolist()
     ms = [1.0] * len(xs) if mask is None else mask.detach().to(torch.float64).flatten().tolist()
     kept = [a for a, m in zip(xs, ms, strict=True) if m]
+    if not kept:
+        return torch.zeros(x.shape, dtype=torch.float64)
     mu = _mean(kept)
     var = sum((a - mu) ** 2 for a in kept) / (len(kept) - 1) if len(kept) > 1 else 0.0
     out = [((a - mu) / math.sqrt(var + eps) + (0.0 if shift_mean else mu)) if m else 0.0 for a, m in zip(xs, ms, strict=True)]
