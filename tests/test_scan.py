@@ -65,7 +65,7 @@ def test_chunked_long_against_float64(xc):
     assert _rel_err(reverse_scan(x, c, backend="chunked"), ref) < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(2, 5000), (1, 4097), (3, 1, 64 * 64 + 1)])
+@pytest.mark.parametrize("shape", [(2, 5000), (1, 4097), (3, 1, 64 * 64 + 1), (5, 4096), (2, 2048)])
 @pytest.mark.parametrize("kind", ["float", "tensor"])
 def test_chunked_deep_recursion(shape, kind):
     g = torch.Generator().manual_seed(1)

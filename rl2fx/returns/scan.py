@@ -72,10 +72,11 @@ __all__ = ["BACKENDS", "reverse_scan"]
 #: Every accepted value of ``backend``.
 BACKENDS: tuple[str, ...] = ("auto", "loop", "chunked", "compiled")
 
-# Block length of the compiled backend: the in-block loop is unrolled L times, so
-# compile time grows with L; 32 keeps CPU compiles under a minute and gives each
-# GPU thread enough sequential work.
-_COMPILED_BLOCK = 32
+# Block length of the compiled backend: the in-block loop is unrolled L times and
+# compile time grows with L (CPU: ~35 s for the 1-level graph at L=16 on a loaded
+# 2-core box, over 90 s for 2 levels at L=32); 16 sequential steps per GPU thread
+# and T/16 blocks per row keep the GPU busy at every shape we benchmark.
+_COMPILED_BLOCK = 16
 
 # Measured medians (ms), reverse scan alone, float32, 1 thread of a shared 2-core
 # AMD EPYC, per-step c (masked case); see docs/performance.md for the full table.
@@ -137,8 +138,14 @@ def _block_len(t: int) -> int:
     return max(8, min(64, 1 << round(math.log2(max(t, 1)) / 2)))
 
 
-def _tm_scan_(xs: Tensor, cs: Tensor | float) -> Tensor:
-    """Blocked reverse scan of a time-major ``xs [T, N]``, overwriting ``xs`` (and ``cs``)."""
+def _tm_scan_(
+    xs: Tensor, cs: Tensor | float, blk: int | None = None, out: Tensor | None = None
+) -> Tensor:
+    """Blocked reverse scan of a time-major ``xs [T, N]``, overwriting ``xs`` (and ``cs``).
+
+    With ``out`` (any strides, ``xs``'s shape, ``T`` a multiple of ``blk``) the
+    fix-up pass writes the result there instead of back into ``xs``.
+    """
     n_t = xs.shape[0]
     scalar = not isinstance(cs, Tensor)
     if n_t <= 64:  # short enough: plain sequential pass, in place
@@ -148,7 +155,7 @@ def _tm_scan_(xs: Tensor, cs: Tensor | float) -> Tensor:
             else:
                 xs[t].addcmul_(cs[t], xs[t + 1])
         return xs
-    blk = _block_len(n_t)
+    blk = blk or _block_len(n_t)
     k = -(-n_t // blk)
     pad = k * blk - n_t
     if pad:  # zeros after the end: x = 0, c = 0 leave y unchanged
@@ -165,37 +172,62 @@ def _tm_scan_(xs: Tensor, cs: Tensor | float) -> Tensor:
         # block products for the carries, multiplied in float64: a float32 chain
         # of L roundings, repeated over T/L blocks, biases the effective discount
         # (measured 1.6e-5 relative error at T=16384, c=0.9999; 3e-7 with this)
-        b = torch.prod(c3, 1, dtype=_CARRY_DTYPE)
+        # (slab by slab: torch.prod(dtype=float64) would first copy all of c)
+        b = c3[:, blk - 1].to(_CARRY_DTYPE, copy=True)
         for i in range(blk - 2, -1, -1):
             x3[:, i].addcmul_(c3[:, i], x3[:, i + 1])
+            b.mul_(c3[:, i])
             c3[:, i].mul_(c3[:, i + 1])
     # 2. block-start values Y_k = u_k[0] + P_k[0] * Y_{k+1}: the same problem, K long
     if scalar:
         # products of a constant: c**(L - l); torch keeps inf/0 instead of raising
         pw = torch.full((blk,), cs, dtype=torch.float64).cumprod(0).flip(0)
         ys = _tm_scan_(x3[:, 0].to(_CARRY_DTYPE, copy=True), float(pw[0])).to(xs.dtype)
-        # 3. fix-up with the carry from the next block
-        shape = (1, blk) + (1,) * (xs.dim() - 1)
-        x3[:-1].addcmul_(pw.to(xs.dtype).view(shape), ys[1:].unsqueeze(1))
+        p3 = pw.to(xs.dtype).view((1, blk) + (1,) * (xs.dim() - 1))
+        p3 = p3.expand((k - 1,) + p3.shape[1:])
     else:
         ys = _tm_scan_(x3[:, 0].to(_CARRY_DTYPE, copy=True), b).to(xs.dtype)
-        x3[:-1].addcmul_(c3[:-1], ys[1:].unsqueeze(1))
+        p3 = c3[:-1]
+    # 3. fix-up with the carry from the next block (the last block has none)
+    if out is None:
+        x3[:-1].addcmul_(p3, ys[1:].unsqueeze(1))
+    else:
+        # fused with the caller's layout change: one pass instead of two
+        o3 = out.view(x3.shape)
+        torch.addcmul(x3[:-1], p3, ys[1:].unsqueeze(1), out=o3[:-1])
+        o3[-1].copy_(x3[-1])
+        return out
     return xs[:n_t] if pad else xs
+
+
+def _to_time_major(x2: Tensor, rows: int) -> Tensor:
+    """``x2 [N, T]`` copied once into a zero-padded, time-major ``[rows, N]`` buffer."""
+    n_t = x2.shape[1]
+    buf = x2.new_empty(rows, x2.shape[0])
+    buf[:n_t].copy_(x2.t())
+    buf[n_t:].zero_()  # x = 0, c = 0 after the end leave y unchanged
+    return buf
 
 
 def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
     n = x.shape[-1]
-    # One transposing copy in and one out buy contiguous slabs for every step.
-    # clone, not contiguous(): the scan works in place and a [1, T] input's
-    # transpose is already "contiguous" (it would alias the caller's tensor).
-    xt = x.reshape(-1, n).t().clone(memory_format=torch.contiguous_format)
-    ct = (
-        c.reshape(-1, n).t().clone(memory_format=torch.contiguous_format)
-        if isinstance(c, Tensor)
-        else c
-    )
-    yt = _tm_scan_(xt, ct)
-    return yt.t().reshape(x.shape)
+    x2 = x.reshape(-1, n)
+    # Pad to whole blocks here, inside the one transposing copy each input needs
+    # anyway (a copy, never a view: the scan then works in place).
+    blk = _block_len(n)
+    rows = n if n <= 64 else -(-n // blk) * blk
+    xt = _to_time_major(x2, rows)
+    ct = _to_time_major(c.reshape(-1, n), rows) if isinstance(c, Tensor) else c
+    if rows == n and n > 64:
+        # whole blocks: the fix-up pass writes the natural [N, T] layout directly
+        out = torch.empty_like(x2)
+        _tm_scan_(xt, ct, blk, out=out.t())
+        return out.view(x.shape)
+    yt = _tm_scan_(xt, ct, blk)[:n]
+    # write the result into the c buffer (no longer needed): one allocation fewer
+    out = ct.view(-1)[: x2.numel()].view(x2.shape) if isinstance(ct, Tensor) else torch.empty_like(x2)
+    out.copy_(yt.t())
+    return out.view(x.shape)
 
 
 # ---------------------------------------------------------- compiled (functional)
@@ -257,9 +289,10 @@ def _compiled(x: Tensor, c: Tensor | float) -> Tensor:
     if isinstance(c, Tensor):
         c2 = c.reshape(-1, n).contiguous()
     else:
-        # a 0-d tensor, not a Python float: a float would be baked into the graph
-        # and recompile for every new discount
-        c2 = torch.full((1, 1), c, dtype=x.dtype, device=x.device).expand_as(x2)
+        # a tensor, not a Python float: a float would be baked into the graph and
+        # recompile for every new discount; materialised (not an expanded view) so
+        # both forms share one compiled graph
+        c2 = torch.full_like(x2, c)
     return _compiled_fn(x.device, x.dtype)(x2, c2).reshape(x.shape)
 
 
