@@ -110,7 +110,12 @@ def torchrl_inputs(r, v, boot, mask):
         T = r.shape[-1]
         steps = torch.arange(T, device=mask.device).expand(mask.shape)
         idx = torch.where(mask, steps, T)
-        nxt = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], T)], -1).flip(-1).cummin(-1).values.flip(-1)
+        nxt = (
+            torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], T)], -1)
+            .flip(-1)
+            .cummin(-1)
+            .values.flip(-1)
+        )
         v_next = torch.cat([v, boot[:, None]], -1).gather(-1, nxt)
         r_ = torch.where(mask, r, 0.0)
         v_ = torch.where(mask, v, 0.0)
@@ -119,8 +124,15 @@ def torchrl_inputs(r, v, boot, mask):
         g = torch.where(mask, GAMMA * one, one)[..., None]
         lam = torch.where(mask, LAMDA * one, one)[..., None]
     done = torch.zeros(r.shape + (1,), dtype=torch.bool, device=r.device)
-    return dict(gamma=g, lmbda=lam, state_value=v_[..., None], next_state_value=vn[..., None],
-                reward=r_[..., None], done=done, terminated=done.clone())
+    return dict(
+        gamma=g,
+        lmbda=lam,
+        state_value=v_[..., None],
+        next_state_value=vn[..., None],
+        reward=r_[..., None],
+        done=done,
+        terminated=done.clone(),
+    )
 
 
 def make_torchrl(fn_name: str, r, v, boot, mask):
@@ -185,6 +197,37 @@ def close(a, b, scale) -> bool:
     return bool(((a - b).abs().max() / scale) < 1e-4)
 
 
+def build_methods(r, v, boot, mask, masked, B, T, args) -> dict[str, Callable[[], object] | str]:
+    """Name -> zero-argument callable (or the reason it is skipped)."""
+
+    def rl2fx_gae(backend: str):
+        return lambda: gae(
+            r, v, gamma=GAMMA, lamda=LAMDA, bootstrap_value=boot, mask=mask, backend=backend
+        )
+
+    methods: dict[str, Callable[[], object] | str] = {}
+    methods["python loop"] = lambda: python_loop_gae(r, v, boot, mask)
+    for b in RL2FX_BACKENDS:
+        skip = b == "compiled" and args.no_compile
+        methods[f"rl2fx {b}"] = "skipped: --no-compile" if skip else rl2fx_gae(b)
+    if args.no_torchrl:
+        methods["torchrl loop"] = methods["torchrl vec"] = "skipped: --no-torchrl"
+    else:
+        methods["torchrl loop"] = make_torchrl("generalized_advantage_estimate", r, v, boot, mask)
+        need = B * T * T * 4
+        if masked and need > VEC_MEMORY_CAP:
+            methods["torchrl vec"] = (
+                f"skipped: per-step discounts need [B,T,T] tensors "
+                f"({need / 1024**3:.1f} GiB each > {VEC_MEMORY_CAP / 1024**3:.0f} GiB cap)"
+            )
+        else:
+            methods["torchrl vec"] = make_torchrl(
+                "vec_generalized_advantage_estimate", r, v, boot, mask
+            )
+    methods["elementwise floor"] = lambda: torch.add(r, v, alpha=GAMMA)
+    return methods
+
+
 def bench_device(device, shapes, args, rows, meta):
     peak = None
     copy_gbs = None
@@ -196,36 +239,18 @@ def bench_device(device, shapes, args, rows, meta):
         copy_gbs = 2 * big.numel() * 4 / (statistics.median(ts) / 1e3) / 1e9
         del big
         meta["gpu"] = {"name": name, "spec_peak_GBps": peak, "copy_GBps": round(copy_gbs, 1)}
-        print(f"GPU: {name}; clone bandwidth {copy_gbs:.0f} GB/s; spec peak {peak or 'unknown'} GB/s")
+        print(
+            f"GPU: {name}; clone bandwidth {copy_gbs:.0f} GB/s; spec peak {peak or 'unknown'} GB/s"
+        )
     for B, T in shapes:
         r, v, boot, mask_all = make_inputs(B, T, device)
         for masked in (False, True):
             mask = mask_all if masked else None
-            ref_adv, ref_ret = gae(r, v, gamma=GAMMA, lamda=LAMDA, bootstrap_value=boot, mask=mask, backend="loop")
+            ref_adv, ref_ret = gae(
+                r, v, gamma=GAMMA, lamda=LAMDA, bootstrap_value=boot, mask=mask, backend="loop"
+            )
             scale = float(ref_adv.abs().max())
-            methods: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]] | str] = {}
-            methods["python loop"] = lambda: python_loop_gae(r, v, boot, mask)
-            for b in RL2FX_BACKENDS:
-                if b == "compiled" and args.no_compile:
-                    methods[f"rl2fx {b}"] = "skipped: --no-compile"
-                    continue
-                methods[f"rl2fx {b}"] = (
-                    lambda b=b: gae(r, v, gamma=GAMMA, lamda=LAMDA, bootstrap_value=boot, mask=mask, backend=b)
-                )
-            if args.no_torchrl:
-                methods["torchrl loop"] = methods["torchrl vec"] = "skipped: --no-torchrl"
-            else:
-                methods["torchrl loop"] = make_torchrl("generalized_advantage_estimate", r, v, boot, mask)
-                need = B * T * T * 4
-                if masked and need > VEC_MEMORY_CAP:
-                    methods["torchrl vec"] = (
-                        f"skipped: per-step discounts need [B,T,T] tensors "
-                        f"({need / 1024**3:.1f} GiB each > {VEC_MEMORY_CAP / 1024**3:.0f} GiB cap)"
-                    )
-                else:
-                    methods["torchrl vec"] = make_torchrl("vec_generalized_advantage_estimate", r, v, boot, mask)
-            methods["elementwise floor"] = lambda: (torch.add(r, v, alpha=GAMMA), None)
-
+            methods = build_methods(r, v, boot, mask, masked, B, T, args)
             results: dict[str, dict] = {}
             for name, fn in methods.items():
                 rec: dict = {"device": device.type, "B": B, "T": T, "mask": masked, "method": name}
@@ -241,7 +266,9 @@ def bench_device(device, shapes, args, rows, meta):
                         rec["first_call_s"] = round(time.perf_counter() - t0, 2)
                     if name != "elementwise floor":
                         adv, ret = fn()
-                        rec["matches_reference"] = close(adv, ref_adv, scale) and close(ret, ref_ret, scale)
+                        rec["matches_reference"] = close(adv, ref_adv, scale) and close(
+                            ret, ref_ret, scale
+                        )
                     slow = name in ("python loop", "torchrl loop", "rl2fx loop")
                     reps = max(3, args.repeats // 3) if slow else args.repeats
                     ts = time_it(fn, device, reps, args.budget)
@@ -271,10 +298,14 @@ def print_table(rows, cuda: bool) -> str:
     for r in rows:
         shape = f"{r['B']}x{r['T']}"
         if "median_ms" not in r:
-            lines.append(f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {'-':>10} {'':>8} {'':>8}  {r['skipped']}")
+            lines.append(
+                f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {'-':>10} {'':>8} {'':>8}  {r['skipped']}"
+            )
             continue
-        line = (f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {r['median_ms']:10.3f} "
-                f"{r['x_loop']:8.1f} {r['x_floor']:8.1f}")
+        line = (
+            f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {r['median_ms']:10.3f} "
+            f"{r['x_loop']:8.1f} {r['x_floor']:8.1f}"
+        )
         if cuda:
             line += f" {r.get('GBps', 0):8.1f} {100 * r.get('frac_peak', 0):6.1f}"
         notes = []
@@ -287,15 +318,64 @@ def print_table(rows, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+SCAN_SHAPES = [(256, 16), (256, 64), (256, 256), (256, 1024), (256, 4096), (1024, 8192)]
+
+
+def scan_table(args) -> list[dict]:
+    """reverse_scan alone per backend and T (per-step c, the masked case): the data behind ``auto``."""
+    from rl2fx.returns.scan import reverse_scan
+
+    rows = []
+    shapes = SCAN_SHAPES[:4] if args.quick else SCAN_SHAPES
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        for B, T in shapes:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, T, generator=g).to(device)
+            c = (0.9 + 0.1 * torch.rand(B, T, generator=g)).to(device)
+            rec = {"device": device.type, "B": B, "T": T}
+            for b in ("loop", "chunked", "compiled"):
+                if b == "compiled" and args.no_compile:
+                    continue
+                if b == "loop" and T * B > 256 * 4096 and device.type == "cpu":
+                    reps = 3
+                else:
+                    reps = args.repeats
+                ts = time_it(
+                    lambda b=b, x=x, c=c: reverse_scan(x, c, backend=b), device, reps, args.budget
+                )
+                rec[b] = statistics.median(ts)
+            print(
+                f"{device.type:5} {B:5}x{T:<6} "
+                + " ".join(
+                    f"{k} {rec[k]:9.3f} ms" for k in ("loop", "chunked", "compiled") if k in rec
+                ),
+                flush=True,
+            )
+            rows.append(rec)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one small shape, few repeats, no CPU compile")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 15, quick 5)")
-    p.add_argument("--budget", type=float, default=None, help="seconds per method before stopping early")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="one small shape, few repeats, no CPU compile"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per method (default 15, quick 5)"
+    )
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds per method before stopping early"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's default)"
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile backend")
     p.add_argument("--no-torchrl", action="store_true", help="skip TorchRL")
     p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--scan", action="store_true", help="only time reverse_scan per backend and T")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "returns.json"))
     args = p.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 15)
@@ -325,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     print(f"torch {meta['torch']}, {meta['cpu_count']} CPUs, {meta['threads']} torch threads")
+    if args.scan:
+        rows = scan_table(args)
+        out = Path(args.out).with_name("returns_scan.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+        return 0
     rows: list[dict] = []
     bench_device(torch.device("cpu"), shapes, args, rows, meta)
     cuda = torch.cuda.is_available() and not args.cpu_only

@@ -29,7 +29,9 @@ def _closed_form(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def _tol(dtype: torch.dtype) -> float:
     # relative to the output scale max|y|; low-precision outputs differ by one
     # rounding of nearly equal float32 accumulations
-    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[
+        dtype
+    ]
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -92,7 +94,9 @@ def test_skipped_steps_are_transparent(xc, data):
     # inserting masked steps (x = 0, c = 1) changes nothing at the kept steps:
     # the property the estimators' `mask` relies on
     x, c = xc
-    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=x.shape[-1], max_size=x.shape[-1])))
+    keep = torch.tensor(
+        data.draw(st.lists(st.booleans(), min_size=x.shape[-1], max_size=x.shape[-1]))
+    )
     if not keep.any():
         keep[0] = True
     xk, ck = x[..., keep], c[..., keep]

@@ -14,7 +14,9 @@ from rl2fx.returns.scan import reverse_scan
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
+    return float(
+        (y.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)
+    )
 
 
 def _inputs(shape, seed=0, device="cpu"):
@@ -68,7 +70,10 @@ def test_cuda_backends_equal_cpu_loop(backend, shape):
     assert y.device.type == "cuda"
     assert _rel_err(y.cpu(), ref) < 1e-5
     yf = reverse_scan(x.cuda(), 0.99, backend=backend)
-    assert _rel_err(yf.cpu(), reverse_scan(x.double(), float(torch.tensor(0.99)), backend="loop")) < 1e-5
+    assert (
+        _rel_err(yf.cpu(), reverse_scan(x.double(), float(torch.tensor(0.99)), backend="loop"))
+        < 1e-5
+    )
 
 
 @pytest.mark.cuda

@@ -225,7 +225,9 @@ def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
         return out.view(x.shape)
     yt = _tm_scan_(xt, ct, blk)[:n]
     # write the result into the c buffer (no longer needed): one allocation fewer
-    out = ct.view(-1)[: x2.numel()].view(x2.shape) if isinstance(ct, Tensor) else torch.empty_like(x2)
+    out = (
+        ct.view(-1)[: x2.numel()].view(x2.shape) if isinstance(ct, Tensor) else torch.empty_like(x2)
+    )
     out.copy_(yt.t())
     return out.view(x.shape)
 
@@ -338,7 +340,9 @@ def reverse_scan(
     """
     check_choice("backend", backend, BACKENDS)
     if isinstance(c, Tensor) and c.shape != x.shape:
-        raise ValueError(f"c must be a float or have x's shape {tuple(x.shape)}, got {tuple(c.shape)}")
+        raise ValueError(
+            f"c must be a float or have x's shape {tuple(x.shape)}, got {tuple(c.shape)}"
+        )
     if x.shape[-1] == 0 or x.numel() == 0:
         return x.clone()
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
