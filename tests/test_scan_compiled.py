@@ -31,12 +31,26 @@ def _inputs(shape, seed=0, device="cpu"):
 
 
 def test_compiled_small_cpu():
-    # two batch shapes and two T of the same depth: one compiled graph (dynamic shapes)
-    for shape in [(3, 11), (2, 4, 16)]:
+    # one block level (T <= 16): the smallest graph, still the real compiled path
+    x, c = _inputs((2, 3, 13))
+    ref = reverse_scan(x.double(), c.double(), backend="loop")
+    y = reverse_scan(x, c, backend="compiled")
+    assert y.dtype == x.dtype and _rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_reuses_graph_across_shapes():
+    # dynamic shapes: new batch sizes and T of the same recursion depth reuse the graph
+    from torch._dynamo.utils import counters
+
+    x, c = _inputs((3, 100))
+    reverse_scan(x, c, backend="compiled")
+    before = dict(counters["stats"])
+    for shape in [(5, 70), (7, 250), (2, 3, 200)]:
         x, c = _inputs(shape)
         ref = reverse_scan(x.double(), c.double(), backend="loop")
-        y = reverse_scan(x, c, backend="compiled")
-        assert y.dtype == x.dtype and _rel_err(y, ref) < 1e-5
+        assert _rel_err(reverse_scan(x, c, backend="compiled"), ref) < 1e-5
+    assert dict(counters["stats"]).get("unique_graphs") == before.get("unique_graphs")
 
 
 @pytest.mark.slow
