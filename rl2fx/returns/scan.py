@@ -46,8 +46,8 @@ Backends (``BACKENDS``)
 Limits: ``c > 1`` is allowed, but the blocked backends form products of ``c``
 over spans of up to ``T`` steps at the coarser levels; if such a product
 overflows (for example ``c = 1.01`` over 9000 steps in float32) the result holds
-``inf``/``nan`` where ``loop`` may still be finite. Use ``backend="loop"`` for
-growing recurrences. Non-finite inputs are not checked here (the estimators check
+``inf``/``nan`` where ``loop`` may still be finite. ``auto`` picks ``loop`` for a
+float ``c > 1``; pass ``backend="loop"`` for growing per-step ``c`` tensors. Non-finite inputs are not checked here (the estimators check
 them); a NaN spreads to every earlier step in ``loop`` and additionally within its
 block in the blocked backends.
 
@@ -100,7 +100,9 @@ _AUTO_TABLE: dict[str, tuple[tuple[int, str], ...]] = {
 }
 
 
-def _auto_backend(x: Tensor) -> str:
+def _auto_backend(x: Tensor, c: Tensor | float) -> str:
+    if not isinstance(c, Tensor) and abs(c) > 1.0:
+        return "loop"  # growing recurrence: the only backend with no span products
     rules = _AUTO_TABLE.get(x.device.type, _AUTO_TABLE["cpu"])
     t = x.shape[-1]
     for max_t, name in rules:
@@ -181,9 +183,10 @@ def _tm_scan_(
     # 2. block-start values Y_k = u_k[0] + P_k[0] * Y_{k+1}: the same problem, K long
     if scalar:
         # products of a constant: c**(L - l); torch keeps inf/0 instead of raising
+        # (built on the CPU: reading pw[0] from a GPU tensor would synchronise)
         pw = torch.full((blk,), cs, dtype=torch.float64).cumprod(0).flip(0)
         ys = _tm_scan_(x3[:, 0].to(_CARRY_DTYPE, copy=True), float(pw[0])).to(xs.dtype)
-        p3 = pw.to(xs.dtype).view((1, blk) + (1,) * (xs.dim() - 1))
+        p3 = pw.to(device=xs.device, dtype=xs.dtype).view((1, blk) + (1,) * (xs.dim() - 1))
         p3 = p3.expand((k - 1,) + p3.shape[1:])
     else:
         ys = _tm_scan_(x3[:, 0].to(_CARRY_DTYPE, copy=True), b).to(xs.dtype)
@@ -353,6 +356,6 @@ def reverse_scan(
         # round a float discount to the accumulation dtype once, so every backend
         # (and every level of the blocked ones) uses the same number
         ca = float(torch.tensor(float(c), dtype=acc_dtype))
-    name = _auto_backend(x) if backend == "auto" else backend
+    name = _auto_backend(x, ca) if backend == "auto" else backend
     y = _BACKEND_FNS[name](xa, ca)
     return y.to(x.dtype)
