@@ -140,14 +140,8 @@ def _block_len(t: int) -> int:
     return max(8, min(64, 1 << round(math.log2(max(t, 1)) / 2)))
 
 
-def _tm_scan_(
-    xs: Tensor, cs: Tensor | float, blk: int | None = None, out: Tensor | None = None
-) -> Tensor:
-    """Blocked reverse scan of a time-major ``xs [T, N]``, overwriting ``xs`` (and ``cs``).
-
-    With ``out`` (any strides, ``xs``'s shape, ``T`` a multiple of ``blk``) the
-    fix-up pass writes the result there instead of back into ``xs``.
-    """
+def _tm_scan_(xs: Tensor, cs: Tensor | float, blk: int | None = None) -> Tensor:
+    """Blocked reverse scan of a time-major ``xs [T, N]``, overwriting ``xs`` (and ``cs``)."""
     n_t = xs.shape[0]
     scalar = not isinstance(cs, Tensor)
     if n_t <= 64:  # short enough: plain sequential pass, in place
@@ -192,21 +186,34 @@ def _tm_scan_(
         ys = _tm_scan_(x3[:, 0].to(_CARRY_DTYPE, copy=True), b).to(xs.dtype)
         p3 = c3[:-1]
     # 3. fix-up with the carry from the next block (the last block has none)
-    if out is None:
-        x3[:-1].addcmul_(p3, ys[1:].unsqueeze(1))
-    else:
-        # fused with the caller's layout change: one pass instead of two
-        o3 = out.view(x3.shape)
-        torch.addcmul(x3[:-1], p3, ys[1:].unsqueeze(1), out=o3[:-1])
-        o3[-1].copy_(x3[-1])
-        return out
+    x3[:-1].addcmul_(p3, ys[1:].unsqueeze(1))
     return xs[:n_t] if pad else xs
 
 
-def _to_time_major(x2: Tensor, rows: int) -> Tensor:
-    """``x2 [N, T]`` copied once into a zero-padded, time-major ``[rows, N]`` buffer."""
+# Scratch buffers for the two time-major copies, kept per thread on CPU and reused
+# across calls (CUDA's caching allocator already does this on the GPU). Fresh
+# multi-MB buffers cost page faults on every call: measured 2-3x the whole scan
+# on the shared benchmark box. Bounded: inputs above the cap get fresh buffers.
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX_BYTES = 256 * 1024**2
+
+
+def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
+    numel = rows * cols
+    if like.device.type != "cpu" or numel * like.element_size() > _WORKSPACE_MAX_BYTES:
+        return like.new_empty(rows, cols)
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    key = (slot, like.dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = like.new_empty(numel)
+    return buf[:numel].view(rows, cols)
+
+
+def _to_time_major(x2: Tensor, rows: int, slot: int) -> Tensor:
+    """``x2 [N, T]`` copied once into a zero-padded, time-major ``[rows, N]`` scratch buffer."""
     n_t = x2.shape[1]
-    buf = x2.new_empty(rows, x2.shape[0])
+    buf = _scratch(slot, rows, x2.shape[0], x2)
     buf[:n_t].copy_(x2.t())
     buf[n_t:].zero_()  # x = 0, c = 0 after the end leave y unchanged
     return buf
@@ -219,18 +226,12 @@ def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
     # anyway (a copy, never a view: the scan then works in place).
     blk = _block_len(n)
     rows = n if n <= 64 else -(-n // blk) * blk
-    xt = _to_time_major(x2, rows)
-    ct = _to_time_major(c.reshape(-1, n), rows) if isinstance(c, Tensor) else c
-    if rows == n and n > 64:
-        # whole blocks: the fix-up pass writes the natural [N, T] layout directly
-        out = torch.empty_like(x2)
-        _tm_scan_(xt, ct, blk, out=out.t())
-        return out.view(x.shape)
+    xt = _to_time_major(x2, rows, 0)
+    ct = _to_time_major(c.reshape(-1, n), rows, 1) if isinstance(c, Tensor) else c
     yt = _tm_scan_(xt, ct, blk)[:n]
-    # write the result into the c buffer (no longer needed): one allocation fewer
-    out = (
-        ct.view(-1)[: x2.numel()].view(x2.shape) if isinstance(ct, Tensor) else torch.empty_like(x2)
-    )
+    # (fusing the fix-up with this copy, addcmul(out=<transposed view>), measured
+    # 5x slower than the two passes: TensorIterator's strided writes are poor)
+    out = torch.empty_like(x2)
     out.copy_(yt.t())
     return out.view(x.shape)
 
