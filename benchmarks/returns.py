@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from rl2fx.returns import gae
+from rl2fx.returns import gae, reverse_scan
 
 GAMMA, LAMDA = 0.99, 0.95
 SHAPES = [(64, 1024), (256, 4096), (1024, 8192)]
@@ -197,6 +197,17 @@ def close(a, b, scale) -> bool:
     return bool(((a - b).abs().max() / scale) < 1e-4)
 
 
+def scan_operands(r, v, boot, mask):
+    """GAE's (x, c) for reverse_scan: x = delta, c = gamma * lamda; x = 0, c = 1 where masked out."""
+    if mask is None:
+        v_next = torch.cat([v[:, 1:], boot[:, None]], -1)
+        return r + GAMMA * v_next - v, torch.full_like(r, GAMMA * LAMDA)
+    adv_inputs = torchrl_inputs(r, v, boot, mask)
+    vn = adv_inputs["next_state_value"][..., 0]
+    delta = torch.where(mask, r + GAMMA * vn - v, 0.0)
+    return delta, torch.where(mask, GAMMA * LAMDA, 1.0)
+
+
 def build_methods(r, v, boot, mask, masked, B, T, args) -> dict[str, Callable[[], object] | str]:
     """Name -> zero-argument callable (or the reason it is skipped)."""
 
@@ -210,6 +221,9 @@ def build_methods(r, v, boot, mask, masked, B, T, args) -> dict[str, Callable[[]
     for b in RL2FX_BACKENDS:
         skip = b == "compiled" and args.no_compile
         methods[f"rl2fx {b}"] = "skipped: --no-compile" if skip else rl2fx_gae(b)
+    # the engine alone, on the (x, c) that gae hands it: what the scan costs inside gae
+    x_scan, c_scan = scan_operands(r, v, boot, mask)
+    methods["rl2fx scan only"] = lambda: reverse_scan(x_scan, c_scan)
     if args.no_torchrl:
         methods["torchrl loop"] = methods["torchrl vec"] = "skipped: --no-torchrl"
     else:
@@ -264,7 +278,7 @@ def bench_device(device, shapes, args, rows, meta):
                         fn()
                         sync(device)
                         rec["first_call_s"] = round(time.perf_counter() - t0, 2)
-                    if name != "elementwise floor":
+                    if name not in ("elementwise floor", "rl2fx scan only"):
                         adv, ret = fn()
                         rec["matches_reference"] = close(adv, ref_adv, scale) and close(
                             ret, ref_ret, scale
@@ -323,8 +337,6 @@ SCAN_SHAPES = [(256, 16), (256, 64), (256, 256), (256, 1024), (256, 4096), (1024
 
 def scan_table(args) -> list[dict]:
     """reverse_scan alone per backend and T (per-step c, the masked case): the data behind ``auto``."""
-    from rl2fx.returns.scan import reverse_scan
-
     rows = []
     shapes = SCAN_SHAPES[:4] if args.quick else SCAN_SHAPES
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
