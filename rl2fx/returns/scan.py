@@ -78,21 +78,26 @@ BACKENDS: tuple[str, ...] = ("auto", "loop", "chunked", "compiled")
 # and T/16 blocks per row keep the GPU busy at every shape we benchmark.
 _COMPILED_BLOCK = 16
 
-# Measured medians (ms), reverse scan alone, float32, 1 thread of a shared 2-core
-# AMD EPYC, per-step c (masked case); see docs/performance.md for the full table.
+# Measured medians (ms), reverse_scan alone, float32, per-step c (the masked
+# case), 1 thread of a shared 2-core AMD EPYC (benchmarks/returns.py --scan):
 #
-#   batch x T        loop     chunked   compiled
-#   256 x 16           0.06     0.09      0.12
-#   256 x 128          0.45     0.20      0.25
-#   256 x 4096        13.5      2.4       5.0
-#   1024 x 8192      110       25        30
+#   batch x T      loop    chunked   compiled (after its one-off compile)
+#   256 x 16        0.30     0.27      0.24
+#   256 x 64        0.74     0.55      0.41
+#   256 x 256       2.43     0.85      0.56
+#   256 x 1024      9.88     2.16      2.43
+#   256 x 4096     45.7      7.42     11.5
+#   1024 x 8192   171       74.5     170
 #
-# loop is ~3 us of Python per step, chunked ~2*(L + K) steps plus three memory
-# passes, so chunked wins from T ~ 64 on. torch.compile's C++ kernel did not beat
-# the eager blocked scan on CPU (its block pass is not vectorised), so CPU never
-# picks it. On CUDA every eager step is a kernel launch (~5-10 us), and the fused
-# compiled kernel is the only way near the bandwidth floor; eager chunked covers
-# short T where a compile would not pay off within one call.
+# loop costs ~3 us of Python per step; chunked ~2*(L + T/L) steps plus its two
+# transposing copies, so it wins from T ~ 64 on. On CPU the compiled kernel wins
+# only at short T, by less than its compile time (5-10 s warm cache, 1-3 min cold
+# on this box) would repay in a typical call count, so CPU never picks it. On
+# CUDA every eager step is a kernel launch (5-10 us) and the fused compiled
+# kernels are the only way near the bandwidth floor; short T stays eager. (Not
+# measured on a GPU in this session: no GPU was available.) dtype does not enter
+# the rule: bfloat16/float16 are scanned as float32, float64 costs every backend
+# alike.
 _AUTO_TABLE: dict[str, tuple[tuple[int, str], ...]] = {
     # device type -> ((max T, backend), ...) checked in order
     "cpu": ((48, "loop"), (1 << 62, "chunked")),
