@@ -43,6 +43,9 @@ Backends (``BACKENDS``)
 ``auto``
     Picks by device, dtype and shape from the measurements in ``_AUTO_TABLE``.
 
+Differentiable: with gradients enabled ``chunked`` runs the out-of-place form of
+the same decomposition (the in-place fast path reuses per-thread scratch buffers).
+
 Limits: ``c > 1`` is allowed, but the blocked backends form products of ``c``
 over spans of up to ``T`` steps at the coarser levels; if such a product
 overflows (for example ``c = 1.01`` over 9000 steps in float32) the result holds
@@ -227,6 +230,11 @@ def _to_time_major(x2: Tensor, rows: int, slot: int) -> Tensor:
 def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
+    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(c, Tensor) and c.requires_grad)):
+        # the in-place scan below is not differentiable; the same decomposition
+        # out of place (the compiled backend's code, run eagerly) is
+        c2 = c.reshape(-1, n) if isinstance(c, Tensor) else torch.full_like(x2, c)
+        return _blocked_functional(x2, c2).reshape(x.shape)
     # Pad to whole blocks here, inside the one transposing copy each input needs
     # anyway (a copy, never a view: the scan then works in place).
     blk = _block_len(n)
@@ -294,11 +302,17 @@ def _compiled_fn(device: torch.device, dtype: torch.dtype) -> Callable[[Tensor, 
     return fn
 
 
+def _plain(t: Tensor) -> Tensor:
+    # detach() (when no gradient is needed) makes it not a view for dynamo, whose
+    # guards on a view's base would recompile for every leading-dims layout
+    return t if (t.requires_grad and torch.is_grad_enabled()) else t.detach()
+
+
 def _compiled(x: Tensor, c: Tensor | float) -> Tensor:
     n = x.shape[-1]
-    x2 = x.reshape(-1, n).contiguous()
+    x2 = _plain(x.reshape(-1, n).contiguous())
     if isinstance(c, Tensor):
-        c2 = c.reshape(-1, n).contiguous()
+        c2 = _plain(c.reshape(-1, n).contiguous())
     else:
         # a tensor, not a Python float: a float would be baked into the graph and
         # recompile for every new discount; materialised (not an expanded view) so
