@@ -35,7 +35,7 @@ Backends (``BACKENDS``)
 ``compiled``
     The same block decomposition written functionally (the in-block loop unrolled,
     natural ``[batch, time]`` layout) and passed through :func:`torch.compile` with
-    dynamic shapes: Inductor fuses each block pass into one kernel (Triton on CUDA,
+    dynamic shapes: Inductor fuses the block passes into a few kernels (Triton on CUDA,
     C++/OpenMP on CPU). Compiled once per device, dtype and depth of the block
     recursion (one depth covers ``L < T <= L**2``, the next ``L**2 < T <= L**3``),
     cached for the life of the process. The first call pays the compile cost
