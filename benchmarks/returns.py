@@ -1,0 +1,445 @@
+"""GAE end to end: rl2fx backends vs a Python loop, TorchRL and the memory floor, in one run.
+
+    PYTHONPATH=. python benchmarks/returns.py            # full: 64x1024, 256x4096, 1024x8192
+    PYTHONPATH=. python benchmarks/returns.py --quick    # one small shape, few repeats
+
+Every method computes GAE advantages and value targets (gamma=0.99, lamda=0.95,
+float32) for the same rewards/values/bootstrap, with and without an action mask
+(masked-out steps are skipped, RL2 style). Before timing, each method's output is
+checked against rl2fx's loop backend. Reported: median wall time over repeats,
+speed-up over the Python loop (``x loop``) and cost relative to one elementwise
+pass over the same tensors (``x floor``, ``rewards + gamma * values``: the least
+any estimator must do is read its inputs and write its output once).
+
+The compiled backend's one-off compile cost is timed separately (first call per
+shape family) and never mixed into the medians. On a CUDA device the same table
+is produced for the GPU, with achieved bandwidth (bytes read + written by GAE /
+time) against the device's copy bandwidth and its spec-sheet peak.
+
+Results go to benchmarks/results/returns.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rl2fx.returns import gae, reverse_scan
+
+GAMMA, LAMDA = 0.99, 0.95
+SHAPES = [(64, 1024), (256, 4096), (1024, 8192)]
+QUICK_SHAPES = [(64, 1024)]
+RL2FX_BACKENDS = ("loop", "chunked", "compiled", "auto")
+# TorchRL's vectorised GAE with per-step discounts builds [B, T, T] tensors; refuse
+# above this many bytes (a few such tensors are alive at once).
+VEC_MEMORY_CAP = 2 * 1024**3
+
+# Spec-sheet DRAM bandwidth (GB/s) for the GPUs we expect; matched by substring.
+GPU_PEAK_GBS = {
+    "H200": 4800,
+    "H100 SXM": 3350,
+    "H100 NVL": 3900,
+    "H100 PCIe": 2000,
+    "H100": 3350,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,
+    "L40S": 864,
+    "L4": 300,
+    "A10G": 600,
+    "A10": 600,
+    "RTX 4090": 1008,
+    "RTX 3090": 936,
+    "RTX 2000 Ada": 224,
+    "V100": 900,
+    "T4": 320,
+}
+
+
+# ----------------------------------------------------------------- methods
+
+
+def python_loop_gae(r, v, boot, mask):
+    """The textbook loop (CleanRL style), vectorised over batch, one Python step per time step."""
+    T = r.shape[-1]
+    adv = torch.empty_like(r)
+    last = torch.zeros_like(boot)
+    v_next = boot
+    gl = GAMMA * LAMDA
+    for t in range(T - 1, -1, -1):
+        delta = r[:, t] + GAMMA * v_next - v[:, t]
+        new = delta + gl * last
+        if mask is None:
+            last = new
+            adv[:, t] = new
+            v_next = v[:, t]
+        else:
+            m = mask[:, t]
+            last = torch.where(m, new, last)
+            adv[:, t] = torch.where(m, new, 0.0)
+            v_next = torch.where(m, v[:, t], v_next)
+    ret = adv + v
+    if mask is not None:
+        ret = torch.where(mask, ret, 0.0)
+    return adv, ret
+
+
+def torchrl_inputs(r, v, boot, mask):
+    """TorchRL's layout: time_dim=-2, a trailing feature dim of 1.
+
+    TorchRL has no action mask. Masked-out steps are made transparent the way
+    rl2fx does it internally (reward, values 0; per-step gamma = lamda = 1, so the
+    recursion carries through), with the next masked-in value precomputed; this
+    preparation is not timed. Per-step discounts send the vectorised version to
+    its [B, T, T] path.
+    """
+    if mask is None:
+        v_next = torch.cat([v[:, 1:], boot[:, None]], -1)
+        g, lam = GAMMA, LAMDA
+        r_, v_, vn = r, v, v_next
+    else:
+        T = r.shape[-1]
+        steps = torch.arange(T, device=mask.device).expand(mask.shape)
+        idx = torch.where(mask, steps, T)
+        nxt = (
+            torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], T)], -1)
+            .flip(-1)
+            .cummin(-1)
+            .values.flip(-1)
+        )
+        v_next = torch.cat([v, boot[:, None]], -1).gather(-1, nxt)
+        r_ = torch.where(mask, r, 0.0)
+        v_ = torch.where(mask, v, 0.0)
+        vn = torch.where(mask, v_next, 0.0)
+        one = torch.ones_like(r)
+        g = torch.where(mask, GAMMA * one, one)[..., None]
+        lam = torch.where(mask, LAMDA * one, one)[..., None]
+    done = torch.zeros(r.shape + (1,), dtype=torch.bool, device=r.device)
+    return dict(
+        gamma=g,
+        lmbda=lam,
+        state_value=v_[..., None],
+        next_state_value=vn[..., None],
+        reward=r_[..., None],
+        done=done,
+        terminated=done.clone(),
+    )
+
+
+def make_torchrl(fn_name: str, r, v, boot, mask):
+    from torchrl.objectives.value import functional as TF
+
+    fn = getattr(TF, fn_name)
+    kw = torchrl_inputs(r, v, boot, mask)
+
+    def run():
+        adv, ret = fn(**kw)
+        adv, ret = adv[..., 0], ret[..., 0]
+        if mask is not None:
+            adv = torch.where(mask, adv, 0.0)
+            ret = torch.where(mask, ret, 0.0)
+        return adv, ret
+
+    return run
+
+
+# ----------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], object], device, repeats: int, budget_s: float) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls after one warm-up, stopping early past ``budget_s``."""
+    fn()
+    sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def make_inputs(B: int, T: int, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, generator=g)
+    v = torch.randn(B, T, generator=g)
+    boot = torch.randn(B, generator=g)
+    # LLM-style mask: a prompt prefix, then turns where environment tokens
+    # (masked out) alternate with action tokens; about 35% of steps masked out
+    mask = torch.ones(B, T, dtype=torch.bool)
+    prompt = torch.randint(T // 16, T // 8 + 1, (B,), generator=g)
+    mask &= torch.arange(T)[None, :] >= prompt[:, None]
+    seg = max(T // 64, 4)
+    env_seg = torch.rand(B, T // seg + 1, generator=g) < 0.3
+    mask &= ~env_seg.repeat_interleave(seg, -1)[:, :T]
+    mask[:, -1] = True
+    return (r.to(device), v.to(device), boot.to(device), mask.to(device))
+
+
+def close(a, b, scale) -> bool:
+    return bool(((a - b).abs().max() / scale) < 1e-4)
+
+
+def scan_operands(r, v, boot, mask):
+    """GAE's (x, c) for reverse_scan: x = delta, c = gamma * lamda; x = 0, c = 1 where masked out."""
+    if mask is None:
+        v_next = torch.cat([v[:, 1:], boot[:, None]], -1)
+        return r + GAMMA * v_next - v, torch.full_like(r, GAMMA * LAMDA)
+    adv_inputs = torchrl_inputs(r, v, boot, mask)
+    vn = adv_inputs["next_state_value"][..., 0]
+    delta = torch.where(mask, r + GAMMA * vn - v, 0.0)
+    return delta, torch.where(mask, GAMMA * LAMDA, 1.0)
+
+
+def build_methods(r, v, boot, mask, masked, B, T, args) -> dict[str, Callable[[], object] | str]:
+    """Name -> zero-argument callable (or the reason it is skipped)."""
+
+    def rl2fx_gae(backend: str):
+        return lambda: gae(
+            r, v, gamma=GAMMA, lamda=LAMDA, bootstrap_value=boot, mask=mask, backend=backend
+        )
+
+    methods: dict[str, Callable[[], object] | str] = {}
+    methods["python loop"] = lambda: python_loop_gae(r, v, boot, mask)
+    for b in RL2FX_BACKENDS:
+        skip = b == "compiled" and args.no_compile
+        methods[f"rl2fx {b}"] = "skipped: --no-compile" if skip else rl2fx_gae(b)
+    # the engine alone, on the (x, c) that gae hands it: what the scan costs inside gae
+    x_scan, c_scan = scan_operands(r, v, boot, mask)
+    methods["rl2fx scan only"] = lambda: reverse_scan(x_scan, c_scan)
+    if args.no_torchrl:
+        methods["torchrl loop"] = methods["torchrl vec"] = "skipped: --no-torchrl"
+    else:
+        methods["torchrl loop"] = make_torchrl("generalized_advantage_estimate", r, v, boot, mask)
+        need = B * T * T * 4
+        if masked and need > VEC_MEMORY_CAP:
+            methods["torchrl vec"] = (
+                f"skipped: per-step discounts need [B,T,T] tensors "
+                f"({need / 1024**3:.1f} GiB each > {VEC_MEMORY_CAP / 1024**3:.0f} GiB cap)"
+            )
+        else:
+            methods["torchrl vec"] = make_torchrl(
+                "vec_generalized_advantage_estimate", r, v, boot, mask
+            )
+    methods["elementwise floor"] = lambda: torch.add(r, v, alpha=GAMMA)
+    return methods
+
+
+def bench_device(device, shapes, args, rows, meta):
+    peak = None
+    copy_gbs = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((p for k, p in GPU_PEAK_GBS.items() if k in name), None)
+        big = torch.empty(256 * 1024**2 // 4, device=device)
+        ts = time_it(lambda: big.clone(), device, 10, 5.0)
+        copy_gbs = 2 * big.numel() * 4 / (statistics.median(ts) / 1e3) / 1e9
+        del big
+        meta["gpu"] = {"name": name, "spec_peak_GBps": peak, "copy_GBps": round(copy_gbs, 1)}
+        print(
+            f"GPU: {name}; clone bandwidth {copy_gbs:.0f} GB/s; spec peak {peak or 'unknown'} GB/s"
+        )
+    for B, T in shapes:
+        r, v, boot, mask_all = make_inputs(B, T, device)
+        for masked in (False, True):
+            mask = mask_all if masked else None
+            ref_adv, ref_ret = gae(
+                r, v, gamma=GAMMA, lamda=LAMDA, bootstrap_value=boot, mask=mask, backend="loop"
+            )
+            scale = float(ref_adv.abs().max())
+            methods = build_methods(r, v, boot, mask, masked, B, T, args)
+            results: dict[str, dict] = {}
+            for name, fn in methods.items():
+                rec: dict = {"device": device.type, "B": B, "T": T, "mask": masked, "method": name}
+                if isinstance(fn, str):
+                    rec["skipped"] = fn
+                    print(f"  {B}x{T} mask={masked} {name}: {fn}", flush=True)
+                else:
+                    if name == "rl2fx compiled" or (name == "rl2fx auto" and device.type == "cuda"):
+                        # first call compiles (once per shape family): timed on its own
+                        t0 = time.perf_counter()
+                        fn()
+                        sync(device)
+                        rec["first_call_s"] = round(time.perf_counter() - t0, 2)
+                    if name not in ("elementwise floor", "rl2fx scan only"):
+                        adv, ret = fn()
+                        rec["matches_reference"] = close(adv, ref_adv, scale) and close(
+                            ret, ref_ret, scale
+                        )
+                    slow = name in ("python loop", "torchrl loop", "rl2fx loop")
+                    reps = max(3, args.repeats // 3) if slow else args.repeats
+                    ts = time_it(fn, device, reps, args.budget)
+                    rec["median_ms"] = statistics.median(ts)
+                    rec["repeats"] = len(ts)
+                rows.append(rec)
+                results[name] = rec
+            base = results["python loop"].get("median_ms")
+            floor = results["elementwise floor"]["median_ms"]
+            bytes_moved = B * T * (4 * 4 + (1 if masked else 0))  # r, v in; adv, ret out; mask
+            for rec in results.values():
+                if "median_ms" in rec:
+                    rec["x_loop"] = base / rec["median_ms"]
+                    rec["x_floor"] = rec["median_ms"] / floor
+                    if device.type == "cuda":
+                        rec["GBps"] = bytes_moved / (rec["median_ms"] / 1e3) / 1e9
+                        if peak:
+                            rec["frac_peak"] = rec["GBps"] / peak
+
+
+def print_table(rows, cuda: bool) -> str:
+    head = f"{'device':6} {'B x T':>11} {'mask':>5} {'method':<18} {'median ms':>10} {'x loop':>8} {'x floor':>8}"
+    if cuda:
+        head += f" {'GB/s':>8} {'%peak':>6}"
+    head += "  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = f"{r['B']}x{r['T']}"
+        if "median_ms" not in r:
+            lines.append(
+                f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {'-':>10} {'':>8} {'':>8}  {r['skipped']}"
+            )
+            continue
+        line = (
+            f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {r['median_ms']:10.3f} "
+            f"{r['x_loop']:8.1f} {r['x_floor']:8.1f}"
+        )
+        if cuda:
+            line += f" {r.get('GBps', 0):8.1f} {100 * r.get('frac_peak', 0):6.1f}"
+        notes = []
+        if "first_call_s" in r:
+            notes.append(f"first call {r['first_call_s']} s")
+        if r.get("matches_reference") is False:
+            notes.append("MISMATCH vs reference")
+        line += "  " + "; ".join(notes)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+SCAN_SHAPES = [(256, 16), (256, 64), (256, 256), (256, 1024), (256, 4096), (1024, 8192)]
+
+
+def scan_table(args) -> list[dict]:
+    """reverse_scan alone per backend and T (per-step c, the masked case): the data behind ``auto``."""
+    rows = []
+    shapes = SCAN_SHAPES[:4] if args.quick else SCAN_SHAPES
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        for B, T in shapes:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, T, generator=g).to(device)
+            c = (0.9 + 0.1 * torch.rand(B, T, generator=g)).to(device)
+            rec = {"device": device.type, "B": B, "T": T}
+            for b in ("loop", "chunked", "compiled"):
+                if b == "compiled" and args.no_compile:
+                    continue
+                if b == "loop" and T * B > 256 * 4096 and device.type == "cpu":
+                    reps = 3
+                else:
+                    reps = args.repeats
+                ts = time_it(
+                    lambda b=b, x=x, c=c: reverse_scan(x, c, backend=b), device, reps, args.budget
+                )
+                rec[b] = statistics.median(ts)
+            print(
+                f"{device.type:5} {B:5}x{T:<6} "
+                + " ".join(
+                    f"{k} {rec[k]:9.3f} ms" for k in ("loop", "chunked", "compiled") if k in rec
+                ),
+                flush=True,
+            )
+            rows.append(rec)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="one small shape, few repeats, no CPU compile"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per method (default 15, quick 5)"
+    )
+    p.add_argument(
+        "--budget", type=float, default=None, help="seconds per method before stopping early"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's default)"
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile backend")
+    p.add_argument("--no-torchrl", action="store_true", help="skip TorchRL")
+    p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--scan", action="store_true", help="only time reverse_scan per backend and T")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "returns.json"))
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    args.budget = args.budget or (3.0 if args.quick else 20.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick and not torch.cuda.is_available():
+        args.no_compile = True  # a CPU compile takes a minute or more: not "quick"
+    try:
+        import torchrl  # noqa: F401
+    except ImportError:
+        print("torchrl not installed (pip install -e '.[bench]'): skipping TorchRL columns")
+        args.no_torchrl = True
+
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    meta = {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gamma": GAMMA,
+        "lamda": LAMDA,
+        "dtype": "float32",
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(f"torch {meta['torch']}, {meta['cpu_count']} CPUs, {meta['threads']} torch threads")
+    if args.scan:
+        rows = scan_table(args)
+        out = Path(args.out).with_name("returns_scan.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+        return 0
+    rows: list[dict] = []
+    bench_device(torch.device("cpu"), shapes, args, rows, meta)
+    cuda = torch.cuda.is_available() and not args.cpu_only
+    if cuda:
+        gpu_shapes = shapes + ([(512, 4096)] if not args.quick else [])
+        bench_device(torch.device("cuda"), gpu_shapes, args, rows, meta)
+    table = print_table(rows, cuda)
+    print()
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+    bad = [r for r in rows if r.get("matches_reference") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
