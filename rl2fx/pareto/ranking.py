@@ -143,6 +143,8 @@ def _ranks_torch(x: Tensor, chunk: int) -> Tensor:
     while remaining.numel() > 0:
         on_front = counts[remaining] == 0
         front, rest = remaining[on_front], remaining[~on_front]
+        if front.numel() == 0:  # impossible for a strict partial order; guards against a hang
+            raise RuntimeError("non-dominated sorting found no front; dominance relation is cyclic")
         ranks[front] = rank
         if rest.numel() > 0:
             counts[rest] -= _count_dominators(x[front], x[rest], _chunk_for(rest.numel(), chunk, n))
