@@ -160,3 +160,5 @@ def test_errors():
     with pytest.raises(ValueError, match="NaN or inf"):
         hypervolume(np.array([[np.inf, 1.0]]), [0.0, 0.0])
     assert hypervolume(np.zeros((0, 2)), [0.0, 0.0]) == 0.0
+    with pytest.raises(ValueError, match="at least 2 objectives"):
+        hypervolume_gradient(torch.tensor([1.0]), np.ones((1, 1)), [0.0])
