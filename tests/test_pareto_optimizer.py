@@ -260,6 +260,19 @@ def test_state_dict_round_trip(method):
     assert fresh.state_dict() == opt.state_dict()
 
 
+def test_failed_load_leaves_the_optimizer_unchanged():
+    opt, *_ = _archive_opt("hypervolume", n=10)
+    before = opt.state_dict()
+    bad = json.loads(json.dumps(before))
+    bad["objectives"] = ["a", "b"]
+    bad["objective_weights"] = {"a": 1.0, "b": 1.0}  # archive points have 3 objectives
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    with pytest.raises(ValueError, match="missing keys"):
+        opt.load_state_dict({"objectives": ["a"]})
+    assert opt.state_dict() == before
+
+
 def test_errors_name_what_is_wrong():
     ok = {"objectives": ["r", "k"], "objective_weights": {"r": 1.0, "k": -0.1}}
     with pytest.raises(ValueError, match=r"pareto_method must be one of \['weighted_sum', 'tchebycheff', 'pareto_dominance', 'hypervolume'\], got 'nsga'"):
