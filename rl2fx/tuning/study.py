@@ -233,7 +233,7 @@ class Study:
             raise ValueError(f"{where}: sampler {meta['sampler']['name']!r}, got {sampler.name!r}")
         stored = dict(meta["sampler"]["settings"])
         given = json.loads(json.dumps(sampler.settings()))
-        if given.get("seed") is None:
+        if "seed" in given and given["seed"] is None:
             given["seed"] = stored.get("seed")
         if stored != given:
             raise ValueError(f"{where}: sampler settings {stored}, got {given}")
