@@ -195,7 +195,7 @@ def test_bayesian_mixed_space_with_enumerated_and_relaxed_categoricals():
         bonus = {"adam": 0.0, "sgd": 1.0, "lion": 0.5}[p["opt"]]
         return (math.log10(p["lr"]) + 4) ** 2 + 0.1 * abs(p["epochs"] - 2) + bonus + (0.3 if p["flag"] else 0.0)
 
-    for combos in (8, 1):  # 3 x 2 = 6 combos: enumerated; limit 1: relaxed one-hot + arg-max
+    for combos in (8, 1):  # 3 x 2 = 6 combos: optimize_acqf_mixed; limit 1: relaxed, then scored
         study = _run(Study(SPACE, "bayesian", maximize=False, seed=0, n_initial=6, num_restarts=2,
                            raw_samples=64, max_categorical_combos=combos), f, 9)
         assert sum(t.info["design"] == "gp" for t in study.trials) == 3

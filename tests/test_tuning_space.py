@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from rl2fx import HyperparameterConfig, create_ppo_hyperparameter_configs
 from rl2fx.tuning.samplers import sample_from_unit
-from rl2fx.tuning.space import as_configs, decode, default_params, encode, encoded_dim, validate_params
+from rl2fx.tuning.space import (
+    as_configs,
+    decode,
+    default_params,
+    encode,
+    encoded_dim,
+    validate_params,
+)
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_study(tmp_path):
 def test_lost_running_trials_are_asked_again_on_resume(tmp_path):
     cs = [HyperparameterConfig("n", "int", low=1, high=4)]
     s = Study(cs, GridSampler(grid_size=4), storage=tmp_path)
-    t0, t1, t2 = s.ask(), s.ask(), s.ask()
+    t0, _t1, t2 = s.ask(), s.ask(), s.ask()
     s.tell(t0, 1.0)
     s.tell(t2, 3.0)  # t1 is still running when the process "dies"
     r = Study(cs, GridSampler(grid_size=4), storage=tmp_path)

@@ -227,9 +227,13 @@ class BayesianSampler:
     3. maximises qLogNoisyExpectedImprovement (Ament et al., 2023, "Unexpected
        improvements to expected improvement for Bayesian optimization", NeurIPS) with
        the running trials as ``X_pending``, so parallel asks spread out instead of
-       repeating the same point. Categorical combinations are enumerated with
-       ``optimize_acqf_mixed`` when there are at most ``max_categorical_combos`` of
-       them, otherwise the one-hot blocks are relaxed and rounded to their arg-max.
+       repeating the same point. Categoricals: with at most ``max_categorical_combos``
+       (4) combinations, each is optimised separately by BoTorch's
+       ``optimize_acqf_mixed``; with more, the one-hot blocks are relaxed to [0, 1],
+       optimised jointly with the continuous dimensions, and then every combination
+       (up to ``max_enumerated_points``, else the arg-max of each block) is scored
+       exactly at the optimum's continuous coordinates. A space with no continuous
+       dimension is scored exhaustively.
 
     ``exploration_weight`` ($\\xi$) is the improvement margin of EI (Lizotte, 2008;
     the ``xi`` of GPyOpt/scikit-optimize): improvement is measured over the incumbent
@@ -253,7 +257,8 @@ class BayesianSampler:
     num_restarts: int = 4
     raw_samples: int = 256
     mc_samples: int = 128
-    max_categorical_combos: int = 8
+    max_categorical_combos: int = 4
+    max_enumerated_points: int = 1024
     name: str = field(default="bayesian", init=False)
 
     def __post_init__(self) -> None:
@@ -272,6 +277,7 @@ class BayesianSampler:
             "raw_samples": self.raw_samples,
             "mc_samples": self.mc_samples,
             "max_categorical_combos": self.max_categorical_combos,
+            "max_enumerated_points": self.max_enumerated_points,
         }
 
     def sample(self, configs, finished, pending, number, maximize):  # noqa: D102
@@ -327,7 +333,6 @@ class BayesianSampler:
             sampler=SobolQMCNormalSampler(sample_shape=torch.Size([self.mc_samples])),
             xi=xi,
             prune_baseline=True,
-            cache_root=False,
         )
         # categorical one-hot column groups
         groups: list[list[int]] = []
@@ -340,30 +345,44 @@ class BayesianSampler:
                 i += len(c.choices)
         n_combos = math.prod(len(g) for g in groups)
         opts = {"batch_limit": 8, "maxiter": 100}
+
+        def all_combos() -> list[dict[int, float]]:
+            out = []
+            for combo in itertools.product(*groups):
+                fixed = {j: 0.0 for g in groups for j in g}
+                fixed.update({j: 1.0 for j in combo})
+                out.append(fixed)
+            return out
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if groups and n_combos <= self.max_categorical_combos:
-                fixed_list = []
-                for combo in itertools.product(*groups):
-                    fixed = {j: 0.0 for g in groups for j in g}
-                    fixed.update({j: 1.0 for j in combo})
-                    fixed_list.append(fixed)
-                if len(fixed_list[0]) == D:  # nothing continuous left: score every combination
-                    cands = torch.tensor([[f[j] for j in range(D)] for f in fixed_list], dtype=dt)
-                    with torch.no_grad():
-                        vals = acq(cands.unsqueeze(-2))
-                    best = int(vals.argmax())
-                    cand, val = cands[best : best + 1], vals[best]
-                else:
-                    cand, val = optimize_acqf_mixed(
-                        acq, bounds=bounds, q=1, num_restarts=self.num_restarts,
-                        raw_samples=self.raw_samples, fixed_features_list=fixed_list, options=opts,
-                    )
+            if groups and len(all_combos()[0]) == D and n_combos <= self.max_enumerated_points:
+                # nothing continuous: score every combination exactly
+                cands = torch.tensor([[f[j] for j in range(D)] for f in all_combos()], dtype=dt)
+                with torch.no_grad():
+                    vals = acq(cands.unsqueeze(-2))
+                best = int(vals.argmax())
+                cand, val = cands[best : best + 1], vals[best]
+            elif groups and n_combos <= self.max_categorical_combos:
+                cand, val = optimize_acqf_mixed(
+                    acq, bounds=bounds, q=1, num_restarts=self.num_restarts,
+                    raw_samples=self.raw_samples, fixed_features_list=all_combos(), options=opts,
+                )
             else:
                 cand, val = optimize_acqf(
                     acq, bounds=bounds, q=1, num_restarts=self.num_restarts,
                     raw_samples=self.raw_samples, options=opts,
                 )
+                if groups and n_combos <= self.max_enumerated_points:
+                    # relaxed one-hot optimum: keep its continuous part, score every combination there
+                    cands = cand.repeat(n_combos, 1)
+                    for r, fixed in enumerate(all_combos()):
+                        for j, v in fixed.items():
+                            cands[r, j] = v
+                    with torch.no_grad():
+                        vals = acq(cands.unsqueeze(-2))
+                    best = int(vals.argmax())
+                    cand, val = cands[best : best + 1], vals[best]
         return decode(configs, cand[0].tolist()), float(val)
 
 
