@@ -64,9 +64,14 @@ def make_problem(name: str):
     return cfgs, true_value, float(f.optimal_value), name.endswith("_noisy")
 
 
+BAYES_OPTIONS: dict = {}
+
+
 def run_rl2fx(method, cfgs, observe, n_evals, seed):
     d = len(cfgs)
     opts = {"grid_size": max(2, round(n_evals ** (1 / d)))} if method == "grid" else {}
+    if method == "bayesian":
+        opts.update(BAYES_OPTIONS)
     study = Study(cfgs, make_sampler(method, seed=seed, **opts), maximize=False)
     from rl2fx.tuning.samplers import StudyExhausted
 
@@ -161,11 +166,14 @@ def main(argv=None):
     ap.add_argument("--evals", type=int, default=30)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tuning.json"))
+    ap.add_argument("--bayesian-options", default="{}",
+                    help='JSON settings for rl2fx bayesian, e.g. \'{"exploration_weight": 0.0}\'')
     ap.add_argument("--table-from", default=None, help="print the Markdown table of a saved JSON and exit")
     a = ap.parse_args(argv)
     if a.table_from:
         print(markdown_table(json.loads(Path(a.table_from).read_text())))
         return None
+    BAYES_OPTIONS.update(json.loads(a.bayesian_options))
     n_seeds = a.seeds or (2 if a.quick else 10)
     problems = a.problems.split(",") if a.problems else (["branin", "hartmann6"] if a.quick else list(PROBLEMS))
     methods = a.methods.split(",")
@@ -178,6 +186,7 @@ def main(argv=None):
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared), torch threads 1",
         "evals": a.evals,
         "seeds": n_seeds,
+        "bayesian_options": BAYES_OPTIONS,
         "regret": {},
         "ask_latency_s": {},
     }
