@@ -283,12 +283,15 @@ def test_registry_needs_mlflow():
                                                            log_system_metrics=False)))
 
 
-def test_down_server_buffers_in_order_and_warns_once(tmp_path):
+def test_down_server_buffers_in_order_and_warns_once(tmp_path, monkeypatch):
     """A tracking URI with nothing listening: the run start and every later call are buffered
     in order (artifact and model copied beside the buffer), exactly one warning is emitted,
     training code never sees an exception, and replay keeps everything while still down."""
     import socket
 
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(var, raising=False)  # the tracker sets them; restored after the test
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: connection refused

@@ -49,6 +49,7 @@ import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -138,33 +139,40 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
     Accepts mappings, OmegaConf ``DictConfig`` (interpolations resolved),
     dataclass instances and ``argparse.Namespace``, nested in any combination.
     A list of scalars becomes one JSON value; a list holding mappings is indexed
-    (``key.0.sub``). Values are ``str(value)`` (``None`` -> ``"None"``).
+    (``key.0.sub``). Values are ``str(value)`` (``None`` -> ``"None"``), as MLflow
+    stores them; W&B receives the typed values (:func:`_flatten_typed`).
 
     >>> flatten_params({"actor": {"lr": 1e-6, "kl": {"coef": 0.0}}, "objectives": ["reward", "kl"]})
     {'actor.lr': '1e-06', 'actor.kl.coef': '0.0', 'objectives': '["reward", "kl"]'}
     """
-    out: dict[str, str] = {}
+    return {k: str(v) for k, v in _flatten_typed(params, prefix).items()}
+
+
+def _flatten_typed(params: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     params = _to_container(params)
-    if isinstance(params, Mapping):
-        for k, v in params.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            v = _to_container(v)
-            if isinstance(v, Mapping):
-                if not v:
-                    out[key] = "{}"
-                out.update(flatten_params(v, key))
-            elif isinstance(v, list | tuple) and not all(_is_scalar(x) for x in v):
-                for i, item in enumerate(v):
-                    out.update(flatten_params({str(i): item}, key))
-            elif isinstance(v, list | tuple):
-                out[key] = json.dumps(list(v))
-            else:
-                out[key] = str(v)
-        return out
-    raise ValueError(
-        f"params={params!r} is invalid; expected a mapping, an OmegaConf DictConfig, "
-        "a dataclass instance or an argparse.Namespace"
-    )
+    if not isinstance(params, Mapping):
+        raise ValueError(
+            f"params={params!r} is invalid; expected a mapping, an OmegaConf DictConfig, "
+            "a dataclass instance or an argparse.Namespace"
+        )
+    for k, v in params.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        v = _to_container(v)
+        if isinstance(v, Mapping):
+            if not v:
+                out[key] = "{}"
+            out.update(_flatten_typed(v, key))
+        elif isinstance(v, list | tuple) and not all(_is_scalar(x) for x in v):
+            for i, item in enumerate(v):
+                out.update(_flatten_typed({str(i): item}, key))
+        elif isinstance(v, list | tuple):
+            out[key] = json.dumps(list(v), default=str)
+        elif v is None or isinstance(v, str | bool | int | float):
+            out[key] = v
+        else:  # numpy scalars, paths, enums...: their string form, as MLflow would store it
+            out[key] = str(v)
+    return out
 
 
 def _metric_value(key: str, value: Any) -> float:
@@ -225,11 +233,12 @@ def read_buffer(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _is_transformers_pipeline(model: Any) -> bool:
-    try:
-        from transformers import Pipeline
-    except ImportError:  # pragma: no cover
+    # By class name, not isinstance: importing transformers.Pipeline costs seconds, and an
+    # object cannot be a pipeline unless transformers is already imported.
+    if "transformers" not in sys.modules:
         return False
-    return isinstance(model, Pipeline)
+    return any(c.__name__ == "Pipeline" and c.__module__.startswith("transformers.pipelines")
+               for c in type(model).__mro__)
 
 
 def _pip_requirements(model: Any) -> list[str]:
@@ -352,7 +361,7 @@ class _MlflowBackend:
     def _op_params(self, rec: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in rec["params"].items()]
+        items = [Param(k, str(v)) for k, v in rec["params"].items()]
         for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
 
@@ -666,9 +675,10 @@ class ExperimentTracker:
         """
         if not self.active:
             return
-        flat = flatten_params(params)
+        typed = _flatten_typed(params)
         new: dict[str, str] = {}
-        for k, v in flat.items():
+        for k, tv in typed.items():
+            v = str(tv)
             _check_key("param", k)
             if len(v) > _MAX_PARAM_VALUE:
                 raise ValueError(
@@ -686,7 +696,8 @@ class ExperimentTracker:
             return
         with self._lock:
             self.params.update(new)
-            self._dispatch({"op": "params", "params": new})
+            # typed values in the record (W&B keeps numbers numeric); MLflow stores str(v)
+            self._dispatch({"op": "params", "params": {k: typed[k] for k in new}})
 
     def log_config(self, config: Any, name: str = "config.yaml") -> None:
         """Log a whole config: its flattened params, plus the config itself as a YAML artifact.
