@@ -319,3 +319,33 @@ def test_down_server_buffers_in_order_and_warns_once(tmp_path, monkeypatch):
     assert Path(recs[5]["path"]).read_text() == "artifact"
     assert (Path(recs[6]["dir"]) / "MLmodel").exists()
     assert os.path.dirname(t.buffer_path) == str(tmp_path / "buf")
+
+
+@pytest.mark.slow  # imports transformers (several seconds on a loaded 2-core machine)
+def test_transformers_flavours(store, monkeypatch):
+    """A tiny locally built GPT-2 (no hub download). Read back: with a tokenizer it is an
+    MLflow transformers-flavour model registered as 1.0.0 and loaded back as a
+    text-generation pipeline with equal weights; the bare model (no tokenizer) is a
+    PyTorch-flavour logged model that loads back as the same GPT2LMHeadModel class."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "a": 2, "b": 3, "c": 4}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]")
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=5, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    lm = transformers.GPT2LMHeadModel(cfg)
+    with ExperimentTracker(_cfg(store, "hf")) as t:
+        bare = t.log_model(lm, "hf_bare", step=1)
+        version = ModelVersioning(t).register_model(lm, "hf_lm", tokenizer=tok, task="text-generation")
+        pipe = ModelVersioning(t).load("hf_lm", version)
+    assert bare["flavor"] == "pytorch" and version == "1.0.0"
+    mv = MlflowClient(store[1]).get_model_version("hf_lm", "1")
+    assert mv.tags["rl2fx.flavor"] == "transformers"
+    assert isinstance(pipe, transformers.Pipeline) and _same_weights(lm, pipe.model)
+    loaded = mlflow.pytorch.load_model(download_artifacts(artifact_uri=bare["artifact_location"],
+                                                          tracking_uri=store[1]))
+    assert type(loaded) is transformers.GPT2LMHeadModel and _same_weights(lm, loaded)
