@@ -283,10 +283,14 @@ def test_registry_needs_mlflow():
                                                            log_system_metrics=False)))
 
 
-def test_down_server_buffers_in_order_and_warns_once(tmp_path, monkeypatch):
+def test_down_server_buffers_in_order_and_warns_once(store, tmp_path, monkeypatch):
     """A tracking URI with nothing listening: the run start and every later call are buffered
     in order (artifact and model copied beside the buffer), exactly one warning is emitted,
-    training code never sees an exception, and replay keeps everything while still down."""
+    training code never sees an exception, and replay keeps everything while still down.
+    Then replay_buffer (as another process would, after the tracker is gone) pushes the
+    buffer to the module's SQLite store. Read back there: a FINISHED run in experiment
+    "down" with the reward history 0-2, the param, the artifact's content and the model
+    at step 2 (loaded back with equal weights)."""
     import socket
 
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -305,7 +309,8 @@ def test_down_server_buffers_in_order_and_warns_once(tmp_path, monkeypatch):
             t.log_metrics({"reward": float(step)}, step=step)
         t.log_params({"a": {"b": 1}})
         t.log_artifact(tmp_path / "a.txt")
-        assert t.log_model(_Tiny(), "m", step=2) is None
+        model = _Tiny()
+        assert t.log_model(model, "m", step=2) is None
         (tmp_path / "a.txt").unlink()  # the buffered copy must not depend on the original
         assert t.replay() == 0
         t.finish()
@@ -319,6 +324,25 @@ def test_down_server_buffers_in_order_and_warns_once(tmp_path, monkeypatch):
     assert Path(recs[5]["path"]).read_text() == "artifact"
     assert (Path(recs[6]["dir"]) / "MLmodel").exists()
     assert os.path.dirname(t.buffer_path) == str(tmp_path / "buf")
+
+    from rl2fx.tracking.tracker import replay_buffer
+
+    assert replay_buffer(t.buffer_path, tracking_uri=store[1]) == 8
+    assert not t.buffer_path.exists()
+    client = MlflowClient(store[1])
+    (run,) = client.search_runs([client.get_experiment_by_name("down").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "reward")] == [
+        (0, 0.0), (1, 1.0), (2, 2.0)]
+    assert run.data.params == {"a.b": "1"}
+    got = download_artifacts(run_id=run.info.run_id, artifact_path="a.txt", tracking_uri=store[1],
+                             dst_path=str(tmp_path / "dl"))
+    assert Path(got).read_text() == "artifact"
+    (out,) = run.outputs.model_outputs
+    lm = client.get_logged_model(out.model_id)
+    assert out.step == 2 and lm.name == "m"
+    assert _same_weights(model, mlflow.pytorch.load_model(download_artifacts(
+        artifact_uri=lm.artifact_location, tracking_uri=store[1])))
 
 
 @pytest.mark.slow  # imports transformers (several seconds on a loaded 2-core machine)

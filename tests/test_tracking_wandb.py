@@ -8,6 +8,7 @@ independently of the tracker, so the tests check what would actually be synced.
 
 import json
 import struct
+import time
 import zlib  # noqa: F401  (crc is not verified: the records' protobuf parse is the check)
 from pathlib import Path
 
@@ -49,9 +50,16 @@ def _records(path):
     return recs
 
 
-def _decode(run_dir):
+def _decode(run_dir, timeout=60.0):
+    """Records of an offline run, once W&B's writer (a separate wandb-core process) has
+    flushed them through the final exit record; it can lag run.finish() by a moment."""
     (f,) = list(Path(run_dir).glob("run-*.wandb"))
-    recs = _records(f)
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = _records(f)
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     by = {}
     for r in recs:
         by.setdefault(r.WhichOneof("record_type"), []).append(r)

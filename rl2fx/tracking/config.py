@@ -14,9 +14,11 @@ Defaults never need a network:
   API key is configured (``$WANDB_API_KEY`` or a ``~/.netrc`` entry written by
   ``wandb login``), else ``"offline"``. W&B never prompts for a login.
 
->>> cfg = ExperimentConfig(experiment_name="demo", enable_wandb=False)
->>> cfg.resolved_tracking_uri().startswith(("sqlite:///", "file:", "http")) or "MLFLOW_TRACKING_URI" in __import__("os").environ
-True
+>>> cfg = ExperimentConfig(experiment_name="demo", tracking_uri="sqlite:////tmp/demo/mlruns.db")
+>>> cfg.resolved_artifact_location()
+'/tmp/demo/mlartifacts'
+>>> ExperimentConfig(wandb_mode="offline").resolved_wandb_mode()
+'offline'
 >>> ExperimentConfig.from_dict({"experiment_name": "x", "model_versioning": {"enabled": True}}).model_versioning
 True
 """

@@ -69,6 +69,7 @@ __all__ = [
     "flatten_params",
     "global_rank",
     "read_buffer",
+    "replay_buffer",
     "save_model_locally",
 ]
 
@@ -228,6 +229,50 @@ def read_buffer(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def replay_buffer(path: str | os.PathLike[str], *, tracking_uri: str | None = None) -> int:
+    """Push the MLflow records of a buffer left behind by another process; return how many.
+
+    For a process that ended (or crashed) while its MLflow server was down. Records go to
+    the run they were meant for (or to a new run, if the run start itself was buffered),
+    on the URI they were meant for unless ``tracking_uri`` redirects them. Applied
+    records are removed from the file; W&B records stay (sync W&B offline runs with
+    ``wandb sync`` instead). Stops at the first record MLflow still refuses.
+
+    >>> import tempfile, pathlib
+    >>> replay_buffer(pathlib.Path(tempfile.mkdtemp()) / "none.jsonl")
+    0
+    """
+    p = Path(path)
+    records = read_buffer(p)
+    backends: dict[str, _MlflowBackend] = {}
+    keep: list[dict[str, Any]] = []
+    applied, stuck = 0, False
+    for rec in records:
+        if rec["backend"] != "mlflow" or stuck:
+            keep.append(rec)
+            continue
+        uri = tracking_uri or rec["tracking_uri"]
+        b = backends.get(uri)
+        if b is None:
+            cfg = ExperimentConfig(experiment_name=rec["experiment"], tracking_uri=uri,
+                                   enable_wandb=False, log_system_metrics=False)
+            b = backends[uri] = _MlflowBackend(cfg)
+        try:
+            b.apply(rec)
+            applied += 1
+        except Exception as e:
+            log.warning("rl2fx tracking: replay_buffer stopped at a %r record: %s", rec["op"], e)
+            stuck = True
+            keep.append(rec)
+    if keep:
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in keep), encoding="utf-8")
+        os.replace(tmp, p)
+    elif p.exists():
+        p.unlink()
+    return applied
+
+
 # --------------------------------------------------------------------------------------
 # local model serialisation, shared by both backends
 
@@ -332,7 +377,16 @@ class _MlflowBackend:
                     os.environ.setdefault(env, str(default))
 
     def apply(self, rec: dict[str, Any]) -> None:
+        if self.client is None and rec["op"] != "start" and rec.get("run_id"):
+            self._adopt(rec["run_id"])  # replaying another process's buffer into its run
         getattr(self, "_op_" + rec["op"])(rec)
+
+    def _adopt(self, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri, self.registry_uri)
+        self.experiment_id = client.get_run(run_id).info.experiment_id
+        self.client, self.run_id = client, run_id
 
     def _op_start(self, rec: dict[str, Any]) -> None:
         from mlflow import MlflowClient
@@ -893,6 +947,11 @@ class ExperimentTracker:
                 self._buffer(brec)
 
     def _buffer(self, rec: dict[str, Any]) -> None:
+        if rec["backend"] == "mlflow":
+            # enough context for replay_buffer() to finish the job from another process
+            b = self._backend("mlflow")
+            rec = {**rec, "run_id": b.run_id, "tracking_uri": b.tracking_uri,
+                   "experiment": self.config.experiment_name}
         # Keep private copies of files: the caller may delete or overwrite them before replay.
         if rec["op"] in ("artifact", "model"):
             key = "path" if rec["op"] == "artifact" else "dir"
