@@ -223,3 +223,15 @@ def test_system_metrics_sample(tmp_path):
     assert values["system/process_memory_rss_megabytes"] > 1.0
     t.finish()
     json.dumps(values)
+
+
+def test_tracker_accepts_the_spec_section_directly(tmp_path):
+    """The training code may pass cfg.experiment_tracking (an OmegaConf node) as the config."""
+    section = OmegaConf.create({"enabled": True, "experiment_name": "x", "enable_mlflow": False,
+                                "enable_wandb": False, "log_system_metrics": False,
+                                "tags": ["a", "b"], "buffer_dir": str(tmp_path),
+                                "model_versioning": {"enabled": True}})
+    t = ExperimentTracker(section)
+    assert t.config.tags == ["a", "b"] and t.config.model_versioning and t.active
+    t.finish()
+    assert not ExperimentTracker(OmegaConf.create({"enabled": False})).active

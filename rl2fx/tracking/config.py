@@ -139,15 +139,14 @@ class ExperimentConfig:
         >>> ExperimentConfig.from_dict({"enable_wandb": False, "log_models": False}).log_models
         False
         """
-        if not isinstance(section, Mapping):
-            from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(section, DictConfig):
-                section = OmegaConf.to_container(section, resolve=True)
-            else:
-                raise ValueError(
-                    f"section={section!r} is invalid; expected a mapping or an OmegaConf DictConfig"
-                )
+        if isinstance(section, DictConfig):  # plain containers all the way down (tags lists)
+            section = OmegaConf.to_container(section, resolve=True)
+        if not isinstance(section, Mapping):
+            raise ValueError(
+                f"section={section!r} is invalid; expected a mapping or an OmegaConf DictConfig"
+            )
         values = dict(section)
         mv = values.pop("model_versioning", None)
         if isinstance(mv, Mapping):

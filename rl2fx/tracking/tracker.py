@@ -581,6 +581,7 @@ class _TorchCudaMonitor:
 # the tracker
 
 _LIVE: weakref.WeakSet[ExperimentTracker] = weakref.WeakSet()
+_ATEXIT_REGISTERED = False
 
 
 def _finish_live_trackers() -> None:
@@ -649,8 +650,11 @@ class ExperimentTracker:
         self._dispatch({"op": "start", "tracker_id": self.id, "tags": config.tag_dict(),
                         "run_name": config.run_name})
         _LIVE.add(self)
-        # Registered after wandb.init, so (atexit being LIFO) it runs before W&B's own hook.
-        atexit.register(_finish_live_trackers)
+        global _ATEXIT_REGISTERED
+        if not _ATEXIT_REGISTERED:
+            # Registered after wandb.init, so (atexit being LIFO) it runs before W&B's own hook.
+            atexit.register(_finish_live_trackers)
+            _ATEXIT_REGISTERED = True
         if config.log_system_metrics:
             self._sampler = _SystemSampler()
             self._sampler_thread = threading.Thread(
