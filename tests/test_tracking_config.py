@@ -235,3 +235,14 @@ def test_tracker_accepts_the_spec_section_directly(tmp_path):
     assert t.config.tags == ["a", "b"] and t.config.model_versioning and t.active
     t.finish()
     assert not ExperimentTracker(OmegaConf.create({"enabled": False})).active
+
+
+@pytest.mark.cuda
+def test_system_metrics_include_gpu(tmp_path):
+    """With a GPU: MLflow's GPUMonitor (nvidia-ml-py) or torch's CUDA memory counters."""
+    x = torch.ones(1024, 1024, device="cuda")
+    t = ExperimentTracker(ExperimentConfig(buffer_dir=str(tmp_path), **OFF))
+    values = t.log_system_metrics(step=0)
+    t.finish()
+    assert any(k.startswith("system/gpu_0_") for k in values), sorted(values)
+    del x
