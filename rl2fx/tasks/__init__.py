@@ -12,7 +12,7 @@ torch.Size([2, 4])
 """
 
 from rl2fx.tasks.digits import DigitCopyTask, PromptBatch
-from rl2fx.tasks.model import ARCHITECTURES, build_tiny_lm
+from rl2fx.tasks.model import ARCHITECTURES, CausalValueModel, build_tiny_critic, build_tiny_lm
 from rl2fx.tasks.tokenizer import VOCAB, build_tokenizer
 
-__all__ = ["DigitCopyTask", "PromptBatch", "build_tiny_lm", "ARCHITECTURES", "build_tokenizer", "VOCAB"]
+__all__ = ["DigitCopyTask", "PromptBatch", "build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES", "build_tokenizer", "VOCAB"]

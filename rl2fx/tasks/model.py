@@ -14,7 +14,7 @@ import torch
 
 from rl2fx._typing import check_choice, check_range
 
-__all__ = ["build_tiny_lm", "ARCHITECTURES"]
+__all__ = ["build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES"]
 
 ARCHITECTURES = ("llama", "gpt2")
 
@@ -76,3 +76,42 @@ def build_tiny_lm(
         torch.manual_seed(seed)
         model = cls(cfg)
     return model
+
+
+class CausalValueModel(torch.nn.Module):
+    """A value model: a transformers decoder body with a scalar head, :math:`V(x_{\\le t})` per position.
+
+    RL2's and OpenRLHF's critics have this shape (the policy's architecture with the
+    LM head replaced by a ``hidden -> 1`` projection). ``forward`` returns
+    ``values [batch, seq]`` (float32); the value of the state before response token
+    ``t`` is at the position that predicts it, as with the policy's logits.
+
+    >>> critic = build_tiny_critic(16, hidden_size=32, num_layers=1, num_heads=2)
+    >>> critic(torch.tensor([[1, 5, 13]])).shape
+    torch.Size([1, 3])
+    """
+
+    def __init__(self, body: torch.nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.body = body
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+    def gradient_checkpointing_enable(self, **kwargs: object) -> None:
+        self.body.gradient_checkpointing_enable(**kwargs)
+
+
+def build_tiny_critic(vocab_size: int, *, seed: int = 0, **kwargs: object) -> CausalValueModel:
+    """A :class:`CausalValueModel` on the body of :func:`build_tiny_lm` (same keyword arguments).
+
+    The head starts at zero, so initial values are 0 (a neutral baseline).
+    """
+    lm = build_tiny_lm(vocab_size, seed=seed, **kwargs)  # type: ignore[arg-type]
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
+    return CausalValueModel(body, lm.config.hidden_size)
