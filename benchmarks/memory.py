@@ -204,10 +204,14 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, one timed repeat")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/memory.json, memory_quick.json with --quick)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: CPU time is then a clean cost measure)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "memory_quick.json" if args.quick else "memory.json"
+        args.out = str(Path(__file__).parent / "results" / name)
     torch.set_num_threads(args.threads)
     if args.quick:
         sizes = dict(hidden=64, layers=2, vocab=512, batch=4, seq=128)

@@ -245,3 +245,16 @@ def test_cuda_region_peak_is_exact_and_nested(tmp_path):
     assert outer >= base + 64 * 2**20
     assert base + 16 * 2**20 <= inner < base + 64 * 2**20
     assert profiler.timeline()["samples"][-1]["cuda"][0]["allocated_bytes"] >= 0
+
+
+def test_timeline_saved_at_interpreter_exit_without_stop(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "exit.json"
+    code = ("from rl2fx.memory.profiler import MemoryProfiler\n"
+            f"p = MemoryProfiler(profile_interval=0.01, save_path={str(path)!r}).start()\n"
+            "import time; time.sleep(0.1)\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert len(load_timeline(path)["samples"]) >= 2
