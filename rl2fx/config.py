@@ -255,7 +255,7 @@ class TrainerConfig:
     dual_clip: float | None = None
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
-    logprob_chunk_size: int = 128
+    logprob_chunk_size: int = 256
     output_dir: str = "outputs/rl2fx"
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end
     resume_from: str | None = None  # a checkpoint file, or "auto" (latest in output_dir)

@@ -38,7 +38,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from rl2fx.config import VALUE_ESTIMATORS, ConfigError, load_config, structured_from_hydra, to_container
+from rl2fx.config import (
+    VALUE_ESTIMATORS,
+    ConfigError,
+    load_config,
+    structured_from_hydra,
+    to_container,
+)
 from rl2fx.logprobs import response_logits, token_logprobs_and_entropy
 from rl2fx.losses import aggregate, entropy_bonus, kl_estimate, policy_loss, value_loss
 
@@ -210,7 +216,7 @@ def compute_logprobs(
     batch: Batch,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of ``batch["response_ids"]`` under ``model``: ``[batch, response_len]``."""
@@ -230,7 +236,7 @@ def make_ppo_loss(
     entropy_coef: float = 0.0,
     agg_mode: str = "token-mean",
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
     tis_cap: float | None = None,
 ) -> LossFn:
     """The PPO policy loss as a ``loss_fn`` for :func:`train_step`.
@@ -247,7 +253,7 @@ def make_ppo_loss(
     (``β`` from ``ctx.kl_coef`` if set, else ``kl_coef``; the last two terms with a
     Lagrangian state). With ``ctx.multi_objective`` the loss is instead its
     scalarisation of ``{"reward": -L^CLIP, "kl_penalty": -KL, "entropy": H}``
-    (micro-batch means, weighted by the micro-batch's share of sequences).
+    (micro-batch means, weighted by the micro-batch's share of the tokens).
     """
     from rl2fx.control.lagrangian import lagrangian_penalty
 
@@ -704,38 +710,40 @@ class PPOTrainer:
         last: dict[str, Any] = {}
         mem_ctx = (memory_efficient_context(self.memory_optimizer) if self.memory_optimizer is not None
                    else contextlib.nullcontext())
-        with self._tracker() as tracker, mem_ctx, self.profiler.profile_context("training"):
+        with self._tracker() as tracker:
             if tracker is not None:
                 tracker.log_params(to_container(cfg))
-            bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
-                       desc="rl2fx train", dynamic_ncols=True)
-            while self.step < total:
-                last = self.train_iteration()
-                if tracker is not None:
-                    tracker.log_metrics({k: v for k, v in last.items() if isinstance(v, float)}, step=self.step)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['rollout_kl']:.4f}",
-                                kl_coef=f"{last['kl_coef']:.3g}")
-                bar.update(1)
-                if t.save_interval and self.step % int(t.save_interval) == 0 and self.step < total:
-                    self.save_checkpoint()
-            bar.close()
+            with mem_ctx, self.profiler.profile_context("training"):
+                bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
+                           desc="rl2fx train", dynamic_ncols=True)
+                while self.step < total:
+                    last = self.train_iteration()
+                    if tracker is not None:
+                        tracker.log_metrics({k: v for k, v in last.items() if isinstance(v, float)}, step=self.step)
+                    bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['rollout_kl']:.4f}",
+                                    kl_coef=f"{last['kl_coef']:.3g}")
+                    bar.update(1)
+                    if t.save_interval and self.step % int(t.save_interval) == 0 and self.step < total:
+                        self.save_checkpoint()
+                bar.close()
             ckpt = self.save_checkpoint()
             model_dir = self.output_dir / "final_model"
             if self.rank == 0:
                 _unwrap(self.policy).save_pretrained(model_dir)
                 self.tokenizer.save_pretrained(model_dir)
+            if self.profiler.enabled and self.profiler.save_path:
+                self.profiler.save()
             result = self.summary(time.perf_counter() - t0, ckpt, model_dir)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, float)}, step=self.step)
                 if cfg.experiment_tracking.log_artifacts:
                     tracker.log_artifact(str(ckpt / "state.pt"))
+                    if result["memory_profile"]:
+                        tracker.log_artifact(result["memory_profile"])
                 if cfg.experiment_tracking.log_models:
                     tracker.log_model(_unwrap(self.policy), "policy", step=self.step)
                 result["mlflow_run_id"] = tracker.mlflow_run_id
-        if self.profiler.enabled and self.profiler.save_path:
-            self.profiler.save()
-            if tracker is not None and cfg.experiment_tracking.log_artifacts:
-                pass  # the tracker is closed here; the profile path is reported in the summary
+        result["wall_time_s"] = float(time.perf_counter() - t0)
         result.update({k: v for k, v in last.items() if isinstance(v, float) and k not in result})
         return result
 
@@ -757,8 +765,8 @@ class PPOTrainer:
             "kl": float(np.mean(self.history["kl"][-w:])) if r else float("nan"),
             "steps": float(self.step),
             "wall_time_s": float(wall_time),
-            "checkpoint": str(ckpt),
-            "final_model": str(model_dir),
+            "checkpoint": str(ckpt.resolve()),
+            "final_model": str(model_dir.resolve()),
             "mlflow_tracking_uri": uri,
             "memory_profile": str(Path(prof.save_path).resolve()) if prof.enabled else None,
         }

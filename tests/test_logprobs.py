@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl2fx.logprobs import naive_logprobs_and_entropy, response_logits, token_logprobs, token_logprobs_and_entropy
+from rl2fx.logprobs import (
+    naive_logprobs_and_entropy,
+    response_logits,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])

@@ -161,3 +161,13 @@ def test_trainer_learns_repeat_task(tmp_path):
     res = PPOTrainer(cfg).train()
     assert res["reward_end"] > 2 * res["chance_reward"]
     assert res["reward_end"] > res["reward_start"] + 0.1
+
+
+def test_docs_user_loop_runs():
+    """The 'Your own loop' example of docs/training.md runs as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    code = text.split("### Your own loop")[1].split("```python")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "docs/training.md", "exec"), scope)
+    assert scope["kl_state"].count == 30
+    assert 0.0 <= float(scope["scores"].mean()) <= 1.0
