@@ -582,11 +582,14 @@ class PPOTrainer:
                 "advantages"]
         policy_batch = {k: exp[k] for k in keys}
         metrics: dict[str, Any] = {}
+        # kl_type=reward: the penalty is already in the rewards, so the loss gets no KL term
+        # and the controller is updated below from the rollout KL instead of inside train_step.
+        in_loss = t.kl_type == "loss"
         with self.profiler.profile_context("update"):
             for _ in range(int(t.update_epochs)):
                 out = train_step(self.policy, self.optimizer, policy_batch, loss_fn=self.loss_fn,
                                  micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm,
-                                 autocast_dtype=self.autocast_dtype, kl_state=self.kl_state,
+                                 autocast_dtype=self.autocast_dtype, kl_state=self.kl_state if in_loss else None,
                                  lagrangian_state=self.lagrangian_state, multi_objective=self.multi_objective,
                                  step=self.step)
                 self.kl_state = out.pop("kl_state", self.kl_state)
@@ -606,6 +609,10 @@ class PPOTrainer:
             stats /= self.world_size
         metrics.update(reward=float(stats[0]), rollout_kl=float(stats[1]), response_length=float(stats[2]),
                        kl_coef=self.kl_coef())
+        if not in_loss and self.kl_state is not None:
+            from rl2fx.control.kl import kl_update
+
+            self.kl_state = kl_update(self.kl_state, max(metrics["rollout_kl"], 0.0), self.step)
         if self.lagrangian_state is not None:
             metrics.update(kl_multiplier=self.lagrangian_state.kl_multiplier,
                            entropy_multiplier=self.lagrangian_state.entropy_multiplier)

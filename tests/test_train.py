@@ -141,6 +141,7 @@ def test_smoke_run_with_tracking_profile_and_checkpoint(tmp_path):
     ["adv.estimator=gae"],
     ["adv.estimator=vtrace"],
     ["adv.estimator=rloo", "trainer.kl_type=reward", "actor.kl.adaptive_kl.enabled=false", "actor.kl.coef=0.05"],
+    ["adv.estimator=reinforce", "trainer.kl_type=reward", "trainer.kl_estimator=k1"],
     ["multi_objective.enabled=true", "multi_objective.pareto_method=tchebycheff", "trainer.micro_batch_size=3"],
     ["model.arch=gpt2", "trainer.dual_clip=3.0", "trainer.agg_mode=seq-mean-token-sum-norm"],
 ])
@@ -153,6 +154,7 @@ def test_trainer_variants_run(tmp_path, extra):
         assert trainer.critic is not None and "critic/loss" in res
 
 
+@pytest.mark.slow
 def test_trainer_learns_repeat_task(tmp_path):
     """The easiest task variant learns within a few dozen steps (chance is 1/16)."""
     cfg = _cfg(tmp_path, "trainer.total_steps=60", "task.mode=repeat", "task.n_digits=2",
