@@ -24,6 +24,7 @@ _LAZY = {
     "TrackingWarning": "rl2fx.tracking.tracker",
     "flatten_params": "rl2fx.tracking.tracker",
     "read_buffer": "rl2fx.tracking.tracker",
+    "replay_buffer": "rl2fx.tracking.tracker",
     "save_model_locally": "rl2fx.tracking.tracker",
     "ModelVersioning": "rl2fx.tracking.versioning",
     "ModelVersionInfo": "rl2fx.tracking.versioning",

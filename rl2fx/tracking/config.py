@@ -14,9 +14,11 @@ Defaults never need a network:
   API key is configured (``$WANDB_API_KEY`` or a ``~/.netrc`` entry written by
   ``wandb login``), else ``"offline"``. W&B never prompts for a login.
 
->>> cfg = ExperimentConfig(experiment_name="demo", enable_wandb=False)
->>> cfg.resolved_tracking_uri().startswith(("sqlite:///", "file:", "http")) or "MLFLOW_TRACKING_URI" in __import__("os").environ
-True
+>>> cfg = ExperimentConfig(experiment_name="demo", tracking_uri="sqlite:////tmp/demo/mlruns.db")
+>>> cfg.resolved_artifact_location()
+'/tmp/demo/mlartifacts'
+>>> ExperimentConfig(wandb_mode="offline").resolved_wandb_mode()
+'offline'
 >>> ExperimentConfig.from_dict({"experiment_name": "x", "model_versioning": {"enabled": True}}).model_versioning
 True
 """
@@ -137,15 +139,14 @@ class ExperimentConfig:
         >>> ExperimentConfig.from_dict({"enable_wandb": False, "log_models": False}).log_models
         False
         """
-        if not isinstance(section, Mapping):
-            from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(section, DictConfig):
-                section = OmegaConf.to_container(section, resolve=True)
-            else:
-                raise ValueError(
-                    f"section={section!r} is invalid; expected a mapping or an OmegaConf DictConfig"
-                )
+        if isinstance(section, DictConfig):  # plain containers all the way down (tags lists)
+            section = OmegaConf.to_container(section, resolve=True)
+        if not isinstance(section, Mapping):
+            raise ValueError(
+                f"section={section!r} is invalid; expected a mapping or an OmegaConf DictConfig"
+            )
         values = dict(section)
         mv = values.pop("model_versioning", None)
         if isinstance(mv, Mapping):

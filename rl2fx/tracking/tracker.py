@@ -49,6 +49,7 @@ import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +69,7 @@ __all__ = [
     "flatten_params",
     "global_rank",
     "read_buffer",
+    "replay_buffer",
     "save_model_locally",
 ]
 
@@ -138,33 +140,40 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
     Accepts mappings, OmegaConf ``DictConfig`` (interpolations resolved),
     dataclass instances and ``argparse.Namespace``, nested in any combination.
     A list of scalars becomes one JSON value; a list holding mappings is indexed
-    (``key.0.sub``). Values are ``str(value)`` (``None`` -> ``"None"``).
+    (``key.0.sub``). Values are ``str(value)`` (``None`` -> ``"None"``), as MLflow
+    stores them; W&B receives the typed values (:func:`_flatten_typed`).
 
     >>> flatten_params({"actor": {"lr": 1e-6, "kl": {"coef": 0.0}}, "objectives": ["reward", "kl"]})
     {'actor.lr': '1e-06', 'actor.kl.coef': '0.0', 'objectives': '["reward", "kl"]'}
     """
-    out: dict[str, str] = {}
+    return {k: str(v) for k, v in _flatten_typed(params, prefix).items()}
+
+
+def _flatten_typed(params: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     params = _to_container(params)
-    if isinstance(params, Mapping):
-        for k, v in params.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            v = _to_container(v)
-            if isinstance(v, Mapping):
-                if not v:
-                    out[key] = "{}"
-                out.update(flatten_params(v, key))
-            elif isinstance(v, list | tuple) and not all(_is_scalar(x) for x in v):
-                for i, item in enumerate(v):
-                    out.update(flatten_params({str(i): item}, key))
-            elif isinstance(v, list | tuple):
-                out[key] = json.dumps(list(v))
-            else:
-                out[key] = str(v)
-        return out
-    raise ValueError(
-        f"params={params!r} is invalid; expected a mapping, an OmegaConf DictConfig, "
-        "a dataclass instance or an argparse.Namespace"
-    )
+    if not isinstance(params, Mapping):
+        raise ValueError(
+            f"params={params!r} is invalid; expected a mapping, an OmegaConf DictConfig, "
+            "a dataclass instance or an argparse.Namespace"
+        )
+    for k, v in params.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        v = _to_container(v)
+        if isinstance(v, Mapping):
+            if not v:
+                out[key] = "{}"
+            out.update(_flatten_typed(v, key))
+        elif isinstance(v, list | tuple) and not all(_is_scalar(x) for x in v):
+            for i, item in enumerate(v):
+                out.update(_flatten_typed({str(i): item}, key))
+        elif isinstance(v, list | tuple):
+            out[key] = json.dumps(list(v), default=str)
+        elif v is None or isinstance(v, str | bool | int | float):
+            out[key] = v
+        else:  # numpy scalars, paths, enums...: their string form, as MLflow would store it
+            out[key] = str(v)
+    return out
 
 
 def _metric_value(key: str, value: Any) -> float:
@@ -220,16 +229,61 @@ def read_buffer(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def replay_buffer(path: str | os.PathLike[str], *, tracking_uri: str | None = None) -> int:
+    """Push the MLflow records of a buffer left behind by another process; return how many.
+
+    For a process that ended (or crashed) while its MLflow server was down. Records go to
+    the run they were meant for (or to a new run, if the run start itself was buffered),
+    on the URI they were meant for unless ``tracking_uri`` redirects them. Applied
+    records are removed from the file; W&B records stay (sync W&B offline runs with
+    ``wandb sync`` instead). Stops at the first record MLflow still refuses.
+
+    >>> import tempfile, pathlib
+    >>> replay_buffer(pathlib.Path(tempfile.mkdtemp()) / "none.jsonl")
+    0
+    """
+    p = Path(path)
+    records = read_buffer(p)
+    backends: dict[str, _MlflowBackend] = {}
+    keep: list[dict[str, Any]] = []
+    applied, stuck = 0, False
+    for rec in records:
+        if rec["backend"] != "mlflow" or stuck:
+            keep.append(rec)
+            continue
+        uri = tracking_uri or rec["tracking_uri"]
+        b = backends.get(uri)
+        if b is None:
+            cfg = ExperimentConfig(experiment_name=rec["experiment"], tracking_uri=uri,
+                                   enable_wandb=False, log_system_metrics=False)
+            b = backends[uri] = _MlflowBackend(cfg)
+        try:
+            b.apply(rec)
+            applied += 1
+        except Exception as e:
+            log.warning("rl2fx tracking: replay_buffer stopped at a %r record: %s", rec["op"], e)
+            stuck = True
+            keep.append(rec)
+    if keep:
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in keep), encoding="utf-8")
+        os.replace(tmp, p)
+    elif p.exists():
+        p.unlink()
+    return applied
+
+
 # --------------------------------------------------------------------------------------
 # local model serialisation, shared by both backends
 
 
 def _is_transformers_pipeline(model: Any) -> bool:
-    try:
-        from transformers import Pipeline
-    except ImportError:  # pragma: no cover
+    # By class name, not isinstance: importing transformers.Pipeline costs seconds, and an
+    # object cannot be a pipeline unless transformers is already imported.
+    if "transformers" not in sys.modules:
         return False
-    return isinstance(model, Pipeline)
+    return any(c.__name__ == "Pipeline" and c.__module__.startswith("transformers.pipelines")
+               for c in type(model).__mro__)
 
 
 def _pip_requirements(model: Any) -> list[str]:
@@ -323,7 +377,16 @@ class _MlflowBackend:
                     os.environ.setdefault(env, str(default))
 
     def apply(self, rec: dict[str, Any]) -> None:
+        if self.client is None and rec["op"] != "start" and rec.get("run_id"):
+            self._adopt(rec["run_id"])  # replaying another process's buffer into its run
         getattr(self, "_op_" + rec["op"])(rec)
+
+    def _adopt(self, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri, self.registry_uri)
+        self.experiment_id = client.get_run(run_id).info.experiment_id
+        self.client, self.run_id = client, run_id
 
     def _op_start(self, rec: dict[str, Any]) -> None:
         from mlflow import MlflowClient
@@ -352,7 +415,7 @@ class _MlflowBackend:
     def _op_params(self, rec: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in rec["params"].items()]
+        items = [Param(k, str(v)) for k, v in rec["params"].items()]
         for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
 
@@ -518,6 +581,7 @@ class _TorchCudaMonitor:
 # the tracker
 
 _LIVE: weakref.WeakSet[ExperimentTracker] = weakref.WeakSet()
+_ATEXIT_REGISTERED = False
 
 
 def _finish_live_trackers() -> None:
@@ -586,8 +650,11 @@ class ExperimentTracker:
         self._dispatch({"op": "start", "tracker_id": self.id, "tags": config.tag_dict(),
                         "run_name": config.run_name})
         _LIVE.add(self)
-        # Registered after wandb.init, so (atexit being LIFO) it runs before W&B's own hook.
-        atexit.register(_finish_live_trackers)
+        global _ATEXIT_REGISTERED
+        if not _ATEXIT_REGISTERED:
+            # Registered after wandb.init, so (atexit being LIFO) it runs before W&B's own hook.
+            atexit.register(_finish_live_trackers)
+            _ATEXIT_REGISTERED = True
         if config.log_system_metrics:
             self._sampler = _SystemSampler()
             self._sampler_thread = threading.Thread(
@@ -666,9 +733,10 @@ class ExperimentTracker:
         """
         if not self.active:
             return
-        flat = flatten_params(params)
+        typed = _flatten_typed(params)
         new: dict[str, str] = {}
-        for k, v in flat.items():
+        for k, tv in typed.items():
+            v = str(tv)
             _check_key("param", k)
             if len(v) > _MAX_PARAM_VALUE:
                 raise ValueError(
@@ -686,7 +754,8 @@ class ExperimentTracker:
             return
         with self._lock:
             self.params.update(new)
-            self._dispatch({"op": "params", "params": new})
+            # typed values in the record (W&B keeps numbers numeric); MLflow stores str(v)
+            self._dispatch({"op": "params", "params": {k: typed[k] for k in new}})
 
     def log_config(self, config: Any, name: str = "config.yaml") -> None:
         """Log a whole config: its flattened params, plus the config itself as a YAML artifact.
@@ -882,6 +951,11 @@ class ExperimentTracker:
                 self._buffer(brec)
 
     def _buffer(self, rec: dict[str, Any]) -> None:
+        if rec["backend"] == "mlflow":
+            # enough context for replay_buffer() to finish the job from another process
+            b = self._backend("mlflow")
+            rec = {**rec, "run_id": b.run_id, "tracking_uri": b.tracking_uri,
+                   "experiment": self.config.experiment_name}
         # Keep private copies of files: the caller may delete or overwrite them before replay.
         if rec["op"] in ("artifact", "model"):
             key = "path" if rec["op"] == "artifact" else "dir"
