@@ -32,6 +32,7 @@ Reference: PyTorch docs, "Understanding CUDA Memory Usage" and
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -317,6 +318,7 @@ class MemoryProfiler:
         self._t0: float | None = None
         self._wall0: float | None = None
         self._users = 0
+        self._atexit_registered = False
 
     @classmethod
     def from_config(cls, section: Any) -> MemoryProfiler:
@@ -366,9 +368,22 @@ class MemoryProfiler:
             self._wall0 = time.time()
         self._stop.clear()
         self._sample()
+        if not self._atexit_registered:
+            # A profiler started without a matching stop() still leaves its timeline behind.
+            atexit.register(self._save_at_exit)
+            self._atexit_registered = True
         self._thread = threading.Thread(target=self._run, name="rl2fx-memory-profiler", daemon=True)
         self._thread.start()
         return self
+
+    def _save_at_exit(self) -> None:
+        if self.running:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            try:
+                self.save()
+            except Exception:
+                logger.exception("could not save the memory timeline at exit")
 
     def stop(self) -> dict[str, Any] | None:
         """Stop sampling (when the last user stops), write the timeline, and return it."""
