@@ -576,7 +576,10 @@ class PPOTrainer:
         """Rollout, then ``trainer.update_epochs`` policy (and critic) updates; returns step metrics."""
         cfg = self.cfg
         t = cfg.trainer
-        with self.profiler.profile_context("rollout"):
+        # Per-step regions on about 20 evenly spaced steps keep the timeline readable.
+        every = max(1, int(t.total_steps) // 20)
+        region = self.profiler.profile_context if self.step % every == 0 else (lambda name: contextlib.nullcontext())
+        with region("rollout"):
             exp = self.make_experience()
         keys = ["input_ids", "attention_mask", "response_ids", "response_mask", "old_logprobs", "ref_logprobs",
                 "advantages"]
@@ -585,7 +588,7 @@ class PPOTrainer:
         # kl_type=reward: the penalty is already in the rewards, so the loss gets no KL term
         # and the controller is updated below from the rollout KL instead of inside train_step.
         in_loss = t.kl_type == "loss"
-        with self.profiler.profile_context("update"):
+        with region("update"):
             for _ in range(int(t.update_epochs)):
                 out = train_step(self.policy, self.optimizer, policy_batch, loss_fn=self.loss_fn,
                                  micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm,
@@ -795,6 +798,8 @@ def format_summary(result: Mapping[str, Any], window: int) -> str:
         f"  final model (save_pretrained): {result['final_model']}",
     ]
     uri = result.get("mlflow_tracking_uri")
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())  # usable from any directory
     if uri:
         lines += [f"  MLflow store: {uri}  (run {result.get('mlflow_run_id')})",
                   f"    open it:  mlflow ui --backend-store-uri {uri}   then browse http://127.0.0.1:5000"]
