@@ -68,3 +68,20 @@ def test_response_logits_match_full_forward():
     ids = torch.tensor([[1, 4, 5, 13, 6, 7, 2]])
     full = m(ids).logits
     torch.testing.assert_close(response_logits(m, ids, None, 3), full[:, -4:-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_matches_naive_on_cuda():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 33, 1000, generator=g).cuda().requires_grad_(True)
+    labels = torch.randint(0, 1000, (2, 33), generator=g).cuda()
+    lp, ent = token_logprobs_and_entropy(logits, labels, chunk_size=16)
+    (lp.sum() + ent.sum()).backward()
+    g1 = logits.grad.clone()
+    logits.grad = None
+    lp_n, ent_n = naive_logprobs_and_entropy(logits, labels)
+    (lp_n.sum() + ent_n.sum()).backward()
+    torch.testing.assert_close(lp, lp_n)
+    torch.testing.assert_close(ent, ent_n, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, logits.grad, atol=1e-5, rtol=1e-5)

@@ -173,3 +173,32 @@ def test_docs_user_loop_runs():
     exec(compile(code, "docs/training.md", "exec"), scope)
     assert scope["kl_state"].count == 30
     assert 0.0 <= float(scope["scores"].mean()) <= 1.0
+
+
+def test_hydra_entry_point_with_overrides(tmp_path):
+    """`python -m rl2fx.train --config-name demo key=value ...` trains and prints the summary."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "rl2fx.train", "--config-name", "demo", "trainer.total_steps=2",
+           f"trainer.output_dir={tmp_path}", "experiment_tracking.enabled=false",
+           "memory_optimization.profiling.enabled=false", "actor.kl.adaptive_kl.controller_type=pid"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rl2fx training summary" in proc.stdout and "steps: 2" in proc.stdout
+    assert not (tmp_path / ".hydra").exists()  # hydra writes nothing of its own
+    bad = subprocess.run(cmd[:5] + ["adv.estimator=vtrce"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "did you mean 'vtrace'" in bad.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_on_cuda(tmp_path):
+    trainer = PPOTrainer(_cfg(tmp_path, "trainer.total_steps=2", "trainer.device=cuda",
+                              "memory_optimization.enable_mixed_precision=true", "adv.estimator=gae"))
+    res = trainer.train()
+    assert res["steps"] == 2.0 and next(trainer.policy.parameters()).is_cuda
