@@ -49,6 +49,7 @@ __all__ = [
     "load_config",
     "validate_config",
     "to_container",
+    "check_override_keys",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -602,6 +603,28 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value)
     node[parts[-1]] = value
+
+
+def check_override_keys(overrides: Any) -> None:
+    """Raise :class:`ConfigError` (with a did-you-mean) for a ``key=value`` override naming no schema key.
+
+    Hydra's own options (``hydra.*``, ``--flags``) and deletions (``~key``) are skipped.
+
+    >>> check_override_keys(["actor.lr=1e-4", "hydra.run.dir=."])
+    >>> check_override_keys(["actor.kl.adaptive_kl.enabeld=true"])
+    Traceback (most recent call last):
+    ...
+    rl2fx.config.ConfigError: unknown config key 'actor.kl.adaptive_kl.enabeld'; did you mean 'actor.kl.adaptive_kl.enabled'?
+    """
+    for o in overrides:
+        if o.startswith(("-", "~")) or "=" not in o:
+            continue
+        key = o.split("=", 1)[0].lstrip("+")
+        if key.split(".")[0] in _HYDRA_KEYS:
+            continue
+        raw: dict[str, Any] = {}
+        _set_dotted(raw, key, None)
+        _check_keys(raw, RL2Config, "")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

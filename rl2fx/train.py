@@ -827,7 +827,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def main() -> None:
     """Hydra entry point: ``python -m rl2fx.train [--config-name demo] key=value ...``."""
+    import sys
+
     import hydra
+
+    from rl2fx.config import check_override_keys
+
+    try:  # Hydra would reject a misspelt key too, but without suggesting the right one
+        check_override_keys(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     @hydra.main(config_path="configs", config_name="ppo", version_base=None)
     def _main(cfg: DictConfig) -> None:

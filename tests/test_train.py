@@ -193,6 +193,9 @@ def test_hydra_entry_point_with_overrides(tmp_path):
     bad = subprocess.run(cmd[:5] + ["adv.estimator=vtrce"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "did you mean 'vtrace'" in bad.stderr
+    typo = subprocess.run(cmd[:5] + ["actor.lrr=0.1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert typo.returncode == 2 and "did you mean 'actor.lr'?" in typo.stderr
 
 
 @pytest.mark.cuda
