@@ -293,7 +293,7 @@ def make_ppo_loss(
             loss = loss + frac * terms["total"]
             metrics["lagrangian_penalty"] = terms["total"].detach()
         if ctx.multi_objective is not None:
-            surrogate = (pg_tok_loss(lp, mb, clip, clip_high, dual_clip) * mask).sum() / n_tok
+            surrogate = (_pg_token_loss(lp, mb, clip, clip_high, dual_clip) * mask).sum() / n_tok
             objectives = {"reward": -surrogate, "kl_penalty": -kl_mean, "entropy": ent_mean}
             unknown = [o for o in ctx.multi_objective.objectives if o not in objectives]
             if unknown:
@@ -307,7 +307,7 @@ def make_ppo_loss(
     return loss_fn
 
 
-def pg_tok_loss(lp: torch.Tensor, mb: Batch, clip: float, clip_high: float | None,
+def _pg_token_loss(lp: torch.Tensor, mb: Batch, clip: float, clip_high: float | None,
                 dual_clip: float | None) -> torch.Tensor:
     """Per-token clipped surrogate loss (for objectives that need it unaggregated)."""
     ratio = torch.exp(lp - mb["old_logprobs"])
