@@ -49,6 +49,7 @@ __all__ = [
     "load_config",
     "validate_config",
     "to_container",
+    "check_override_keys",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -243,6 +244,7 @@ class TrainerConfig:
     total_steps: int = 100
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None  # torch CPU threads per process; null = torch's default
     update_epochs: int = 1
     micro_batch_size: int | None = None  # sequences per forward/backward; null = whole batch
     max_grad_norm: float | None = 1.0
@@ -254,13 +256,12 @@ class TrainerConfig:
     dual_clip: float | None = None
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
-    logprob_chunk_size: int = 128
+    logprob_chunk_size: int = 256
     output_dir: str = "outputs/rl2fx"
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end
     resume_from: str | None = None  # a checkpoint file, or "auto" (latest in output_dir)
     progress_bar: bool = True
     summary_window: int = 20  # steps averaged for the start/end reward summary
-    compile: bool = False  # torch.compile the policy forward (GPU speed-up)
 
 
 @dataclass
@@ -438,6 +439,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     mem = "memory_optimization"
     _in(cfg, f"{mem}.memory_threshold", 0.0, 1.0, low_open=True)
     _in(cfg, f"{mem}.gc_threshold", 0.0, 1.0, low_open=True)
+    _in(cfg, f"{mem}.memory_threshold", 0.0, cfg.memory_optimization.gc_threshold, low_open=True)
     _in(cfg, f"{mem}.profiling.profile_interval", 0.0, low_open=True)
     abs_ = cfg.memory_optimization.adaptive_batch_sizing
     _in(cfg, f"{mem}.adaptive_batch_sizing.min_batch_size", 1)
@@ -447,6 +449,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
 
     _in(cfg, "trainer.total_steps", 1)
     _in(cfg, "trainer.update_epochs", 1)
+    _in(cfg, "trainer.num_threads", 1, optional=True)
     _in(cfg, "trainer.micro_batch_size", 1, optional=True)
     _in(cfg, "trainer.max_grad_norm", 0.0, low_open=True, optional=True)
     _in(cfg, "trainer.weight_decay", 0.0)
@@ -506,6 +509,14 @@ def _merge_into_schema(raw: dict[str, Any]) -> DictConfig:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}' has the wrong type: {msg}") from None
     assert isinstance(merged, DictConfig)
+    # A free mapping given in the file or an override replaces the default one
+    # (merging would keep default names the user dropped).
+    for path in _FREE_MAPPINGS:
+        node: Any = raw
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            OmegaConf.update(merged, path, node, merge=False)
     return merged
 
 
@@ -592,6 +603,28 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     if isinstance(value, DictConfig | ListConfig):
         value = OmegaConf.to_container(value)
     node[parts[-1]] = value
+
+
+def check_override_keys(overrides: Any) -> None:
+    """Raise :class:`ConfigError` (with a did-you-mean) for a ``key=value`` override naming no schema key.
+
+    Hydra's own options (``hydra.*``, ``--flags``) and deletions (``~key``) are skipped.
+
+    >>> check_override_keys(["actor.lr=1e-4", "hydra.run.dir=."])
+    >>> check_override_keys(["actor.kl.adaptive_kl.enabeld=true"])
+    Traceback (most recent call last):
+    ...
+    rl2fx.config.ConfigError: unknown config key 'actor.kl.adaptive_kl.enabeld'; did you mean 'actor.kl.adaptive_kl.enabled'?
+    """
+    for o in overrides:
+        if o.startswith(("-", "~")) or "=" not in o:
+            continue
+        key = o.split("=", 1)[0].lstrip("+")
+        if key.split(".")[0] in _HYDRA_KEYS:
+            continue
+        raw: dict[str, Any] = {}
+        _set_dotted(raw, key, None)
+        _check_keys(raw, RL2Config, "")
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -22,8 +22,8 @@ pass, and recomputes the softmax chunk by chunk there, using
 
 The same trick underlies the fused/chunked cross-entropy kernels of Liger
 Kernel (Hsu et al., 2024) and the chunked log-prob paths of verl and OpenRLHF;
-this version is plain PyTorch. Extra memory is ``O(chunk_size * vocab)``
-float32 in both passes instead of ``O(time * vocab)``.
+this version is plain PyTorch. Extra memory is two ``[chunk_size, vocab]``
+float32 buffers in either pass instead of several ``[batch * time, vocab]`` ones.
 """
 
 from __future__ import annotations
@@ -41,26 +41,37 @@ def _chunks(t: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, t)) for s in range(0, t, size)]
 
 
+def _time_chunk(shape: torch.Size, tokens: int) -> int:
+    # chunk_size counts tokens; a chunk spans all batch rows, so it covers tokens // rows time steps
+    rows = 1
+    for d in shape[:-2]:
+        rows *= int(d)
+    return max(1, tokens // max(rows, 1))
+
+
 class _ChunkedLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, labels: Tensor, temperature: float, chunk_size: int,
                 with_entropy: bool) -> tuple[Tensor, Tensor]:
         t = logits.shape[-2]
-        lp = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lp = logits.new_empty(logits.shape[:-1], dtype=acc)
         lse = torch.empty_like(lp)
         ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
-        for s, e in _chunks(t, chunk_size):
-            z = logits[..., s:e, :].float()
+        step = _time_chunk(logits.shape, chunk_size)
+        for s, e in _chunks(t, step):
+            z = logits[..., s:e, :].to(acc, copy=True)  # the one [rows, chunk, vocab] temporary, reused in place
             if temperature != 1.0:
-                z = z / temperature
+                z.div_(temperature)
             lse_c = torch.logsumexp(z, dim=-1)
             lse[..., s:e] = lse_c
-            lp[..., s:e] = z.gather(-1, labels[..., s:e].unsqueeze(-1)).squeeze(-1) - lse_c
+            logp = z.sub_(lse_c.unsqueeze(-1))
+            lp[..., s:e] = logp.gather(-1, labels[..., s:e].unsqueeze(-1)).squeeze(-1)
             if with_entropy:
-                p = torch.exp(z - lse_c.unsqueeze(-1))
-                ent[..., s:e] = lse_c - (p * z).sum(-1)
+                ent[..., s:e] = -(logp.exp().mul_(logp)).sum(-1)
+            del z, logp
         ctx.save_for_backward(logits, labels, lse, ent)
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, step, with_entropy
         return lp, ent
 
     @staticmethod
@@ -69,21 +80,29 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         tau = ctx.temperature
         grad = torch.empty_like(logits)
         for s, e in _chunks(logits.shape[-2], ctx.chunk_size):
-            z = logits[..., s:e, :].float()
+            logp = logits[..., s:e, :].to(lse.dtype, copy=True)
             if tau != 1.0:
-                z = z / tau
-            logp = z - lse[..., s:e].unsqueeze(-1)
-            p = torch.exp(logp)
-            g = torch.zeros_like(z)
+                logp.div_(tau)
+            logp.sub_(lse[..., s:e].unsqueeze(-1))
+            p = logp.exp()
+            # dH/dz = -p (log p + H) / tau, built in the log-prob buffer
+            if ctx.with_entropy and g_ent is not None:
+                term = logp.add_(ent[..., s:e].unsqueeze(-1)).mul_(p).mul_(g_ent[..., s:e].unsqueeze(-1))
+            else:
+                term = None
+            # d log pi(a)/dz = (onehot(a) - p) / tau, built in the probability buffer
             if g_lp is not None:
                 gl = g_lp[..., s:e].unsqueeze(-1)
-                g = g - p * gl
+                g = p.mul_(-gl)
                 g.scatter_add_(-1, labels[..., s:e].unsqueeze(-1), gl)
-            if ctx.with_entropy and g_ent is not None:
-                g = g - g_ent[..., s:e].unsqueeze(-1) * p * (logp + ent[..., s:e].unsqueeze(-1))
+            else:
+                g = p.zero_()
+            if term is not None:
+                g.sub_(term)
             if tau != 1.0:
-                g = g / tau
-            grad[..., s:e, :] = g.to(grad.dtype)
+                g.div_(tau)
+            grad[..., s:e, :] = g
+            del logp, p, g, term
         return grad, None, None, None, None
 
 
@@ -93,11 +112,12 @@ def token_logprobs_and_entropy(
     labels: Int[Tensor, "*batch time"],
     *,
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
     with_entropy: bool = True,
 ) -> tuple[Float[Tensor, "*batch time"], Float[Tensor, "*batch time"] | None]:
-    """Log-probability of ``labels`` and entropy at each position, in float32, chunked over time.
+    """Log-probability of ``labels`` and entropy at each position (float32 at least), chunked over time.
 
+    ``chunk_size`` is the number of tokens (batch rows x time steps) per chunk.
     Differentiable in ``logits`` (custom backward, also chunked). With
     ``with_entropy=False`` the entropy is skipped and ``None`` is returned for it.
 
@@ -121,7 +141,7 @@ def token_logprobs(
     labels: Int[Tensor, "*batch time"],
     *,
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
 ) -> Float[Tensor, "*batch time"]:
     """Log-probability of ``labels`` under ``softmax(logits / temperature)``, chunked over time.
 
@@ -148,7 +168,7 @@ def naive_logprobs_and_entropy(
     >>> torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
     True
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     ent = -(logp.exp() * logp).sum(-1)
     return lp, ent

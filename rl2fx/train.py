@@ -38,7 +38,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from rl2fx.config import VALUE_ESTIMATORS, ConfigError, load_config, structured_from_hydra, to_container
+from rl2fx.config import (
+    VALUE_ESTIMATORS,
+    ConfigError,
+    load_config,
+    structured_from_hydra,
+    to_container,
+)
 from rl2fx.logprobs import response_logits, token_logprobs_and_entropy
 from rl2fx.losses import aggregate, entropy_bonus, kl_estimate, policy_loss, value_loss
 
@@ -210,7 +216,7 @@ def compute_logprobs(
     batch: Batch,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of ``batch["response_ids"]`` under ``model``: ``[batch, response_len]``."""
@@ -230,7 +236,7 @@ def make_ppo_loss(
     entropy_coef: float = 0.0,
     agg_mode: str = "token-mean",
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
     tis_cap: float | None = None,
 ) -> LossFn:
     """The PPO policy loss as a ``loss_fn`` for :func:`train_step`.
@@ -247,7 +253,7 @@ def make_ppo_loss(
     (``β`` from ``ctx.kl_coef`` if set, else ``kl_coef``; the last two terms with a
     Lagrangian state). With ``ctx.multi_objective`` the loss is instead its
     scalarisation of ``{"reward": -L^CLIP, "kl_penalty": -KL, "entropy": H}``
-    (micro-batch means, weighted by the micro-batch's share of sequences).
+    (micro-batch means, weighted by the micro-batch's share of the tokens).
     """
     from rl2fx.control.lagrangian import lagrangian_penalty
 
@@ -287,7 +293,7 @@ def make_ppo_loss(
             loss = loss + frac * terms["total"]
             metrics["lagrangian_penalty"] = terms["total"].detach()
         if ctx.multi_objective is not None:
-            surrogate = (pg_tok_loss(lp, mb, clip, clip_high, dual_clip) * mask).sum() / n_tok
+            surrogate = (_pg_token_loss(lp, mb, clip, clip_high, dual_clip) * mask).sum() / n_tok
             objectives = {"reward": -surrogate, "kl_penalty": -kl_mean, "entropy": ent_mean}
             unknown = [o for o in ctx.multi_objective.objectives if o not in objectives]
             if unknown:
@@ -301,7 +307,7 @@ def make_ppo_loss(
     return loss_fn
 
 
-def pg_tok_loss(lp: torch.Tensor, mb: Batch, clip: float, clip_high: float | None,
+def _pg_token_loss(lp: torch.Tensor, mb: Batch, clip: float, clip_high: float | None,
                 dual_clip: float | None) -> torch.Tensor:
     """Per-token clipped surrogate loss (for objectives that need it unaggregated)."""
     ratio = torch.exp(lp - mb["old_logprobs"])
@@ -385,6 +391,8 @@ class PPOTrainer:
         if cfg.data.train_data_path is not None or cfg.data.test_data_path is not None:
             raise ConfigError("config key 'data.train_data_path' / 'data.test_data_path' must be null: the "
                               "built-in digits task generates its prompts (task.*)")
+        if t.num_threads is not None:
+            torch.set_num_threads(int(t.num_threads))
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and t.device != "cpu" else "gloo"
@@ -568,17 +576,23 @@ class PPOTrainer:
         """Rollout, then ``trainer.update_epochs`` policy (and critic) updates; returns step metrics."""
         cfg = self.cfg
         t = cfg.trainer
-        with self.profiler.profile_context("rollout"):
+        # Per-step regions on about 20 evenly spaced steps keep the timeline readable.
+        every = max(1, int(t.total_steps) // 20)
+        region = self.profiler.profile_context if self.step % every == 0 else (lambda name: contextlib.nullcontext())
+        with region("rollout"):
             exp = self.make_experience()
         keys = ["input_ids", "attention_mask", "response_ids", "response_mask", "old_logprobs", "ref_logprobs",
                 "advantages"]
         policy_batch = {k: exp[k] for k in keys}
         metrics: dict[str, Any] = {}
-        with self.profiler.profile_context("update"):
+        # kl_type=reward: the penalty is already in the rewards, so the loss gets no KL term
+        # and the controller is updated below from the rollout KL instead of inside train_step.
+        in_loss = t.kl_type == "loss"
+        with region("update"):
             for _ in range(int(t.update_epochs)):
                 out = train_step(self.policy, self.optimizer, policy_batch, loss_fn=self.loss_fn,
                                  micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm,
-                                 autocast_dtype=self.autocast_dtype, kl_state=self.kl_state,
+                                 autocast_dtype=self.autocast_dtype, kl_state=self.kl_state if in_loss else None,
                                  lagrangian_state=self.lagrangian_state, multi_objective=self.multi_objective,
                                  step=self.step)
                 self.kl_state = out.pop("kl_state", self.kl_state)
@@ -598,6 +612,10 @@ class PPOTrainer:
             stats /= self.world_size
         metrics.update(reward=float(stats[0]), rollout_kl=float(stats[1]), response_length=float(stats[2]),
                        kl_coef=self.kl_coef())
+        if not in_loss and self.kl_state is not None:
+            from rl2fx.control.kl import kl_update
+
+            self.kl_state = kl_update(self.kl_state, max(metrics["rollout_kl"], 0.0), self.step)
         if self.lagrangian_state is not None:
             metrics.update(kl_multiplier=self.lagrangian_state.kl_multiplier,
                            entropy_multiplier=self.lagrangian_state.entropy_multiplier)
@@ -702,38 +720,40 @@ class PPOTrainer:
         last: dict[str, Any] = {}
         mem_ctx = (memory_efficient_context(self.memory_optimizer) if self.memory_optimizer is not None
                    else contextlib.nullcontext())
-        with self._tracker() as tracker, mem_ctx, self.profiler.profile_context("training"):
+        with self._tracker() as tracker:
             if tracker is not None:
                 tracker.log_params(to_container(cfg))
-            bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
-                       desc="rl2fx train", dynamic_ncols=True)
-            while self.step < total:
-                last = self.train_iteration()
-                if tracker is not None:
-                    tracker.log_metrics({k: v for k, v in last.items() if isinstance(v, float)}, step=self.step)
-                bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['rollout_kl']:.4f}",
-                                kl_coef=f"{last['kl_coef']:.3g}")
-                bar.update(1)
-                if t.save_interval and self.step % int(t.save_interval) == 0 and self.step < total:
-                    self.save_checkpoint()
-            bar.close()
+            with mem_ctx, self.profiler.profile_context("training"):
+                bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
+                           desc="rl2fx train", dynamic_ncols=True)
+                while self.step < total:
+                    last = self.train_iteration()
+                    if tracker is not None:
+                        tracker.log_metrics({k: v for k, v in last.items() if isinstance(v, float)}, step=self.step)
+                    bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['rollout_kl']:.4f}",
+                                    kl_coef=f"{last['kl_coef']:.3g}")
+                    bar.update(1)
+                    if t.save_interval and self.step % int(t.save_interval) == 0 and self.step < total:
+                        self.save_checkpoint()
+                bar.close()
             ckpt = self.save_checkpoint()
             model_dir = self.output_dir / "final_model"
             if self.rank == 0:
                 _unwrap(self.policy).save_pretrained(model_dir)
                 self.tokenizer.save_pretrained(model_dir)
+            if self.profiler.enabled and self.profiler.save_path:
+                self.profiler.save()
             result = self.summary(time.perf_counter() - t0, ckpt, model_dir)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, float)}, step=self.step)
                 if cfg.experiment_tracking.log_artifacts:
                     tracker.log_artifact(str(ckpt / "state.pt"))
+                    if result["memory_profile"]:
+                        tracker.log_artifact(result["memory_profile"])
                 if cfg.experiment_tracking.log_models:
                     tracker.log_model(_unwrap(self.policy), "policy", step=self.step)
                 result["mlflow_run_id"] = tracker.mlflow_run_id
-        if self.profiler.enabled and self.profiler.save_path:
-            self.profiler.save()
-            if tracker is not None and cfg.experiment_tracking.log_artifacts:
-                pass  # the tracker is closed here; the profile path is reported in the summary
+        result["wall_time_s"] = float(time.perf_counter() - t0)
         result.update({k: v for k, v in last.items() if isinstance(v, float) and k not in result})
         return result
 
@@ -755,8 +775,8 @@ class PPOTrainer:
             "kl": float(np.mean(self.history["kl"][-w:])) if r else float("nan"),
             "steps": float(self.step),
             "wall_time_s": float(wall_time),
-            "checkpoint": str(ckpt),
-            "final_model": str(model_dir),
+            "checkpoint": str(ckpt.resolve()),
+            "final_model": str(model_dir.resolve()),
             "mlflow_tracking_uri": uri,
             "memory_profile": str(Path(prof.save_path).resolve()) if prof.enabled else None,
         }
@@ -778,6 +798,8 @@ def format_summary(result: Mapping[str, Any], window: int) -> str:
         f"  final model (save_pretrained): {result['final_model']}",
     ]
     uri = result.get("mlflow_tracking_uri")
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())  # usable from any directory
     if uri:
         lines += [f"  MLflow store: {uri}  (run {result.get('mlflow_run_id')})",
                   f"    open it:  mlflow ui --backend-store-uri {uri}   then browse http://127.0.0.1:5000"]
@@ -805,7 +827,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def main() -> None:
     """Hydra entry point: ``python -m rl2fx.train [--config-name demo] key=value ...``."""
+    import sys
+
     import hydra
+
+    from rl2fx.config import check_override_keys
+
+    try:  # Hydra would reject a misspelt key too, but without suggesting the right one
+        check_override_keys(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     @hydra.main(config_path="configs", config_name="ppo", version_base=None)
     def _main(cfg: DictConfig) -> None:
