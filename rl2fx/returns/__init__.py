@@ -1,1 +1,38 @@
-"""Stateless advantage and return estimators over ``[*batch, time]`` tensors."""
+"""Stateless advantage and return estimators over ``[*batch, time]`` tensors.
+
+See ``docs/returns.md`` for the formulas, references and the mask / terminated /
+done conventions.
+"""
+
+from rl2fx.returns.gae import discounted, gae, n_step, td_lambda
+from rl2fx.returns.group import dr_grpo, grpo, reinforce, reinforce_pp, rloo
+from rl2fx.returns.multistep import multistep
+from rl2fx.returns.offpolicy import clipped_is, retrace, vtrace
+from rl2fx.returns.scan import reverse_scan
+from rl2fx.returns.unified import METHODS, advantages, compute_advantages_unified
+from rl2fx.returns.whiten import masked_mean, masked_std, masked_sum, masked_var, whiten
+
+__all__ = [
+    "reverse_scan",
+    "gae",
+    "td_lambda",
+    "discounted",
+    "n_step",
+    "vtrace",
+    "retrace",
+    "clipped_is",
+    "multistep",
+    "reinforce",
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "reinforce_pp",
+    "whiten",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_std",
+    "advantages",
+    "compute_advantages_unified",
+    "METHODS",
+]

@@ -1,0 +1,127 @@
+"""Shared plumbing for the estimators: dtype promotion, masks, per-step parameters, next-step lookup.
+
+The mask convention (DESIGN.md) is implemented here once. A masked-out step is
+not a decision: the recurrence must pass straight through it. With the scan
+``y[t] = x[t] + c[t] * y[t+1]`` that means ``x = 0`` and ``c = 1`` at masked-out
+steps, and every "value of the next state" must come from the next *masked-in*
+step, found with a reverse ``cummin`` over step indices (no per-row packing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl2fx._typing import check_finite, check_range
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: the promoted input dtype, at least float32 (bfloat16 -> float32)."""
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def out_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The result dtype: the promoted floating input dtypes (bfloat16 stays bfloat16)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def as_bool(name: str, flag: Tensor | None) -> Tensor | None:
+    """A boolean view of a 0/1 tensor; any other value raises instead of being silently cast."""
+    if flag is None or flag.dtype == torch.bool:
+        return flag
+    bad = (flag != 0) & (flag != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must be a bool tensor or hold only 0/1 values, got the value "
+            f"{flag[bad].flatten()[0].item()!r}"
+        )
+    return flag != 0
+
+
+def per_step(
+    name: str,
+    value: float | Tensor,
+    like: Tensor,
+    dtype: torch.dtype,
+    low: float | None = 0.0,
+    high: float | None = 1.0,
+    *,
+    low_inclusive: bool = True,
+) -> Tensor:
+    """A hyper-parameter given as a float or a per-step tensor, range-checked, expanded to ``like``."""
+    check_range(name, value, low, high, low_inclusive=low_inclusive)
+    if isinstance(value, Tensor):
+        if value.shape != like.shape:
+            raise ValueError(
+                f"{name} must be a float or a tensor of shape {tuple(like.shape)} (the rewards' "
+                f"shape), got shape {tuple(value.shape)}"
+            )
+        return value.to(dtype)
+    return torch.full(like.shape, float(value), dtype=dtype, device=like.device)
+
+
+def check_all_finite(allow_nonfinite: bool, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        check_finite(name, t, allow_nonfinite=allow_nonfinite)
+
+
+def bootstrap(value: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The value after the last step, ``[*batch]``; ``None`` means 0 (the episode ended)."""
+    if value is None:
+        return torch.zeros(like.shape[:-1], dtype=dtype, device=like.device)
+    return value.to(dtype)
+
+
+def next_index(mask: Tensor) -> Tensor:
+    """For each step ``t`` the index of the next masked-in step ``> t``, or ``T`` if there is none.
+
+    >>> next_index(torch.tensor([True, False, True, False]))
+    tensor([2, 2, 4, 4])
+    """
+    T = mask.shape[-1]
+    steps = torch.arange(T, device=mask.device).expand(mask.shape)
+    idx = torch.where(mask, steps, T)
+    later = torch.cat([idx[..., 1:], torch.full_like(idx[..., :1], T)], dim=-1)
+    return later.flip(-1).cummin(dim=-1).values.flip(-1)
+
+
+def next_along(x: Tensor, tail: Tensor, nxt: Tensor | None) -> Tensor:
+    """``x`` at the next (masked-in) step, ``tail`` ``[*batch]`` after the last one.
+
+    ``nxt`` is :func:`next_index` of the mask, or ``None`` for "every step is masked in".
+    """
+    padded = torch.cat([x, tail.unsqueeze(-1)], dim=-1)
+    if nxt is None:
+        return padded[..., 1:]
+    return padded.gather(-1, nxt)
+
+
+def is_last(mask: Tensor | None, like: Tensor, nxt: Tensor | None) -> Tensor:
+    """True at each row's last masked-in step."""
+    T = like.shape[-1]
+    if mask is None:
+        last = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+        last[..., -1] = True
+        return last
+    assert nxt is not None
+    return mask & (nxt == T)
+
+
+def masked_out(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zeros at masked-out positions (outputs are 0 where the step is not a decision)."""
+    return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def through(x: Tensor, c: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Make masked-out steps transparent to the scan: ``x = 0``, ``c = 1`` there."""
+    if mask is None:
+        return x, c
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    one = torch.ones((), dtype=c.dtype, device=c.device)
+    return torch.where(mask, x, zero), torch.where(mask, c, one)

@@ -1,0 +1,233 @@
+r"""On-policy return and advantage estimators: GAE, TD(λ), discounted (Monte Carlo) and n-step.
+
+All take ``[*batch, time]`` tensors (time last, any leading batch dims) and share
+the conventions of DESIGN.md:
+
+* ``gamma`` / ``lamda`` are floats or per-step tensors of the rewards' shape;
+* ``bootstrap_value`` ``[*batch]`` is the value after the last step (default 0);
+* ``terminated[t]`` zeroes the bootstrap of step ``t``; ``done[t]`` cuts the trace
+  at ``t`` (TorchRL's split; ``terminated`` defaults to ``done``, and a terminated
+  step also cuts the trace). At a ``done`` but not ``terminated`` step inside a
+  row (a truncation), the bootstrap is the next step's value in the row;
+* ``mask[t] = 0`` marks a non-decision step: the result equals packing the
+  masked-in steps, running the estimator and scattering back, with zeros at
+  masked-out positions.
+
+Accumulation is in float32 at least; results have the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl2fx._typing import Float, Shaped, check_range, typechecked
+from rl2fx.returns import _common as C
+from rl2fx.returns.scan import reverse_scan
+
+__all__ = ["gae", "td_lambda", "discounted", "n_step"]
+
+
+@typechecked
+def gae(
+    rewards: Float[Tensor, "*batch time"],
+    values: Float[Tensor, "*batch time"],
+    *,
+    gamma: float | Float[Tensor, "*batch time"],
+    lamda: float | Float[Tensor, "*batch time"],
+    bootstrap_value: Float[Tensor, "*batch"] | None = None,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    terminated: Shaped[Tensor, "*batch time"] | None = None,
+    done: Shaped[Tensor, "*batch time"] | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> tuple[Float[Tensor, "*batch time"], Float[Tensor, "*batch time"]]:
+    r"""Generalized Advantage Estimation (Schulman et al. 2015, arXiv:1506.02438).
+
+    .. math::
+
+        \delta_t = r_t + \gamma_t (1 - \mathrm{term}_t) V_{t+1} - V_t, \qquad
+        A_t = \delta_t + \gamma_t \lambda_t (1 - \mathrm{done}_t) A_{t+1}, \qquad
+        R_t = A_t + V_t
+
+    with :math:`V_T` = ``bootstrap_value`` and :math:`A_T = 0`. Under a mask,
+    :math:`t+1` means the next masked-in step.
+
+    Returns ``(advantages, returns)``; ``returns`` are the λ-returns (value targets).
+
+    >>> import torch
+    >>> adv, ret = gae(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]), gamma=1.0, lamda=1.0)
+    >>> adv, ret
+    (tensor([0.5000, 0.5000]), tensor([1., 1.]))
+    """
+    dt = C.acc_dtype(rewards.dtype, values.dtype)
+    out = C.out_dtype(rewards.dtype, values.dtype)
+    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
+    adv, ret = _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt)
+    return adv.to(out), ret.to(out)
+
+
+def _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt):
+    r = rewards.to(dt)
+    v = values.to(dt)
+    g = C.per_step("gamma", gamma, r, dt)
+    lam = C.per_step("lamda", lamda, r, dt)
+    m = C.as_bool("mask", mask)
+    d = C.as_bool("done", done)
+    term = C.as_bool("terminated", terminated)
+    if term is None:
+        term = d  # TorchRL: terminated defaults to done
+    elif d is not None:
+        d = d | term  # a terminated episode is over: its trace is cut too
+    else:
+        d = term
+    boot = C.bootstrap(bootstrap_value, r, dt)
+    nxt = None if m is None else C.next_index(m)
+    v_next = C.next_along(v, boot, nxt)
+    g_boot = g if term is None else torch.where(term, 0.0, g)
+    delta = r + g_boot * v_next - v
+    c = g * lam
+    if d is not None:
+        c = torch.where(d, 0.0, c)
+    x, c = C.through(delta, c, m)
+    adv = reverse_scan(x, c, backend=backend)
+    ret = adv + v
+    return C.masked_out(adv, m), C.masked_out(ret, m)
+
+
+@typechecked
+def td_lambda(
+    rewards: Float[Tensor, "*batch time"],
+    values: Float[Tensor, "*batch time"],
+    *,
+    gamma: float | Float[Tensor, "*batch time"],
+    lamda: float | Float[Tensor, "*batch time"],
+    bootstrap_value: Float[Tensor, "*batch"] | None = None,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    terminated: Shaped[Tensor, "*batch time"] | None = None,
+    done: Shaped[Tensor, "*batch time"] | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "*batch time"]:
+    r"""TD(λ) λ-returns (Sutton 1988; Sutton & Barto 2018, eq. 12.18).
+
+    .. math::
+
+        G^\lambda_t = r_t + \gamma_t (1 - \mathrm{term}_t)
+            \big[(1 - \lambda_t) V_{t+1} + \lambda_t G^\lambda_{t+1}\big]
+
+    with :math:`G^\lambda_T` = ``bootstrap_value`` (a ``done`` step uses
+    :math:`V_{t+1}` instead of :math:`G^\lambda_{t+1}`). Equal to GAE advantages
+    plus values. :math:`\lambda = 1` gives the Monte Carlo return,
+    :math:`\lambda = 0` the one-step TD target.
+
+    >>> import torch
+    >>> td_lambda(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 4.0]), gamma=0.5, lamda=0.5)
+    tensor([2.2500, 1.0000])
+    """
+    dt = C.acc_dtype(rewards.dtype, values.dtype)
+    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
+    _, ret = _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt)
+    return ret.to(C.out_dtype(rewards.dtype, values.dtype))
+
+
+@typechecked
+def discounted(
+    rewards: Float[Tensor, "*batch time"],
+    *,
+    gamma: float | Float[Tensor, "*batch time"],
+    bootstrap_value: Float[Tensor, "*batch"] | None = None,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    done: Shaped[Tensor, "*batch time"] | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "*batch time"]:
+    r"""Discounted (Monte Carlo) return, reward-to-go (Sutton & Barto 2018, eq. 3.8).
+
+    .. math::
+
+        G_t = r_t + \gamma_t (1 - \mathrm{done}_t) G_{t+1}, \qquad G_T = \text{bootstrap\_value}
+
+    >>> import torch
+    >>> discounted(torch.tensor([1.0, 0.0, 2.0]), gamma=0.5)
+    tensor([1.5000, 1.0000, 2.0000])
+    """
+    dt = C.acc_dtype(rewards.dtype)
+    C.check_all_finite(allow_nonfinite, rewards=rewards, bootstrap_value=bootstrap_value)
+    ret = _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt)
+    return ret.to(rewards.dtype)
+
+
+def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
+    r = rewards.to(dt)
+    g = C.per_step("gamma", gamma, r, dt)
+    m = C.as_bool("mask", mask)
+    d = C.as_bool("done", done)
+    boot = C.bootstrap(bootstrap_value, r, dt)
+    nxt = None if m is None else C.next_index(m)
+    c = g if d is None else torch.where(d, 0.0, g)
+    # the scan ends with y_T = 0, so the bootstrap enters as extra reward at each row's last step
+    last = C.is_last(m, r, nxt)
+    x = r + torch.where(last, c * boot.unsqueeze(-1), 0.0)
+    x, c = C.through(x, c, m)
+    return C.masked_out(reverse_scan(x, c, backend=backend), m)
+
+
+@typechecked
+def n_step(
+    rewards: Float[Tensor, "*batch time"],
+    values: Float[Tensor, "*batch time"],
+    *,
+    gamma: float | Float[Tensor, "*batch time"],
+    n_steps: int,
+    bootstrap_value: Float[Tensor, "*batch"] | None = None,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "*batch time"]:
+    r"""n-step bootstrapped return (Sutton & Barto 2018, eq. 7.1; rlax ``n_step_bootstrapped_returns``).
+
+    .. math::
+
+        G^{(n)}_t = \sum_{k=0}^{n-1} \Big(\prod_{j<k} \gamma_{t+j}\Big) r_{t+k}
+                  + \Big(\prod_{j<n} \gamma_{t+j}\Big) V_{t+n}
+
+    truncated at the end of the row, where :math:`V_T` = ``bootstrap_value``
+    (so :math:`n \ge T` gives the discounted return). Under a mask, steps are
+    counted over masked-in steps only.
+
+    >>> import torch
+    >>> n_step(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 2.0, 4.0]), gamma=0.5, n_steps=1)
+    tensor([2., 3., 1.])
+    """
+    check_range("n_steps", n_steps, 1, None)
+    dt = C.acc_dtype(rewards.dtype, values.dtype)
+    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
+    out = _n_step(rewards.to(dt), values.to(dt), gamma, n_steps, bootstrap_value, mask, dt)
+    return out.to(C.out_dtype(rewards.dtype, values.dtype))
+
+
+def _n_step(r: Tensor, tail: Tensor, gamma, n_steps: int, bootstrap_value, mask, dt) -> Tensor:
+    """Sum ``n`` rewards along the masked-in chain, then bootstrap with ``tail`` (``V`` or another estimate).
+
+    The loop runs over the ``n`` offsets (at most ``T``), never over sequences:
+    ``idx`` walks every start position one masked-in step forward at a time.
+    """
+    T = r.shape[-1]
+    g = C.per_step("gamma", gamma, r, dt)
+    m = C.as_bool("mask", mask)
+    boot = C.bootstrap(bootstrap_value, r, dt)
+    steps = torch.arange(T, device=r.device).expand(r.shape)
+    nxt = steps + 1 if m is None else C.next_index(m)
+    sink = torch.full_like(nxt[..., :1], T)
+    nxt_pad = torch.cat([nxt, sink], dim=-1)  # index T (past the end) maps to itself
+    r_pad = torch.cat([C.masked_out(r, m), torch.zeros_like(r[..., :1])], dim=-1)
+    g_pad = torch.cat([g, torch.ones_like(g[..., :1])], dim=-1)
+    tail_pad = torch.cat([tail, boot.unsqueeze(-1)], dim=-1)
+    idx = steps
+    acc = torch.zeros_like(r)
+    disc = torch.ones_like(r)
+    for _ in range(min(n_steps, T)):
+        acc = acc + disc * r_pad.gather(-1, idx)
+        disc = disc * g_pad.gather(-1, idx)
+        idx = nxt_pad.gather(-1, idx)
+    return C.masked_out(acc + disc * tail_pad.gather(-1, idx), m)

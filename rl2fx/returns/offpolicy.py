@@ -1,0 +1,188 @@
+r"""Off-policy corrections: V-trace, Retrace(λ) and clipped importance sampling.
+
+``log_rhos`` is always :math:`\log \pi(a_t|x_t) - \log \mu(a_t|x_t)`: target policy
+(the one being trained, RL2's ``logps``) minus behaviour policy (the sampler's,
+RL2's ``old_logps``). Conventions for ``gamma``, ``bootstrap_value``, ``mask``,
+``terminated`` and ``done`` are those of :mod:`rl2fx.returns.gae`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rl2fx._typing import Float, Shaped, check_range, typechecked
+from rl2fx.returns import _common as C
+from rl2fx.returns.scan import reverse_scan
+
+__all__ = ["vtrace", "retrace", "clipped_is"]
+
+
+@typechecked
+def vtrace(
+    rewards: Float[Tensor, "*batch time"],
+    values: Float[Tensor, "*batch time"],
+    log_rhos: Float[Tensor, "*batch time"],
+    *,
+    gamma: float | Float[Tensor, "*batch time"],
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float | None = None,
+    lamda: float | Float[Tensor, "*batch time"] = 1.0,
+    bootstrap_value: Float[Tensor, "*batch"] | None = None,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    terminated: Shaped[Tensor, "*batch time"] | None = None,
+    done: Shaped[Tensor, "*batch time"] | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> tuple[Float[Tensor, "*batch time"], Float[Tensor, "*batch time"]]:
+    r"""V-trace targets and policy-gradient advantages (Espeholt et al. 2018, IMPALA, arXiv:1802.01561).
+
+    .. math::
+
+        \rho_t = \min(\bar\rho, e^{\log\rho_t}), \quad c_t = \lambda_t \min(\bar c, e^{\log\rho_t}), \quad
+        \delta_t = \rho_t \big(r_t + \gamma_t V_{t+1} - V_t\big)
+
+        v_t - V_t = \delta_t + \gamma_t c_t (v_{t+1} - V_{t+1}), \qquad v_T = V_T = \text{bootstrap}
+
+        A^{pg}_t = \min(\bar\rho_{pg}, e^{\log\rho_t}) \big(r_t + \gamma_t v_{t+1} - V_t\big)
+
+    ``pg_rho_bar`` defaults to ``rho_bar`` (rlax's ``clip_pg_rho_threshold``);
+    ``lamda`` multiplies the traces as in rlax. On-policy (``log_rhos = 0``) with
+    ``rho_bar, c_bar >= 1`` the targets ``vs`` are the λ-returns.
+
+    Returns ``(vs, pg_advantages)``.
+
+    >>> import torch
+    >>> vs, pg = vtrace(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]), torch.zeros(2), gamma=1.0)
+    >>> vs, pg
+    (tensor([1., 1.]), tensor([0.5000, 0.5000]))
+    """
+    check_range("rho_bar", rho_bar, 0.0, None, low_inclusive=False)
+    check_range("c_bar", c_bar, 0.0, None, low_inclusive=False)
+    pg_bar = rho_bar if pg_rho_bar is None else pg_rho_bar
+    check_range("pg_rho_bar", pg_bar, 0.0, None, low_inclusive=False)
+    C.check_all_finite(
+        allow_nonfinite, rewards=rewards, values=values, log_rhos=log_rhos, bootstrap_value=bootstrap_value
+    )
+    dt = C.acc_dtype(rewards.dtype, values.dtype)
+    r, v = rewards.to(dt), values.to(dt)
+    g = C.per_step("gamma", gamma, r, dt)
+    lam = C.per_step("lamda", lamda, r, dt)
+    m = C.as_bool("mask", mask)
+    d = C.as_bool("done", done)
+    term = C.as_bool("terminated", terminated)
+    if term is None:
+        term = d
+    elif d is not None:
+        d = d | term
+    else:
+        d = term
+    boot = C.bootstrap(bootstrap_value, r, dt)
+    nxt = None if m is None else C.next_index(m)
+
+    ratio = log_rhos.to(dt).exp()
+    rho = ratio.clamp(max=rho_bar)
+    cs = lam * ratio.clamp(max=c_bar)
+    g_boot = g if term is None else torch.where(term, 0.0, g)
+    v_next = C.next_along(v, boot, nxt)
+    delta = rho * (r + g_boot * v_next - v)
+    c = g * cs
+    if d is not None:
+        c = torch.where(d, 0.0, c)
+    x, c = C.through(delta, c, m)
+    vs = reverse_scan(x, c, backend=backend) + v
+    vs_next = C.next_along(vs, boot, nxt)
+    if d is not None:
+        # past a trace cut the next target belongs to another episode: fall back to V (as TorchRL)
+        vs_next = torch.where(d, v_next, vs_next)
+    pg = ratio.clamp(max=pg_bar) * (r + g_boot * vs_next - v)
+    out = C.out_dtype(rewards.dtype, values.dtype)
+    return C.masked_out(vs, m).to(out), C.masked_out(pg, m).to(out)
+
+
+@typechecked
+def retrace(
+    rewards: Float[Tensor, "*batch time"],
+    q_values: Float[Tensor, "*batch time"],
+    v_next: Float[Tensor, "*batch time"],
+    log_rhos: Float[Tensor, "*batch time"],
+    *,
+    gamma: float | Float[Tensor, "*batch time"],
+    lamda: float | Float[Tensor, "*batch time"] = 0.95,
+    bootstrap_value: Float[Tensor, "*batch"] | None = None,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "*batch time"]:
+    r"""Retrace(λ) targets for :math:`Q(x_t, a_t)` (Munos et al. 2016, arXiv:1606.02647).
+
+    .. math::
+
+        c_t = \lambda_t \min(1, e^{\log\rho_t}), \qquad
+        Q^{ret}_t = r_t + \gamma_t \Big( \mathbb{E}_\pi Q(x_{t+1}, \cdot)
+                    + c_{t+1} \big(Q^{ret}_{t+1} - Q(x_{t+1}, a_{t+1})\big) \Big)
+
+    ``q_values[t]`` is :math:`Q(x_t, a_t)`; ``v_next[t]`` is
+    :math:`\mathbb{E}_\pi Q(x_{t+1}, \cdot)` (rlax's ``v_t``); the correction term
+    vanishes after the last step. ``bootstrap_value``, when given, replaces
+    ``v_next`` at each row's last (masked-in) step. With a state-value critic
+    only, pass ``q_values = values`` and ``v_next`` = the next step's value
+    (what :func:`rl2fx.returns.advantages` does for ``method="retrace"``).
+
+    >>> import torch
+    >>> retrace(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]),
+    ...         torch.zeros(2), gamma=1.0, lamda=1.0)
+    tensor([2., 1.])
+    """
+    C.check_all_finite(
+        allow_nonfinite, rewards=rewards, q_values=q_values, v_next=v_next, log_rhos=log_rhos,
+        bootstrap_value=bootstrap_value,
+    )
+    dt = C.acc_dtype(rewards.dtype, q_values.dtype, v_next.dtype)
+    r, q, vn = rewards.to(dt), q_values.to(dt), v_next.to(dt)
+    g = C.per_step("gamma", gamma, r, dt)
+    lam = C.per_step("lamda", lamda, r, dt)
+    m = C.as_bool("mask", mask)
+    nxt = None if m is None else C.next_index(m)
+    if bootstrap_value is not None:
+        vn = torch.where(C.is_last(m, r, nxt), bootstrap_value.to(dt).unsqueeze(-1), vn)
+    cs = lam * log_rhos.to(dt).exp().clamp(max=1.0)
+    # Z_t = Q^ret_t - Q_t satisfies Z_t = (r_t + γ_t v_next_t - Q_t) + γ_t c_{t+1} Z_{t+1}:
+    # the trace coefficient at t is the *next* masked-in step's c (0 past the end, where Z = 0 anyway).
+    c_next = C.next_along(cs, torch.zeros_like(cs[..., 0]), nxt)
+    x, c = C.through(r + g * vn - q, g * c_next, m)
+    out = reverse_scan(x, c, backend=backend) + q
+    return C.masked_out(out, m).to(C.out_dtype(rewards.dtype, q_values.dtype, v_next.dtype))
+
+
+@typechecked
+def clipped_is(
+    advantages: Float[Tensor, "*batch time"],
+    log_rhos: Float[Tensor, "*batch time"],
+    *,
+    clip_ratio: float = 0.2,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "*batch time"]:
+    r"""Advantages re-weighted by a clipped importance ratio (truncated IS, PPO-style range).
+
+    .. math::
+
+        \tilde A_t = \mathrm{clip}\big(e^{\log\rho_t},\, 1 - \epsilon,\, 1 + \epsilon\big)\, A_t,
+        \qquad \epsilon = \text{clip\_ratio}
+
+    Clipping the per-step weight bounds the variance that raw importance
+    sampling brings to stale (replayed) data (Munos et al. 2016 §2 discuss
+    truncated IS; the clip range follows PPO, Schulman et al. 2017).
+
+    >>> import torch
+    >>> clipped_is(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, 1.0, 2.0]).log())
+    tensor([0.8000, 1.0000, 1.2000])
+    """
+    check_range("clip_ratio", clip_ratio, 0.0, 1.0)
+    C.check_all_finite(allow_nonfinite, advantages=advantages, log_rhos=log_rhos)
+    dt = C.acc_dtype(advantages.dtype)
+    w = log_rhos.to(dt).exp().clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+    out = w * advantages.to(dt)
+    return C.masked_out(out, C.as_bool("mask", mask)).to(advantages.dtype)

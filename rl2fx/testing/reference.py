@@ -1,0 +1,399 @@
+r"""Slow float64 reference estimators, written straight from each paper's formula.
+
+These are the oracles the fast estimators in :mod:`rl2fx.returns` are tested
+against. They are deliberately independent of the fast code: no
+``reverse_scan``, no shared helpers, plain Python loops over rows and steps.
+Where the paper gives a closed sum (GAE, V-trace, Retrace, n-step) the sum is
+evaluated term by term instead of as a recursion, so that a mistake in a
+recurrence coefficient cannot hide in both implementations at once.
+
+Masks are handled the way DESIGN.md defines them: each row is *packed* (only
+masked-in steps are kept, in order), the estimator runs on the packed row, and
+results are scattered back, zeros elsewhere.
+
+Every function accepts torch tensors ``[*batch, time]`` (any dtype) and returns
+float64 tensors of the same shape.
+
+>>> import torch
+>>> adv, ret = ref_gae(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]), gamma=1.0, lamda=1.0)
+>>> adv.tolist(), ret.tolist()
+([0.5, 0.5], [1.0, 1.0])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ref_gae",
+    "ref_lambda_returns",
+    "ref_discounted",
+    "ref_n_step",
+    "ref_vtrace",
+    "ref_retrace",
+    "ref_clipped_is",
+    "ref_multistep",
+    "ref_reinforce",
+    "ref_grpo",
+    "ref_dr_grpo",
+    "ref_rloo",
+    "ref_reinforce_pp",
+    "ref_whiten",
+]
+
+Row = dict[str, list[float]]
+
+
+def _rows(x: Tensor | float | None, shape: Sequence[int], default: float) -> list[list[float]]:
+    """``x`` as a list of float64 rows of length ``shape[-1]`` (scalars are broadcast)."""
+    T = shape[-1]
+    n = math.prod(shape[:-1])
+    if x is None:
+        return [[default] * T for _ in range(n)]
+    if not isinstance(x, Tensor):
+        return [[float(x)] * T for _ in range(n)]
+    return x.detach().to(torch.float64).reshape(n, T).tolist()
+
+
+def _per_row(x: Tensor | None, shape: Sequence[int], default: float) -> list[float]:
+    n = math.prod(shape[:-1])
+    if x is None:
+        return [default] * n
+    return x.detach().to(torch.float64).reshape(n).tolist()
+
+
+def _apply(
+    shape: Sequence[int],
+    mask: Tensor | None,
+    row_fn: Callable[[int, Row], list[list[float]]],
+    series: dict[str, Tensor | float | None],
+    defaults: dict[str, float],
+    n_out: int,
+) -> list[Tensor]:
+    """Pack every row by ``mask``, call ``row_fn(row_index, packed_series)``, scatter the outputs."""
+    T = shape[-1]
+    rows = {k: _rows(v, shape, defaults.get(k, 0.0)) for k, v in series.items()}
+    masks = _rows(mask, shape, 1.0)
+    outs = [[[0.0] * T for _ in masks] for _ in range(n_out)]
+    for b, mrow in enumerate(masks):
+        keep = [t for t in range(T) if mrow[t] != 0]
+        packed = {k: [rows[k][b][t] for t in keep] for k in rows}
+        results = row_fn(b, packed)
+        for o, res in enumerate(results):
+            for k, t in enumerate(keep):
+                outs[o][b][t] = res[k]
+    return [torch.tensor(o, dtype=torch.float64).reshape(tuple(shape)) for o in outs]
+
+
+def _prod(xs: Sequence[float]) -> float:
+    p = 1.0
+    for x in xs:
+        p *= x
+    return p
+
+
+def ref_gae(rewards, values, *, gamma, lamda, bootstrap_value=None, mask=None, terminated=None, done=None):
+    r"""GAE as the closed sum of Schulman et al. (2015), eq. 16, per packed row.
+
+    :math:`A_t = \sum_{l \ge 0} \big(\prod_{i<l} \gamma_{t+i}\lambda_{t+i}(1-d_{t+i})\big)\, \delta_{t+l}`
+    (:math:`d` = done or terminated),
+    :math:`\delta_t = r_t + \gamma_t (1-\mathrm{term}_t) V_{t+1} - V_t`, :math:`V_N` = bootstrap.
+    """
+    shape = rewards.shape
+    boot = _per_row(bootstrap_value, shape, 0.0)
+    if terminated is None:
+        terminated = done
+
+    def row(b: int, s: Row) -> list[list[float]]:
+        n = len(s["r"])
+        v_next = [s["v"][k + 1] if k + 1 < n else boot[b] for k in range(n)]
+        delta = [s["r"][k] + s["g"][k] * (1 - s["term"][k]) * v_next[k] - s["v"][k] for k in range(n)]
+        adv = []
+        for t in range(n):
+            total = 0.0
+            for j in range(t, n):
+                w = _prod([s["g"][i] * s["l"][i] * (1 - max(s["done"][i], s["term"][i])) for i in range(t, j)])
+                total += w * delta[j]
+            adv.append(total)
+        return [adv, [adv[k] + s["v"][k] for k in range(n)]]
+
+    series = {"r": rewards, "v": values, "g": gamma, "l": lamda, "term": terminated, "done": done}
+    return tuple(_apply(shape, mask, row, series, {}, 2))
+
+
+def ref_lambda_returns(rewards, values, *, gamma, lamda, bootstrap_value=None, mask=None, terminated=None, done=None):
+    r"""λ-return by its recursive definition (Sutton & Barto 2018, eq. 12.18), per packed row.
+
+    :math:`G_t = r_t + \gamma_t(1-\mathrm{term}_t)\,[(1-\lambda_t) V_{t+1} + \lambda_t G_{t+1}]`,
+    where :math:`G_{t+1}` is replaced by :math:`V_{t+1}` after a ``done`` step or past the end.
+    """
+    shape = rewards.shape
+    boot = _per_row(bootstrap_value, shape, 0.0)
+    if terminated is None:
+        terminated = done
+
+    def row(b: int, s: Row) -> list[list[float]]:
+        n = len(s["r"])
+        out = [0.0] * n
+        for t in reversed(range(n)):
+            v_next = s["v"][t + 1] if t + 1 < n else boot[b]
+            g_next = out[t + 1] if (t + 1 < n and not s["done"][t]) else v_next
+            cont = (1 - s["l"][t]) * v_next + s["l"][t] * g_next
+            out[t] = s["r"][t] + s["g"][t] * (1 - s["term"][t]) * cont
+        return [out]
+
+    series = {"r": rewards, "v": values, "g": gamma, "l": lamda, "term": terminated, "done": done}
+    return _apply(shape, mask, row, series, {}, 1)[0]
+
+
+def ref_discounted(rewards, *, gamma, bootstrap_value=None, mask=None, done=None):
+    r"""Discounted return as a closed sum: :math:`G_t = \sum_{j \ge t} (\prod_{t \le i < j}\gamma_i) r_j + (\prod_{i \ge t}\gamma_i) V_N`.
+
+    The sum stops after the first ``done`` step at or after ``t`` (and then has no bootstrap term).
+    """
+    shape = rewards.shape
+    boot = _per_row(bootstrap_value, shape, 0.0)
+
+    def row(b: int, s: Row) -> list[list[float]]:
+        n = len(s["r"])
+        out = []
+        for t in range(n):
+            total, disc, ended = 0.0, 1.0, False
+            for j in range(t, n):
+                total += disc * s["r"][j]
+                disc *= s["g"][j]
+                if s["done"][j]:
+                    ended = True
+                    break
+            out.append(total + (0.0 if ended else disc * boot[b]))
+        return [out]
+
+    return _apply(shape, mask, row, {"r": rewards, "g": gamma, "done": done}, {}, 1)[0]
+
+
+def ref_n_step(rewards, values, *, gamma, n_steps, bootstrap_value=None, mask=None):
+    r""":math:`G^{(n)}_t = \sum_{k<\min(n, N-t)} (\prod_{i<k}\gamma_{t+i}) r_{t+k} + (\prod_{i<\min(n,N-t)}\gamma_{t+i}) V_{\min(t+n, N)}`."""
+    shape = rewards.shape
+    boot = _per_row(bootstrap_value, shape, 0.0)
+
+    def row(b: int, s: Row) -> list[list[float]]:
+        n = len(s["r"])
+        out = []
+        for t in range(n):
+            end = min(t + n_steps, n)
+            total = sum(_prod(s["g"][t:j]) * s["r"][j] for j in range(t, end))
+            tail = s["v"][end] if end < n else boot[b]
+            out.append(total + _prod(s["g"][t:end]) * tail)
+        return [out]
+
+    return _apply(shape, mask, row, {"r": rewards, "v": values, "g": gamma}, {}, 1)[0]
+
+
+def ref_vtrace(
+    rewards, values, log_rhos, *, gamma, rho_bar=1.0, c_bar=1.0, pg_rho_bar=None, lamda=1.0,
+    bootstrap_value=None, mask=None, terminated=None, done=None,
+):
+    r"""V-trace targets (Espeholt et al. 2018, eq. 1) as the closed sum, and the policy-gradient advantage.
+
+    :math:`v_s = V_s + \sum_{t \ge s} \big(\prod_{i=s}^{t-1} \gamma_i c_i (1-d_i)\big) \rho_t \delta_t`,
+    :math:`\rho_t = \min(\bar\rho, \pi/\mu)`, :math:`c_i = \lambda \min(\bar c, \pi/\mu)`,
+    :math:`A^{pg}_s = \min(\bar\rho_{pg}, \pi/\mu)\,(r_s + \gamma_s (1-\mathrm{term}_s) v_{s+1} - V_s)`.
+    """
+    shape = rewards.shape
+    boot = _per_row(bootstrap_value, shape, 0.0)
+    pg_bar = rho_bar if pg_rho_bar is None else pg_rho_bar
+    if terminated is None:
+        terminated = done
+
+    def row(b: int, s: Row) -> list[list[float]]:
+        n = len(s["r"])
+        ratio = [math.exp(x) for x in s["lr"]]
+        rho = [min(rho_bar, x) for x in ratio]
+        c = [s["l"][i] * min(c_bar, x) for i, x in enumerate(ratio)]
+        v_next = [s["v"][k + 1] if k + 1 < n else boot[b] for k in range(n)]
+        delta = [s["r"][k] + s["g"][k] * (1 - s["term"][k]) * v_next[k] - s["v"][k] for k in range(n)]
+        vs = []
+        for t0 in range(n):
+            total = s["v"][t0]
+            for t in range(t0, n):
+                w = _prod([s["g"][i] * c[i] * (1 - max(s["done"][i], s["term"][i])) for i in range(t0, t)])
+                total += w * rho[t] * delta[t]
+            vs.append(total)
+        pg = []
+        for k in range(n):
+            nxt = vs[k + 1] if (k + 1 < n and not (s["done"][k] or s["term"][k])) else v_next[k]
+            pg.append(min(pg_bar, ratio[k]) * (s["r"][k] + s["g"][k] * (1 - s["term"][k]) * nxt - s["v"][k]))
+        return [vs, pg]
+
+    series = {"r": rewards, "v": values, "lr": log_rhos, "g": gamma, "l": lamda, "term": terminated, "done": done}
+    return tuple(_apply(shape, mask, row, series, {}, 2))
+
+
+def ref_retrace(rewards, q_values, v_next, log_rhos, *, gamma, lamda=0.95, bootstrap_value=None, mask=None):
+    r"""Retrace(λ) targets (Munos et al. 2016, eq. 3 with :math:`c_s = \lambda\min(1, \pi/\mu)`).
+
+    :math:`Q^{ret}_t = Q_t + \sum_{s \ge t} \big(\prod_{i=t+1}^{s} \gamma_{i-1} c_i\big)
+    \big(r_s + \gamma_s\, \mathbb{E}_\pi Q(x_{s+1}, \cdot) - Q_s\big)`; ``bootstrap_value``,
+    when given, replaces :math:`\mathbb{E}_\pi Q` after the row's last step.
+    """
+    shape = rewards.shape
+    boot = None if bootstrap_value is None else _per_row(bootstrap_value, shape, 0.0)
+
+    def row(b: int, s: Row) -> list[list[float]]:
+        n = len(s["r"])
+        vn = list(s["vn"])
+        if boot is not None and n:
+            vn[-1] = boot[b]
+        c = [s["l"][i] * min(1.0, math.exp(s["lr"][i])) for i in range(n)]
+        err = [s["r"][k] + s["g"][k] * vn[k] - s["q"][k] for k in range(n)]
+        out = []
+        for t in range(n):
+            total = s["q"][t]
+            for j in range(t, n):
+                total += _prod([s["g"][i - 1] * c[i] for i in range(t + 1, j + 1)]) * err[j]
+            out.append(total)
+        return [out]
+
+    series = {"r": rewards, "q": q_values, "vn": v_next, "lr": log_rhos, "g": gamma, "l": lamda}
+    return _apply(shape, mask, row, series, {}, 1)[0]
+
+
+def ref_clipped_is(advantages, log_rhos, *, clip_ratio=0.2, mask=None):
+    r""":math:`\mathrm{clip}(\pi/\mu, 1-\epsilon, 1+\epsilon)\, A_t` elementwise, zero where masked out."""
+    a = advantages.detach().to(torch.float64).flatten().tolist()
+    lr = log_rhos.detach().to(torch.float64).flatten().tolist()
+    m = [1.0] * len(a) if mask is None else mask.detach().to(torch.float64).flatten().tolist()
+    out = [
+        (min(max(math.exp(x), 1 - clip_ratio), 1 + clip_ratio) * y if mk else 0.0)
+        for x, y, mk in zip(lr, a, m, strict=True)
+    ]
+    return torch.tensor(out, dtype=torch.float64).reshape(advantages.shape)
+
+
+def ref_multistep(rewards, values, *, gamma, lamda=0.95, n_steps=5, bootstrap_method="gae", bootstrap_value=None, mask=None):
+    r"""n rewards, then a tail estimate of :math:`V(s_{t+n})`: ``td`` :math:`V`, ``gae`` the λ-return, ``mc`` the MC return."""
+    kw = dict(bootstrap_value=bootstrap_value, mask=mask)
+    if bootstrap_method == "td":
+        tail = values
+    elif bootstrap_method == "gae":
+        tail = ref_lambda_returns(rewards, values, gamma=gamma, lamda=lamda, **kw)
+    elif bootstrap_method == "mc":
+        tail = ref_discounted(rewards, gamma=gamma, **kw)
+    else:
+        raise ValueError(bootstrap_method)
+    ret = ref_n_step(rewards, tail, gamma=gamma, n_steps=n_steps, **kw)
+    adv = ret - values.detach().to(torch.float64)
+    if mask is not None:
+        adv = adv * (mask != 0)
+    return adv, ret
+
+
+# ---------------------------------------------------------------- group baselines
+
+
+def _scores(rewards: Tensor, mask: Tensor | None) -> list[float]:
+    r = rewards.detach().to(torch.float64)
+    if r.ndim == 1:
+        return r.tolist()
+    m = torch.ones_like(r) if mask is None else (mask != 0).to(torch.float64)
+    return [sum(a * b for a, b in zip(rr, mm, strict=True)) for rr, mm in zip(r.tolist(), m.tolist(), strict=True)]
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: Sequence[float]) -> float:
+    """Sample standard deviation (Bessel-corrected); 0 for a single element."""
+    if len(xs) < 2:
+        return 0.0
+    mu = _mean(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _spread(adv: list[float], rewards: Tensor, mask: Tensor | None) -> Tensor:
+    a = torch.tensor(adv, dtype=torch.float64)
+    if rewards.ndim == 1 and mask is None:
+        return a
+    T = rewards.shape[-1] if rewards.ndim == 2 else mask.shape[-1]
+    m = torch.ones(len(adv), T, dtype=torch.float64) if mask is None else (mask != 0).to(torch.float64)
+    return torch.tensor([[a[i].item() * m[i, t].item() for t in range(T)] for i in range(len(adv))], dtype=torch.float64)
+
+
+def _groups(scores: list[float], group_size: int) -> list[list[float]]:
+    return [scores[i : i + group_size] for i in range(0, len(scores), group_size)]
+
+
+def ref_reinforce(rewards, group_size, *, norm_std=False, global_norm=False, mask=None, eps=1e-6):
+    r"""RL2's REINFORCE baseline: :math:`A_i = (s_i - \bar s_{g(i)}) / (\sigma_{g(i)} + \epsilon)` (or batch-wide stats)."""
+    s = _scores(rewards, mask)
+    adv = []
+    for grp in ([s] if global_norm else _groups(s, group_size)):
+        mu, sd = _mean(grp), _std(grp)
+        adv += [(x - mu) / (sd + eps) if norm_std else x - mu for x in grp]
+    return _spread(adv, rewards, mask)
+
+
+def ref_grpo(rewards, group_size, *, norm_std=True, mask=None, eps=1e-6):
+    r"""GRPO (Shao et al. 2024): :math:`A_i = (s_i - \mathrm{mean}_g) / (\mathrm{std}_g + \epsilon)`."""
+    return ref_reinforce(rewards, group_size, norm_std=norm_std, mask=mask, eps=eps)
+
+
+def ref_dr_grpo(rewards, group_size, *, mask=None):
+    r"""Dr. GRPO (Liu et al. 2025): :math:`A_i = s_i - \mathrm{mean}_g` (no std division)."""
+    return ref_reinforce(rewards, group_size, norm_std=False, mask=mask)
+
+
+def ref_rloo(rewards, group_size, *, mask=None):
+    r"""RLOO (Ahmadian et al. 2024): :math:`A_i = s_i - \frac{1}{k-1}\sum_{j \ne i} s_j`."""
+    s = _scores(rewards, mask)
+    adv = []
+    for grp in _groups(s, group_size):
+        for i, x in enumerate(grp):
+            others = [y for j, y in enumerate(grp) if j != i]
+            adv.append(x - _mean(others))
+    return _spread(adv, rewards, mask)
+
+
+def ref_whiten(x, mask=None, *, shift_mean=True, eps=1e-8):
+    r"""Masked whitening: :math:`(x - \mu)/\sqrt{\sigma^2 + \epsilon}` with Bessel-corrected masked variance."""
+    xs = x.detach().to(torch.float64).flatten().tolist()
+    ms = [1.0] * len(xs) if mask is None else mask.detach().to(torch.float64).flatten().tolist()
+    kept = [a for a, m in zip(xs, ms, strict=True) if m]
+    if not kept:
+        return torch.zeros(x.shape, dtype=torch.float64)
+    mu = _mean(kept)
+    var = sum((a - mu) ** 2 for a in kept) / (len(kept) - 1) if len(kept) > 1 else 0.0
+    out = [((a - mu) / math.sqrt(var + eps) + (0.0 if shift_mean else mu)) if m else 0.0 for a, m in zip(xs, ms, strict=True)]
+    return torch.tensor(out, dtype=torch.float64).reshape(x.shape)
+
+
+def ref_reinforce_pp(rewards, group_size=1, *, gamma=1.0, mask=None, eps=1e-8):
+    r"""REINFORCE++ (Hu 2025): discounted token returns, minus the group-mean score when
+    ``group_size > 1`` (the "-baseline" variant), whitened over every masked-in token of the batch."""
+    r = rewards.detach().to(torch.float64)
+    B = r.shape[0]
+    if r.ndim == 1:
+        T = 1 if mask is None else mask.shape[-1]
+        tok = torch.zeros(B, T, dtype=torch.float64)
+        m = torch.ones(B, T) if mask is None else (mask != 0).to(torch.float64)
+        for i in range(B):  # the sequence reward sits on the last masked-in token
+            on = [t for t in range(T) if m[i, t]]
+            if on:
+                tok[i, on[-1]] = r[i].item()
+    else:
+        tok = r
+        m = torch.ones_like(r) if mask is None else (mask != 0).to(torch.float64)
+    G = ref_discounted(tok, gamma=gamma, mask=m)
+    if group_size > 1:
+        s = _scores(rewards, mask)
+        base = [_mean(g) for g in _groups(s, group_size) for _ in range(group_size)]
+        G = torch.stack([G[i] - base[i] for i in range(B)]) * m
+    out = ref_whiten(G, m, eps=eps)
+    if rewards.ndim == 1 and mask is None:
+        return out[:, 0]
+    return out
