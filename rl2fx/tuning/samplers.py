@@ -1,0 +1,527 @@
+"""Samplers: how the next trial's parameters are chosen from the trials seen so far.
+
+A sampler is a frozen dataclass with one pure method,
+``sample(configs, finished, pending, number, maximize) -> (params, info)``: it looks
+at the finished trials (complete and failed), the trials still running (pending)
+and the new trial's ``number``, and returns the parameters plus a small JSON-able
+``info`` dict stored with the trial. Samplers keep no hidden state: every draw is a
+function of the seed, the trial number and the history, so a study resumed from
+disk continues exactly as an uninterrupted one would.
+
+- :class:`RandomSampler`: independent uniform draws (log-uniform for ``log=True``),
+  seeded per trial by ``(seed, number)`` (Bergstra & Bengio, 2012).
+- :class:`GridSampler`: the full factorial grid, ``grid_size`` points per numeric
+  dimension, enumerated in a fixed order; exhausting it raises :class:`StudyExhausted`.
+- :class:`BayesianSampler`: BoTorch GP Bayesian optimisation (SingleTaskGP +
+  qLogNoisyExpectedImprovement, Ament et al. 2023) after a scrambled Sobol design.
+- :class:`SkoptSampler`: scikit-optimize's ask/tell ``Optimizer`` (GP + EI).
+
+>>> from rl2fx import HyperparameterConfig
+>>> cs = [HyperparameterConfig("x", "float", low=0.0, high=1.0)]
+>>> params, info = RandomSampler(seed=0).sample(cs, [], [], number=0, maximize=True)
+>>> params == RandomSampler(seed=0).sample(cs, [], [], number=0, maximize=True)[0]
+True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from rl2fx._typing import check_choice, check_range
+from rl2fx.tuning.space import HyperparameterConfig, decode, encode, encoded_dim
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rl2fx.tuning.study import Trial
+
+__all__ = [
+    "Sampler",
+    "StudyExhausted",
+    "RandomSampler",
+    "GridSampler",
+    "BayesianSampler",
+    "SkoptSampler",
+    "make_sampler",
+    "SAMPLERS",
+    "sample_from_unit",
+    "grid_values",
+]
+
+
+class StudyExhausted(RuntimeError):
+    """Raised by ``ask`` when the sampler has no new point left (a fully enumerated grid)."""
+
+
+class Sampler(Protocol):
+    name: str
+    seed: int | None
+
+    def sample(
+        self,
+        configs: Sequence[HyperparameterConfig],
+        finished: Sequence[Trial],
+        pending: Sequence[Trial],
+        number: int,
+        maximize: bool,
+    ) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+
+def sample_from_unit(c: HyperparameterConfig, u: float) -> Any:
+    """Map ``u ~ U[0, 1)`` to a uniformly distributed value of ``c``.
+
+    Floats: uniform (log-uniform for ``log=True``) on [low, high]. Ints: every integer
+    gets the same probability (``low - 0.5 .. high + 0.5`` in the sampling scale, then
+    rounded; log-uniform bins for ``log=True``). Categoricals: ``floor(u k)``-th choice.
+
+    >>> c = HyperparameterConfig("n", "int", low=1, high=3)
+    >>> [sample_from_unit(c, u) for u in (0.0, 0.34, 0.99)]
+    [1, 2, 3]
+    """
+    u = min(max(float(u), 0.0), 1.0)
+    if c.type == "float":
+        return c.from_unit(u)
+    if c.type == "int":
+        lo, hi = c.low - 0.5, c.high + 0.5
+        if c.log:
+            x = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+        else:
+            x = lo + u * (hi - lo)
+        return int(min(max(round(x), c.low), c.high))
+    k = len(c.choices)
+    return c.choices[min(int(u * k), k - 1)]
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    return repr(sorted((k, repr(v)) for k, v in params.items()))
+
+
+@dataclass(frozen=True)
+class RandomSampler:
+    """Uniform random search (log-uniform on ``log=True`` parameters).
+
+    Trial ``n`` draws from ``numpy.random.default_rng([seed, n])``, so the point depends
+    only on the seed and the trial number: reproducible, order-independent under
+    parallel evaluation, and identical after a resume (Bergstra & Bengio, 2012,
+    "Random search for hyper-parameter optimization", JMLR 13).
+    """
+
+    seed: int | None = None
+    name: str = field(default="random", init=False)
+
+    def sample(self, configs, finished, pending, number, maximize):  # noqa: D102
+        rng = np.random.default_rng([int(self.seed or 0), int(number)])
+        u = rng.random(len(configs))
+        return {c.name: sample_from_unit(c, float(ui)) for c, ui in zip(configs, u, strict=True)}, {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+
+def grid_values(c: HyperparameterConfig, grid_size: int) -> list[Any]:
+    """The grid of one parameter: ``grid_size`` evenly spaced values (in log space for
+    ``log=True``) including both ends; ints are rounded and de-duplicated (so a range
+    with fewer than ``grid_size`` integers gives each integer once); categoricals and
+    bools list every choice.
+
+    >>> grid_values(HyperparameterConfig("lr", "float", low=1e-4, high=1e-2, log=True), 3)
+    [0.0001, 0.001, 0.01]
+    >>> grid_values(HyperparameterConfig("e", "int", low=1, high=3), 10)
+    [1, 2, 3]
+    """
+    if not c.is_numeric:
+        return list(c.choices)
+    vals = [c.from_unit(i / (grid_size - 1)) for i in range(grid_size)]
+    if c.type == "int":
+        seen: list[int] = []
+        for v in vals:
+            if v not in seen:
+                seen.append(v)
+        return seen
+    return [float(f"{v:.12g}") for v in vals]
+
+
+@dataclass(frozen=True)
+class GridSampler:
+    """Exhaustive grid search over the Cartesian product of :func:`grid_values`.
+
+    Points are enumerated in lexicographic order (first parameter slowest, last
+    fastest). Each ask takes the lowest grid index not yet used by a finished or
+    running trial, so trials lost to a crash are re-run on resume and parallel asks
+    never collide. When every index is used, ``sample`` raises :class:`StudyExhausted`.
+    """
+
+    grid_size: int = 10
+    seed: int | None = None
+    name: str = field(default="grid", init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid_size, bool) or not isinstance(self.grid_size, int):
+            raise ValueError(f"grid_size must be an integer >= 2, got {self.grid_size!r}")
+        check_range("grid_size", self.grid_size, 2, None)
+
+    def axes(self, configs: Sequence[HyperparameterConfig]) -> list[list[Any]]:
+        return [grid_values(c, self.grid_size) for c in configs]
+
+    def size(self, configs: Sequence[HyperparameterConfig]) -> int:
+        return math.prod(len(a) for a in self.axes(configs))
+
+    def point(self, configs: Sequence[HyperparameterConfig], index: int) -> dict[str, Any]:
+        axes = self.axes(configs)
+        out: dict[str, Any] = {}
+        for c, a in zip(reversed(configs), reversed(axes), strict=True):
+            index, r = divmod(index, len(a))
+            out[c.name] = a[r]
+        return {c.name: out[c.name] for c in configs}
+
+    def sample(self, configs, finished, pending, number, maximize):  # noqa: D102
+        used = {t.info.get("grid_index") for t in [*finished, *pending]}
+        total = self.size(configs)
+        i = 0
+        while i in used:
+            i += 1
+        if i >= total:
+            raise StudyExhausted(
+                f"grid search exhausted: all {total} grid points (grid_size={self.grid_size}) "
+                f"have been asked; increase grid_size or use another optimizer_type"
+            )
+        return self.point(configs, i), {"grid_index": i}
+
+    def settings(self) -> dict[str, Any]:
+        return {"grid_size": self.grid_size}
+
+
+def _successful(finished: Sequence[Trial], maximize: bool) -> tuple[list[dict[str, Any]], list[float]]:
+    xs, ys = [], []
+    for t in finished:
+        if t.state == "complete" and t.value is not None and math.isfinite(t.value):
+            xs.append(t.params)
+            ys.append(float(t.value) if maximize else -float(t.value))
+    return xs, ys
+
+
+def _n_initial(configs: Sequence[HyperparameterConfig], n_initial: int | None) -> int:
+    return n_initial if n_initial is not None else max(5, 2 * len(configs))
+
+
+@dataclass(frozen=True)
+class BayesianSampler:
+    """Gaussian-process Bayesian optimisation on BoTorch.
+
+    The first ``n_initial`` (default ``max(5, 2 d)``) successful trials come from a
+    scrambled Sobol sequence (trial ``n`` takes Sobol point ``n``). After that, every
+    ask:
+
+    1. encodes the successful trials into $[0,1]^D$ (:func:`rl2fx.tuning.space.encode`:
+       log/int dimensions transformed, categoricals one-hot), negating values when
+       minimising;
+    2. fits ``SingleTaskGP`` (Matérn-5/2 ARD with BoTorch's dimension-scaled priors)
+       with ``Normalize`` inputs and ``Standardize`` outcomes by maximising the
+       marginal likelihood (``fit_gpytorch_mll``);
+    3. maximises qLogNoisyExpectedImprovement (Ament et al., 2023, "Unexpected
+       improvements to expected improvement for Bayesian optimization", NeurIPS) with
+       the running trials as ``X_pending``, so parallel asks spread out instead of
+       repeating the same point. Categoricals: with at most ``max_categorical_combos``
+       (4) combinations, each is optimised separately by BoTorch's
+       ``optimize_acqf_mixed``; with more, the one-hot blocks are relaxed to [0, 1],
+       optimised jointly with the continuous dimensions, and then every combination
+       (up to ``max_enumerated_points``, else the arg-max of each block) is scored
+       exactly at the optimum's continuous coordinates. A space with no continuous
+       dimension is scored exhaustively.
+
+    ``exploration_weight`` ($\\xi$) is the improvement margin of EI (Lizotte, 2008;
+    the ``xi`` of GPyOpt/scikit-optimize): improvement is measured over the incumbent
+    plus $\\xi \\sigma_y$, where $\\sigma_y$ is the standard deviation of the observed
+    values,
+
+    $$\\alpha(x) = \\log \\mathbb{E}\\big[\\max(f(x) - \\max_{x' \\in X_{obs}} f(x') - \\xi\\sigma_y, 0)\\big].$$
+
+    Larger $\\xi$ discounts small, likely improvements near the incumbent relative to
+    uncertain regions that could improve a lot (more exploration); $\\xi = 0$ is plain
+    qLogNEI.
+
+    Failed trials are left out of the model. A candidate that rounds onto a point
+    already tried or running (possible only with int/categorical parameters) is
+    replaced by a random untried point, recorded as ``info["fallback"]``.
+    """
+
+    seed: int | None = None
+    exploration_weight: float = 0.1
+    n_initial: int | None = None
+    num_restarts: int = 4
+    raw_samples: int = 256
+    mc_samples: int = 128
+    max_categorical_combos: int = 4
+    max_enumerated_points: int = 1024
+    name: str = field(default="bayesian", init=False)
+
+    def __post_init__(self) -> None:
+        check_range("exploration_weight", self.exploration_weight, 0.0, None)
+        if self.n_initial is not None:
+            check_range("n_initial", self.n_initial, 2, None)
+        check_range("num_restarts", self.num_restarts, 1, None)
+        check_range("raw_samples", self.raw_samples, 1, None)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "exploration_weight": self.exploration_weight,
+            "n_initial": self.n_initial,
+            "num_restarts": self.num_restarts,
+            "raw_samples": self.raw_samples,
+            "mc_samples": self.mc_samples,
+            "max_categorical_combos": self.max_categorical_combos,
+            "max_enumerated_points": self.max_enumerated_points,
+        }
+
+    def sample(self, configs, finished, pending, number, maximize):  # noqa: D102
+        import torch
+
+        xs, ys = _successful(finished, maximize)
+        if len(xs) < _n_initial(configs, self.n_initial) or len(set(ys)) < 2:
+            sobol = torch.quasirandom.SobolEngine(len(configs), scramble=True, seed=int(self.seed or 0))
+            sobol.fast_forward(int(number))
+            u = sobol.draw(1, dtype=torch.float64)[0].tolist()
+            return {c.name: sample_from_unit(c, ui) for c, ui in zip(configs, u, strict=True)}, {"design": "sobol"}
+        with torch.random.fork_rng():
+            torch.manual_seed(int(np.random.SeedSequence([int(self.seed or 0), int(number)]).generate_state(1)[0]))
+            params, acq_value = self._optimize(configs, xs, ys, [t.params for t in pending])
+        used = {_params_key(t.params) for t in [*finished, *pending]}
+        info: dict[str, Any] = {"design": "gp", "log_acq": acq_value}
+        if _params_key(params) in used:
+            rng = np.random.default_rng([int(self.seed or 0), int(number), 1])
+            for _ in range(1000):
+                cand = {c.name: sample_from_unit(c, float(rng.random())) for c in configs}
+                if _params_key(cand) not in used:
+                    params = cand
+                    info["fallback"] = "duplicate candidate replaced by a random untried point"
+                    break
+        return params, info
+
+    def _optimize(self, configs, xs, ys, pending_params) -> tuple[dict[str, Any], float]:
+        import itertools
+
+        import torch
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms import Normalize, Standardize
+        from botorch.optim import optimize_acqf, optimize_acqf_mixed
+        from botorch.sampling import SobolQMCNormalSampler
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        dt = torch.float64
+        D = encoded_dim(configs)
+        X = torch.tensor([encode(configs, p) for p in xs], dtype=dt)
+        Y = torch.tensor(ys, dtype=dt).unsqueeze(-1)
+        bounds = torch.stack([torch.zeros(D, dtype=dt), torch.ones(D, dtype=dt)])
+        model = SingleTaskGP(X, Y, input_transform=Normalize(d=D, bounds=bounds), outcome_transform=Standardize(m=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        X_pending = torch.tensor([encode(configs, p) for p in pending_params], dtype=dt) if pending_params else None
+        xi = self.exploration_weight * float(Y.std()) if len(ys) > 1 else 0.0
+        acq = ExplorationLogNEI(
+            model=model,
+            X_baseline=X,
+            X_pending=X_pending,
+            sampler=SobolQMCNormalSampler(sample_shape=torch.Size([self.mc_samples])),
+            xi=xi,
+            prune_baseline=True,
+        )
+        # categorical one-hot column groups
+        groups: list[list[int]] = []
+        i = 0
+        for c in configs:
+            if c.is_numeric:
+                i += 1
+            else:
+                groups.append(list(range(i, i + len(c.choices))))
+                i += len(c.choices)
+        n_combos = math.prod(len(g) for g in groups)
+        opts = {"batch_limit": 8, "maxiter": 100}
+
+        def all_combos() -> list[dict[int, float]]:
+            out = []
+            for combo in itertools.product(*groups):
+                fixed = {j: 0.0 for g in groups for j in g}
+                fixed.update({j: 1.0 for j in combo})
+                out.append(fixed)
+            return out
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if groups and len(all_combos()[0]) == D and n_combos <= self.max_enumerated_points:
+                # nothing continuous: score every combination exactly
+                cands = torch.tensor([[f[j] for j in range(D)] for f in all_combos()], dtype=dt)
+                with torch.no_grad():
+                    vals = acq(cands.unsqueeze(-2))
+                best = int(vals.argmax())
+                cand, val = cands[best : best + 1], vals[best]
+            elif groups and n_combos <= self.max_categorical_combos:
+                cand, val = optimize_acqf_mixed(
+                    acq, bounds=bounds, q=1, num_restarts=self.num_restarts,
+                    raw_samples=self.raw_samples, fixed_features_list=all_combos(), options=opts,
+                )
+            else:
+                cand, val = optimize_acqf(
+                    acq, bounds=bounds, q=1, num_restarts=self.num_restarts,
+                    raw_samples=self.raw_samples, options=opts,
+                )
+                if groups and n_combos <= self.max_enumerated_points:
+                    # relaxed one-hot optimum: keep its continuous part, score every combination there
+                    cands = cand.repeat(n_combos, 1)
+                    for r, fixed in enumerate(all_combos()):
+                        for j, v in fixed.items():
+                            cands[r, j] = v
+                    with torch.no_grad():
+                        vals = acq(cands.unsqueeze(-2))
+                    best = int(vals.argmax())
+                    cand, val = cands[best : best + 1], vals[best]
+        return decode(configs, cand[0].tolist()), float(val)
+
+
+def _xi_log_nei_class():
+    from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+
+    class _ExplorationLogNEI(qLogNoisyExpectedImprovement):
+        """qLogNEI whose incumbent is raised by a margin ``xi`` (EI's exploration parameter)."""
+
+        def __init__(self, *args: Any, xi: float = 0.0, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.xi = float(xi)
+
+        def compute_best_f(self, obj):  # type: ignore[override]
+            return super().compute_best_f(obj) + self.xi
+
+    return _ExplorationLogNEI
+
+
+def ExplorationLogNEI(*args: Any, xi: float = 0.0, **kwargs: Any):
+    """``qLogNoisyExpectedImprovement`` with improvement measured over ``best_f + xi``.
+
+    BoTorch is imported only when this is first called, which keeps ``import rl2fx`` light.
+    With ``xi=0`` it equals ``qLogNoisyExpectedImprovement`` exactly.
+    """
+    global _EXPLORATION_CLS
+    if _EXPLORATION_CLS is None:
+        _EXPLORATION_CLS = _xi_log_nei_class()
+    return _EXPLORATION_CLS(*args, xi=xi, **kwargs)
+
+
+_EXPLORATION_CLS = None
+
+
+@dataclass(frozen=True)
+class SkoptSampler:
+    """scikit-optimize's ask/tell ``Optimizer`` as a second Bayesian backend.
+
+    A GP (Matérn-5/2, ``base_estimator="GP"``) with expected improvement
+    (``acq_func="EI"``) after ``n_initial`` (default ``max(5, 2 d)``) Sobol points;
+    ``xi = exploration_weight * std(observed values)``, the same margin as
+    :class:`BayesianSampler`. The optimizer is rebuilt from the history on each ask
+    (stateless, hence resumable); running trials are told with the constant liar
+    ``min(y)`` (skopt's ``"cl_min"`` strategy), so parallel asks differ.
+    """
+
+    seed: int | None = None
+    exploration_weight: float = 0.1
+    n_initial: int | None = None
+    name: str = field(default="skopt", init=False)
+
+    def __post_init__(self) -> None:
+        check_range("exploration_weight", self.exploration_weight, 0.0, None)
+
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "exploration_weight": self.exploration_weight, "n_initial": self.n_initial}
+
+    @staticmethod
+    def _space(configs):
+        from skopt.space import Categorical, Integer, Real
+
+        dims = []
+        for c in configs:
+            if c.type == "float":
+                dims.append(Real(c.low, c.high, prior="log-uniform" if c.log else "uniform", name=c.name))
+            elif c.type == "int":
+                dims.append(Integer(c.low, c.high, prior="log-uniform" if c.log else "uniform", name=c.name))
+            else:
+                # categories by index: skopt compares values with numpy, which conflates 1 and True
+                dims.append(Categorical(list(range(len(c.choices))), name=c.name))
+        return dims
+
+    @staticmethod
+    def _to_skopt(configs, params):
+        return [params[c.name] if c.is_numeric else c.index_of(params[c.name]) for c in configs]
+
+    def sample(self, configs, finished, pending, number, maximize):  # noqa: D102
+        from skopt import Optimizer
+
+        xs, ys = _successful(finished, maximize)
+        y_min = [-y for y in ys]  # skopt minimises
+        xi = self.exploration_weight * float(np.std(y_min)) if len(ys) > 1 else 0.0
+        opt = Optimizer(
+            self._space(configs),
+            base_estimator="GP",
+            acq_func="EI",
+            acq_func_kwargs={"xi": xi},
+            n_initial_points=_n_initial(configs, self.n_initial),
+            initial_point_generator="sobol",
+            random_state=int(self.seed or 0),
+        )
+        told_x = [self._to_skopt(configs, p) for p in xs]
+        told_y = list(y_min)
+        if pending:
+            lie = min(y_min) if y_min else 0.0
+            told_x += [self._to_skopt(configs, t.params) for t in pending]
+            told_y += [lie] * len(pending)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if told_x:
+                opt.tell(told_x, told_y)
+            x = opt.ask()
+        out: dict[str, Any] = {}
+        for c, v in zip(configs, x, strict=True):
+            v = v.item() if hasattr(v, "item") else v
+            if c.type == "float":
+                out[c.name] = float(min(max(v, c.low), c.high))
+            elif c.type == "int":
+                out[c.name] = int(v)
+            else:
+                out[c.name] = c.choices[int(v)]
+        return out, {}
+
+
+SAMPLERS = ("random", "grid", "bayesian", "skopt")
+
+
+def make_sampler(
+    optimizer_type: str,
+    *,
+    seed: int | None = None,
+    grid_size: int = 10,
+    exploration_weight: float = 0.1,
+    **options: Any,
+):
+    """Build a sampler by name (``"random"``, ``"grid"``, ``"bayesian"``, ``"skopt"``).
+
+    >>> make_sampler("grid", grid_size=3).grid_size
+    3
+    >>> make_sampler("tpe")
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer_type must be one of ['random', 'grid', 'bayesian', 'skopt'], got 'tpe'
+    """
+    check_choice("optimizer_type", optimizer_type, SAMPLERS)
+    if optimizer_type == "random":
+        return RandomSampler(seed=seed, **options)
+    if optimizer_type == "grid":
+        return GridSampler(grid_size=grid_size, seed=seed, **options)
+    if optimizer_type == "bayesian":
+        return BayesianSampler(seed=seed, exploration_weight=exploration_weight, **options)
+    return SkoptSampler(seed=seed, exploration_weight=exploration_weight, **options)
