@@ -259,3 +259,25 @@ def test_allow_nonfinite_opts_out():
     r = torch.tensor([0.0, float("inf")])
     adv, _ = gae(r, torch.zeros(2), gamma=1.0, lamda=1.0, allow_nonfinite=True)
     assert torch.isinf(adv).all()
+
+
+def test_integer_hyperparameters_are_accepted():
+    r, v = torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5])
+    assert torch.equal(gae(r, v, gamma=1, lamda=1)[0], gae(r, v, gamma=1.0, lamda=1.0)[0])
+
+
+@pytest.mark.cuda
+@given(trajectories(with_mask=True, with_done=True, with_terminated=True, with_log_rhos=True), dtypes())
+def test_cuda_matches_cpu(traj, dtype):
+    from rl2fx.returns import advantages
+
+    t = cast(traj, dtype)
+    dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    for method in ("gae", "vtrace", "multistep"):
+        keys = {"gae": ("terminated", "done"), "vtrace": ("terminated", "done", "log_rhos"), "multistep": ()}[method]
+        pick = lambda d, keys=keys: {k: d[k] for k in ("rewards", "values", "gamma", "lamda", "bootstrap_value", "mask", *keys)}  # noqa: E731
+        cpu = advantages(method, **pick(t))
+        gpu = advantages(method, **pick(dev))
+        assert gpu["advantages"].device.type == "cuda"
+        assert_close(gpu["advantages"].cpu(), cpu["advantages"].to(torch.float64), dtype)
+        assert_close(gpu["returns"].cpu(), cpu["returns"].to(torch.float64), dtype)

@@ -70,7 +70,7 @@ def _std(x: Tensor, dim: int | None = None) -> Tensor:
     return x.std() if dim is None else x.std(dim, keepdim=True)
 
 
-def _centred(scores: Tensor, group_size: int, norm_std: bool, eps: float, global_norm: bool = False) -> Tensor:
+def _centred(scores: Tensor, group_size: int, norm_std: bool, eps: float | int, global_norm: bool = False) -> Tensor:
     # global statistics are one group spanning the batch
     grouped = scores.view(1, -1) if global_norm else scores.view(-1, group_size)
     adv = grouped - grouped.mean(-1, keepdim=True)
@@ -90,7 +90,7 @@ def reinforce(
     norm_std: bool = False,
     global_norm: bool = False,
     mask: Shaped[Tensor, "batch mtime"] | None = None,
-    eps: float = 1e-6,
+    eps: float | int = 1e-6,
     allow_nonfinite: bool = False,
 ) -> Float[Tensor, "batch *out"]:
     r"""RL2's REINFORCE advantage: the score minus the per-prompt mean, optionally divided by the std.
@@ -118,7 +118,7 @@ def grpo(
     *,
     norm_std: bool = True,
     mask: Shaped[Tensor, "batch mtime"] | None = None,
-    eps: float = 1e-6,
+    eps: float | int = 1e-6,
     allow_nonfinite: bool = False,
 ) -> Float[Tensor, "batch *out"]:
     r"""GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2).
@@ -190,10 +190,10 @@ def reinforce_pp(
     rewards: Float[Tensor, "batch *steps"],
     group_size: int = 1,
     *,
-    gamma: float = 1.0,
+    gamma: float | int = 1.0,
     mask: Shaped[Tensor, "batch mtime"] | None = None,
     group: Any = None,
-    eps: float = 1e-8,
+    eps: float | int = 1e-8,
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> Float[Tensor, "batch *out"]:

@@ -117,7 +117,7 @@ def whiten(
     *,
     shift_mean: bool = True,
     group: Any = None,
-    eps: float = 1e-8,
+    eps: float | int = 1e-8,
     allow_nonfinite: bool = False,
 ) -> Float[Tensor, "*shape"]:
     r"""Normalise ``x`` to zero mean and unit variance over the masked-in elements.

@@ -1,0 +1,95 @@
+"""``make demo`` (interim main job): a short tour of every advantage estimator on a toy batch.
+
+Builds a small LLM-like batch (prompts x responses, 0/1 outcome reward on each
+response's last token, a critic's values, a prompt/padding mask, slightly stale
+behaviour log-probs), runs every method of :func:`rl2fx.returns.advantages` on
+it and prints one row per estimator: mean and std of the advantages over
+masked-in tokens and the wall time of the call. The training issue replaces
+this with a short PPO run.
+
+Run with ``python -m rl2fx.demo [--prompts N --group-size G --time T]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from rl2fx.returns import METHODS, advantages, masked_mean, masked_std
+
+_PARAMS = {
+    "gae": {"gamma": 1.0, "lamda": 0.95},
+    "td_lambda": {"gamma": 1.0, "lamda": 0.95},
+    "vtrace": {"gamma": 1.0, "rho_bar": 1.0, "c_bar": 1.0},
+    "retrace": {"gamma": 1.0, "lamda": 0.95},
+    "clipped_is": {"gamma": 1.0, "lamda": 0.95, "clip_ratio": 0.2},
+    "multistep": {"gamma": 1.0, "lamda": 0.95, "n_steps": 5, "bootstrap_method": "gae"},
+    "reinforce": {"norm_std": False},
+    "grpo": {},
+    "dr_grpo": {},
+    "rloo": {},
+    "reinforce_pp": {},
+}
+
+
+def toy_batch(prompts: int = 16, group_size: int = 4, time_steps: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch shaped like RL2's: ``[prompts * group_size, time]`` with a right-padded response mask."""
+    g = torch.Generator().manual_seed(seed)
+    B = prompts * group_size
+    prompt_len = torch.randint(4, time_steps // 4, (B,), generator=g)
+    resp_len = torch.randint(1, time_steps // 2, (B,), generator=g)
+    t = torch.arange(time_steps)
+    mask = (t >= prompt_len[:, None]) & (t < (prompt_len + resp_len)[:, None])
+    last = prompt_len + resp_len - 1
+    p_correct = torch.rand(prompts, generator=g).repeat_interleave(group_size)
+    score = (torch.rand(B, generator=g) < p_correct).float()
+    rewards = torch.zeros(B, time_steps)
+    rewards[torch.arange(B), last] = score
+    values = (0.5 + 0.1 * torch.randn(B, time_steps, generator=g)) * mask
+    logps = -torch.rand(B, time_steps, generator=g) * mask
+    old_logps = logps + 0.05 * torch.randn(B, time_steps, generator=g) * mask
+    return {"rewards": rewards, "values": values, "mask": mask, "logps": logps, "old_logps": old_logps}
+
+
+def tour(batch: dict[str, torch.Tensor], group_size: int) -> list[dict[str, float | str]]:
+    rows = []
+    for method, params in _PARAMS.items():
+        accepted = METHODS[method][0]
+        kw = {k: v for k, v in batch.items() if k in accepted}
+        if "group_size" in accepted:
+            kw["group_size"] = group_size
+        advantages(method, **kw, **params)  # warm-up
+        t0 = time.perf_counter()
+        out = advantages(method, **kw, **params)
+        dt = time.perf_counter() - t0
+        adv = out["advantages"]
+        rows.append({
+            "estimator": method,
+            "adv_mean": float(masked_mean(adv, batch["mask"])),
+            "adv_std": float(masked_std(adv, batch["mask"])),
+            "ms": dt * 1e3,
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--time", type=int, default=256)
+    args = ap.parse_args(argv)
+    batch = toy_batch(args.prompts, args.group_size, args.time)
+    B, T = batch["rewards"].shape
+    print(f"rl2fx estimator tour: {B} responses ({args.prompts} prompts x {args.group_size}), "
+          f"{T} steps, {int(batch['mask'].sum())} masked-in tokens")
+    rows = tour(batch, args.group_size)
+    print(f"{'estimator':<14}{'adv mean':>11}{'adv std':>10}{'time ms':>10}")
+    print("-" * 45)
+    for r in rows:
+        print(f"{r['estimator']:<14}{r['adv_mean']:>11.4f}{r['adv_std']:>10.4f}{r['ms']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
