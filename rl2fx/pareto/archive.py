@@ -21,11 +21,10 @@ Each entry carries the ``step`` it was inserted at and free-form ``metadata``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from rl2fx._typing import check_range
@@ -58,7 +57,7 @@ class ArchiveState:
     steps: tuple[int, ...] = ()
     metadata: tuple[Mapping[str, Any], ...] = ()
     capacity: int = 100
-    num_objectives: int = field(default=0)
+    num_objectives: int = 0
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -152,8 +151,3 @@ def archive_update(
         num_objectives=state.num_objectives,
     )
 
-
-def archive_points_tensor(state: ArchiveState, like: Tensor | None = None) -> Tensor:
-    """The archived points as a tensor (dtype/device of ``like`` when given)."""
-    t = torch.from_numpy(np.array(state.points))
-    return t if like is None else t.to(device=like.device, dtype=like.dtype)

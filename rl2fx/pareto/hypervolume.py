@@ -201,6 +201,8 @@ def hypervolume_gradient(
     import moocore
 
     m = point.shape[0]
+    if m < 2:
+        raise ValueError(f"point must have at least 2 objectives for a hypervolume gradient, got m={m}")
     _check_points("point", point)
     _check_points("front", front)
     if front.shape[1] != m:

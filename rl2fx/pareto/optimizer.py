@@ -304,6 +304,15 @@ class MultiObjectiveOptimizer:
         missing = [k for k in required if k not in state_dict]
         if missing:
             raise ValueError(f"state_dict is missing keys {missing}; expected {required}")
+        previous = dict(vars(self))
+        try:
+            self._load(state_dict)
+        except Exception:
+            vars(self).clear()
+            vars(self).update(previous)  # a failed load leaves the optimizer as it was
+            raise
+
+    def _load(self, state_dict: Mapping[str, Any]) -> None:
         self._configure(
             state_dict["objectives"],
             state_dict["objective_weights"],

@@ -120,10 +120,44 @@ def _count_dominators(a: Tensor, b: Tensor, chunk: int) -> Tensor:
     return counts
 
 
+def _lex_descending_order(x: Tensor) -> Tensor:
+    """Indices sorting rows lexicographically, largest first: a linear extension of dominance.
+
+    If ``a`` dominates ``b`` they differ, and at their first differing objective
+    ``a`` is larger, so every dominator comes before the points it dominates. Unlike
+    sorting by the sum of objectives this is exact in floating point.
+    """
+    order = torch.arange(x.shape[0], device=x.device)
+    for k in range(x.shape[1] - 1, -1, -1):
+        idx = torch.sort(x[order, k], descending=True, stable=True).indices
+        order = order[idx]
+    return order
+
+
 def _is_dominated_torch(x: Tensor, chunk: int) -> Tensor:
-    dominated = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for start in range(0, x.shape[0], chunk):
-        dominated |= _dominates_block(x[start : start + chunk], x).any(dim=0)
+    """Which rows are dominated, testing each block only against the front found so far.
+
+    Rows are visited in a lexicographic order (dominators first). A dominated point
+    is always dominated by some non-dominated point (dominance is transitive and
+    acyclic), which precedes it: so each block is compared with itself and with the
+    non-dominated points kept from earlier blocks, not with all ``n`` points. Work is
+    ``O(m n (chunk + |front|))``; ``O(m n^2 / 2)`` when every point is non-dominated.
+    """
+    n = x.shape[0]
+    order = _lex_descending_order(x)
+    xs = x[order]
+    dominated_sorted = torch.zeros(n, dtype=torch.bool, device=x.device)
+    front = xs[:0]
+    block = min(n, chunk)
+    for start in range(0, n, block):
+        blk = xs[start : start + block]
+        dom = _dominates_block(blk, blk).any(dim=0)
+        for f0 in range(0, front.shape[0], block):
+            dom |= _dominates_block(front[f0 : f0 + block], blk).any(dim=0)
+        dominated_sorted[start : start + block] = dom
+        front = torch.cat([front, blk[~dom]])
+    dominated = torch.empty_like(dominated_sorted)
+    dominated[order] = dominated_sorted
     return dominated
 
 
@@ -143,6 +177,8 @@ def _ranks_torch(x: Tensor, chunk: int) -> Tensor:
     while remaining.numel() > 0:
         on_front = counts[remaining] == 0
         front, rest = remaining[on_front], remaining[~on_front]
+        if front.numel() == 0:  # impossible for a strict partial order; guards against a hang
+            raise RuntimeError("non-dominated sorting found no front; dominance relation is cyclic")
         ranks[front] = rank
         if rest.numel() > 0:
             counts[rest] -= _count_dominators(x[front], x[rest], _chunk_for(rest.numel(), chunk, n))
