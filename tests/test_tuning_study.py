@@ -154,6 +154,7 @@ def test_resume_after_sigkill(tmp_path):
     parsed = [json.loads(ln) for ln in lines]  # never torn: written by atomic replace
     numbers = [p["number"] for p in parsed]
     assert len(set(numbers)) == len(numbers)
+    (save / ".trials.jsonl.abc.tmp").write_text('{"number": 99, "par')  # as if killed mid-write
 
     from rl2fx import HyperparameterTuner
 
@@ -165,4 +166,5 @@ def test_resume_after_sigkill(tmp_path):
     assert len(after) == len(lines) + 5
     assert [t.params for t in after[: len(lines)]] == [p["params"] for p in parsed]
     assert len({t.number for t in after}) == len(after)
+    assert not list(save.glob("*.tmp")) and not list(save.glob(".*.tmp"))
     assert best == tuner.best_params and best["n"] == min(t.params["n"] for t in after)

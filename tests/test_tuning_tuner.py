@@ -179,10 +179,13 @@ def test_failed_trials_do_not_stop_the_tuner():
     assert s["n_failed"] == 8 and s["n_complete"] == 4
     assert "RuntimeError: CUDA out of memory" in t.study.trials[0].error
     assert best == t.best_params
-    # exceptions outside `catch` propagate (after being recorded)
+    # exceptions outside `catch` propagate and leave the trial unrecorded (re-asked on resume)
     t2 = HyperparameterTuner("random", _box(), n_trials=3, seed=0, save_dir=None, show_progress_bar=False, catch=(ValueError,))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         t2.optimize(lambda p: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert t2.study.trials == [] and len(t2.study.pending) == 1
+    t2.optimize(lambda p: 1.0)  # calling again drops the stale running trial
+    assert len(t2.study.trials) == 3 and t2.study.pending == []
 
 
 def test_parallel_threads_no_repeats_and_resume_counts(tmp_path):

@@ -215,8 +215,8 @@ class BayesianSampler:
     """Gaussian-process Bayesian optimisation on BoTorch.
 
     The first ``n_initial`` (default ``max(5, 2 d)``) successful trials come from a
-    scrambled Sobol sequence (trial ``n`` takes Sobol point ``n``). After that, every
-    ask:
+    scrambled Sobol sequence (trial ``n`` takes Sobol point ``n``), as do asks while
+    all observed values are equal (nothing to model yet). After that, every ask:
 
     1. encodes the successful trials into $[0,1]^D$ (:func:`rl2fx.tuning.space.encode`:
        log/int dimensions transformed, categoricals one-hot), negating values when

@@ -240,6 +240,8 @@ class Study:
 
     def _load_trials(self) -> StudyState:
         path = self.storage / "trials.jsonl"
+        for stale in self.storage.glob(".trials.jsonl.*.tmp"):  # a write cut short by a kill
+            stale.unlink(missing_ok=True)
         finished: list[Trial] = []
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -266,6 +268,14 @@ class Study:
             self._state, done = study_tell(self._state, trial, value, metrics)
             self._save()
             return done
+
+    def forget_pending(self) -> list[Trial]:
+        """Drop running trials that will never be told (e.g. after an interrupted loop);
+        they are not recorded, exactly as if the process had died. Returns them."""
+        with self._lock:
+            dropped = list(self._state.pending)
+            self._state = dataclasses.replace(self._state, pending=())
+            return dropped
 
     def add_trial(self, params: Mapping[str, Any], value: float | BaseException, metrics: Mapping[str, Any] | None = None) -> Trial:
         """Record an evaluation made elsewhere (warm start from earlier runs), as Optuna's ``add_trial``."""

@@ -90,7 +90,8 @@ class HyperparameterTuner:
         exploration_weight: EI's improvement margin $\\xi$ in units of the observed
             values' standard deviation, for ``"bayesian"`` and ``"skopt"``; larger explores more.
         show_progress_bar: show a tqdm bar with the best value so far.
-        catch: exception types from ``fn`` recorded as failed trials (others propagate).
+        catch: exception types from ``fn`` recorded as failed trials; others propagate and
+            leave the trial unrecorded (asked again when the study is resumed).
         sampler_options: extra settings for the sampler (e.g. ``n_initial``, ``raw_samples``).
     """
 
@@ -149,6 +150,7 @@ class HyperparameterTuner:
         """
         from tqdm.auto import tqdm
 
+        self.study.forget_pending()  # left over from an interrupted earlier call
         own_pool = None
         executor = self.executor
         if executor is not None and not isinstance(executor, cf.Executor):
@@ -184,7 +186,8 @@ class HyperparameterTuner:
     def _finish(self, trial: Trial, outcome: Any, failed: BaseException | None, bar) -> None:
         if failed is not None:
             if not isinstance(failed, self.catch):
-                self.study.tell(trial, failed)
+                # not a failure of the configuration (e.g. KeyboardInterrupt): leave the trial
+                # untold, like one lost in a crash, so a resumed study asks it again
                 raise failed
             self.study.tell(trial, failed)
         else:
