@@ -17,7 +17,7 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed-dev
-	$(BIN)/python -m rl2fx.demo
+	$(BIN)/python -m rl2fx.train --config-name demo
 
 # The default profile: light hypothesis settings, slow tests deselected, notebooks executed.
 test: $(VENV)/.installed-dev

@@ -1,0 +1,261 @@
+"""Stateless RL losses for LLM post-training: KL estimators, PPO policy/value losses, aggregation.
+
+Everything here maps tensors ``[*batch, time]`` (time last, ``mask`` marking the
+response tokens that are decisions) to a scalar loss plus metrics, and keeps no
+state. Metrics are returned as detached 0-d tensors so that a caller can
+all-reduce them before calling ``.item()``.
+
+KL estimators (J. Schulman, "Approximating KL Divergence", 2020,
+http://joschu.net/blog/kl-approx.html), with the log-ratio
+:math:`\\delta = \\log \\pi(a) - \\log \\pi_{ref}(a)` of a token sampled from :math:`\\pi`:
+
+* ``k1`` :math:`= \\delta` (unbiased, high variance, can be negative),
+* ``k2`` :math:`= \\tfrac12 \\delta^2` (biased, low variance, :math:`\\ge 0`),
+* ``k3`` :math:`= e^{-\\delta} - 1 + \\delta` (unbiased, :math:`\\ge 0`), RL2's and GRPO's choice.
+
+The PPO clipped surrogate is from Schulman et al., "Proximal Policy Optimization
+Algorithms", 2017; dual clip from Ye et al., "Mastering Complex Control in MOBA
+Games with Deep RL", AAAI 2020; truncated importance weights (TIS) from Yao et
+al., "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training",
+2025; the constant normaliser of Dr. GRPO from Liu et al., "Understanding
+R1-Zero-Like Training: A Critical Perspective", 2025.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rl2fx._typing import Float, Tensor, check_choice, check_range, typechecked
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "AGG_MODES",
+    "kl_estimate",
+    "aggregate",
+    "policy_loss",
+    "value_loss",
+    "entropy_bonus",
+]
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+MaskT = Float[Tensor, "*batch time"] | None
+
+
+def _mask_like(x: Tensor, mask: Tensor | None) -> Tensor:
+    return torch.ones_like(x) if mask is None else mask.to(x.dtype)
+
+
+@typechecked
+def kl_estimate(
+    logprobs: Float[Tensor, "*batch time"],
+    ref_logprobs: Float[Tensor, "*batch time"],
+    estimator: str = "k3",
+) -> Float[Tensor, "*batch time"]:
+    """Per-token estimate of :math:`\\mathrm{KL}(\\pi \\| \\pi_{ref})` from samples of :math:`\\pi`.
+
+    ``k1 = δ``, ``k2 = δ²/2``, ``k3 = exp(-δ) - 1 + δ`` with ``δ = logprobs - ref_logprobs``.
+    Gradients flow into both arguments; the reference log-probs are normally detached.
+
+    >>> lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    >>> kl_estimate(lp, ref, "k1").tolist(), kl_estimate(lp, ref, "k2").tolist()
+    ([[0.5, 0.0]], [[0.125, 0.0]])
+    >>> round(kl_estimate(lp, ref, "k3")[0, 0].item(), 6)  # exp(-0.5) - 1 + 0.5
+    0.106531
+    """
+    check_choice("estimator", estimator, KL_ESTIMATORS)
+    delta = logprobs - ref_logprobs
+    if estimator == "k1":
+        return delta
+    if estimator == "k2":
+        return 0.5 * delta.square()
+    # exp(-δ) - 1 + δ is >= 0 analytically; expm1 keeps it accurate for small δ,
+    # the clamp removes the last-ulp negatives that would make "k3 >= 0" false.
+    return (torch.expm1(-delta) + delta).clamp_min(0.0)
+
+
+@typechecked
+def aggregate(
+    loss: Float[Tensor, "*batch time"],
+    mask: MaskT = None,
+    mode: str = "token-mean",
+    *,
+    normalizer: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> Float[Tensor, ""]:
+    """Reduce a per-token loss to a scalar.
+
+    * ``token-mean``: :math:`\\sum_{i,t} m_{it} \\ell_{it} / \\sum_{i,t} m_{it}` (DAPO, RL2's default),
+    * ``seq-mean-token-mean``: :math:`\\frac1N \\sum_i \\frac{\\sum_t m_{it}\\ell_{it}}{\\sum_t m_{it}}` (GRPO paper),
+    * ``seq-mean-token-sum``: :math:`\\frac1N \\sum_i \\sum_t m_{it}\\ell_{it}`,
+    * ``seq-mean-token-sum-norm``: :math:`\\frac{1}{N L} \\sum_{i,t} m_{it}\\ell_{it}` with a constant
+      ``normalizer`` :math:`L` (Dr. GRPO; defaults to the time length).
+
+    ``global_tokens`` / ``global_seqs`` replace the local denominators; a trainer
+    that splits one batch into micro-batches (or across processes) passes the
+    counts of the whole batch so that the summed micro-batch losses equal the
+    loss of the whole batch exactly.
+
+    >>> loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    >>> mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    >>> [round(aggregate(loss, mask, m).item(), 4) for m in AGG_MODES]
+    [2.5, 3.0, 5.0, 1.6667]
+    """
+    check_choice("mode", mode, AGG_MODES)
+    m = _mask_like(loss, mask)
+    masked = loss * m
+    n_seqs = float(masked[..., 0].numel()) if global_seqs is None else global_seqs
+    if mode == "token-mean":
+        denom = m.sum().clamp_min(1.0) if global_tokens is None else global_tokens
+        return masked.sum() / denom
+    if mode == "seq-mean-token-mean":
+        per_seq = masked.sum(-1) / m.sum(-1).clamp_min(1.0)
+        return per_seq.sum() / n_seqs
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / n_seqs
+    norm = float(loss.shape[-1]) if normalizer is None else normalizer
+    check_range("normalizer", norm, 0.0, None, low_inclusive=False)
+    return masked.sum() / (n_seqs * norm)
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+@typechecked
+def policy_loss(
+    logprobs: Float[Tensor, "*batch time"],
+    old_logprobs: Float[Tensor, "*batch time"],
+    advantages: Float[Tensor, "*batch time"],
+    mask: MaskT = None,
+    *,
+    clip: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    behavior_logprobs: Float[Tensor, "*batch time"] | None = None,
+    tis_cap: float | None = None,
+    agg_mode: str = "token-mean",
+    **agg_kwargs: float | None,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """PPO clipped surrogate loss with optional dual clip and truncated importance weights.
+
+    With :math:`\\rho_t = \\exp(\\log\\pi_\\theta - \\log\\pi_{old})`:
+
+    .. math::
+
+        \\ell_t = -\\min\\big(\\rho_t A_t,\\ \\mathrm{clip}(\\rho_t, 1-\\epsilon, 1+\\epsilon_{high}) A_t\\big),
+
+    and with ``dual_clip`` :math:`c > 1`, for :math:`A_t < 0`:
+    :math:`\\ell_t \\leftarrow \\min(\\ell_t, -c A_t)` (bounds the loss of a very
+    unlikely-now action). With ``behavior_logprobs`` (the sampler's, e.g. a
+    vLLM engine's, log-probs) and ``tis_cap`` :math:`C`, every term is weighted by
+    the truncated importance weight :math:`\\min(\\pi_{old}/\\mu, C)` (no gradient).
+    ``clip_high`` defaults to ``clip`` (DAPO's clip-higher when larger).
+
+    Returns the aggregated loss and metrics: ``clip_frac`` (fraction of tokens whose
+    gradient the clip removed), ``approx_kl`` (k3 estimate of KL(old || new)),
+    ``ratio_mean``, and ``dual_clip_frac`` when dual clip is on.
+
+    At :math:`\\rho = 1` the gradient is the plain policy gradient
+    :math:`-\\nabla \\log\\pi \\cdot A`:
+
+    >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    >>> adv = torch.tensor([[1.0, -2.0]])
+    >>> loss, metrics = policy_loss(lp, lp.detach(), adv)
+    >>> loss.backward(); lp.grad.tolist(), metrics["clip_frac"].item()
+    ([[-0.5, 1.0]], 0.0)
+    """
+    check_range("clip", clip, 0.0, 1.0)
+    hi = clip if clip_high is None else clip_high
+    check_range("clip_high", hi, 0.0, None)
+    if dual_clip is not None:
+        check_range("dual_clip", dual_clip, 1.0, None, low_inclusive=False)
+    m = _mask_like(logprobs, mask)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1.0 - clip, 1.0 + hi) * advantages
+    loss = -torch.minimum(surr1, surr2)
+    clipped = (surr2 < surr1).to(loss.dtype)
+    metrics: dict[str, Tensor] = {}
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        dual = ((advantages < 0) & (loss > bound)).to(loss.dtype)
+        loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
+        metrics["dual_clip_frac"] = _masked_mean(dual, m).detach()
+    if behavior_logprobs is not None:
+        if tis_cap is None:
+            raise ValueError("tis_cap must be set (a float > 0) when behavior_logprobs is given")
+        check_range("tis_cap", tis_cap, 0.0, None, low_inclusive=False)
+        weight = torch.exp(old_logprobs - behavior_logprobs).clamp(max=tis_cap).detach()
+        loss = loss * weight
+        metrics["tis_weight_mean"] = _masked_mean(weight, m).detach()
+    out = aggregate(loss, m, agg_mode, **agg_kwargs)
+    with torch.no_grad():
+        metrics["clip_frac"] = _masked_mean(clipped, m)
+        metrics["approx_kl"] = _masked_mean(torch.expm1(log_ratio) - log_ratio, m)
+        metrics["ratio_mean"] = _masked_mean(ratio, m)
+    return out, metrics
+
+
+@typechecked
+def value_loss(
+    values: Float[Tensor, "*batch time"],
+    old_values: Float[Tensor, "*batch time"],
+    returns: Float[Tensor, "*batch time"],
+    mask: MaskT = None,
+    *,
+    clip: float | None = 0.2,
+    agg_mode: str = "token-mean",
+    **agg_kwargs: float | None,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """Clipped value loss (PPO2, as in OpenAI baselines and RL2's critic).
+
+    .. math::
+
+        \\ell_t = \\tfrac12 \\max\\big((V_t - R_t)^2,\\ (\\mathrm{clip}(V_t, V^{old}_t \\pm \\epsilon) - R_t)^2\\big)
+
+    ``clip=None`` gives the plain squared error. Metrics: ``vf_clip_frac``, ``value_mean``.
+
+    >>> v = torch.tensor([[1.0, 0.0]]); r = torch.tensor([[0.0, 1.0]])
+    >>> value_loss(v, v, r, clip=None)[0].item()
+    0.5
+    >>> value_loss(v + 1.0, v, r, clip=0.5)[0].item()  # max(4, 2.25) and max(0, 0.25), halved, averaged
+    1.0625
+    """
+    err = (values - returns).square()
+    m = _mask_like(values, mask)
+    metrics: dict[str, Tensor] = {}
+    if clip is not None:
+        check_range("clip", clip, 0.0, None)
+        clipped_v = old_values + (values - old_values).clamp(-clip, clip)
+        err_c = (clipped_v - returns).square()
+        metrics["vf_clip_frac"] = _masked_mean((err_c > err).to(err.dtype), m).detach()
+        err = torch.maximum(err, err_c)
+    metrics["value_mean"] = _masked_mean(values, m).detach()
+    return aggregate(0.5 * err, m, agg_mode, **agg_kwargs), metrics
+
+
+@typechecked
+def entropy_bonus(
+    entropy: Float[Tensor, "*batch time"],
+    mask: MaskT = None,
+    *,
+    coef: float = 0.0,
+    agg_mode: str = "token-mean",
+    **agg_kwargs: float | None,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """Entropy regulariser :math:`-\\beta_H \\cdot \\mathrm{agg}(H_t)` (to be added to the loss).
+
+    Returns the term and ``entropy`` (the token-mean entropy, a metric).
+
+    >>> h = torch.tensor([[1.0, 3.0]])
+    >>> term, metrics = entropy_bonus(h, coef=0.1)
+    >>> round(term.item(), 6), metrics["entropy"].item()
+    (-0.2, 2.0)
+    """
+    m = _mask_like(entropy, mask)
+    term = -coef * aggregate(entropy, m, agg_mode, **agg_kwargs)
+    return term, {"entropy": _masked_mean(entropy, m).detach()}

@@ -1,0 +1,104 @@
+"""Rollouts: sample responses with ``model.generate`` and lay them out as ``[batch, time]`` tensors.
+
+A rollout turns ``N`` prompts into ``N * G`` sequences (``G = responses_per_prompt``,
+the responses of one prompt contiguous, as the group estimators expect) and
+returns what the losses need: ``input_ids`` (prompt + response), ``attention_mask``,
+``response_ids`` and ``response_mask`` (1 on the response tokens up to and
+including the first ``<eos>``, 0 on the padding after it). :func:`scatter_last`
+turns a per-sequence score into token-level rewards on the last response token,
+the usual outcome-reward layout (RL2, OpenRLHF, TRL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rl2fx._typing import Float, Int, Tensor, check_range, typechecked
+
+__all__ = ["rollout", "response_mask", "scatter_last"]
+
+
+@typechecked
+def response_mask(response_ids: Int[Tensor, "batch time"], eos_token_id: int) -> Float[Tensor, "batch time"]:
+    """1.0 on tokens up to and including the first ``eos_token_id``, 0.0 after it.
+
+    >>> response_mask(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos_token_id=2).tolist()
+    [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    """
+    is_eos = (response_ids == eos_token_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+@typechecked
+def scatter_last(scores: Float[Tensor, " batch"], mask: Float[Tensor, "batch time"]) -> Float[Tensor, "batch time"]:
+    """Token-level rewards: ``scores[i]`` on the last masked-in token of row ``i``, 0 elsewhere.
+
+    >>> scatter_last(torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])).tolist()
+    [[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    """
+    t = mask.shape[-1]
+    idx = torch.arange(t, device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, idx, -1).max(-1).values.clamp_min(0)
+    out = torch.zeros_like(mask)
+    return out.scatter(-1, last.unsqueeze(-1), scores.to(out.dtype).unsqueeze(-1))
+
+
+@torch.no_grad()
+def rollout(
+    model: torch.nn.Module,
+    prompt_ids: Int[Tensor, "n prompt"],
+    *,
+    responses_per_prompt: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    prompt_mask: Int[Tensor, "n prompt"] | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> dict[str, Tensor]:
+    """Sample ``responses_per_prompt`` responses per prompt with ``model.generate`` (ancestral sampling).
+
+    Prompts must be left-padded (``prompt_mask`` 0 on the padding) or all of one
+    length. Sampling draws from torch's global RNG, so seeding it makes rollouts
+    reproducible. The model is put in eval mode for generation and its previous
+    mode restored.
+
+    >>> from rl2fx.tasks import build_tiny_lm
+    >>> _ = torch.manual_seed(0)
+    >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
+    >>> out = rollout(m, torch.tensor([[1, 5, 13]]), responses_per_prompt=4, max_new_tokens=3,
+    ...               eos_token_id=2, pad_token_id=0)
+    >>> out["input_ids"].shape[0], out["response_ids"].shape[1] <= 3, sorted(out)
+    (4, True, ['attention_mask', 'input_ids', 'response_ids', 'response_mask'])
+    """
+    check_range("responses_per_prompt", responses_per_prompt, 1, None)
+    check_range("max_new_tokens", max_new_tokens, 1, None)
+    check_range("temperature", temperature, 0.0, None, low_inclusive=False)
+    from transformers import GenerationConfig
+
+    unwrapped: Any = getattr(model, "module", model)  # DDP wraps; generate lives on the inner model
+    ids = prompt_ids.repeat_interleave(responses_per_prompt, dim=0)
+    pmask = torch.ones_like(ids) if prompt_mask is None else prompt_mask.repeat_interleave(responses_per_prompt, 0)
+    gen_cfg = GenerationConfig(
+        do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    was_training = unwrapped.training
+    unwrapped.eval()
+    try:
+        seqs = unwrapped.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg)
+    finally:
+        unwrapped.train(was_training)
+    resp = seqs[:, ids.shape[1]:]
+    rmask = response_mask(resp, eos_token_id)
+    resp = torch.where(rmask > 0, resp, torch.full_like(resp, pad_token_id))
+    return {
+        "input_ids": torch.cat([ids, resp], dim=1),
+        "attention_mask": torch.cat([pmask, rmask.long()], dim=1),
+        "response_ids": resp,
+        "response_mask": rmask,
+    }
