@@ -378,3 +378,23 @@ def test_cuda_optimize_batch_size_with_budget():
     best = opt.optimize_batch_size(model, torch.randn(1, 256, device=device), max_batch_size=1 << 16)
     assert 1 <= best < 1 << 16
     assert all((t.peak_bytes or 0) <= 64 * 2**20 for t in opt.last_trials if t.fits)
+
+
+def test_optimize_model_memory_without_blocks_reports_and_continues(caplog):
+    model = nn.Linear(4, 4)
+    opt = MemoryOptimizer(enable_mixed_precision=False)
+    with caplog.at_level(logging.WARNING, logger="rl2fx.memory"):
+        assert opt.optimize_model_memory(model) is model
+    assert opt.checkpoint_method == "none"
+    assert "checkpointing skipped" in caplog.text
+    assert opt.memory_efficient_forward(model, torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_memory_efficient_forward_checkpoints_each_model():
+    from rl2fx.memory.optimizer import is_checkpointed
+
+    opt = MemoryOptimizer(enable_mixed_precision=False)
+    a, b = block_stack(width=8, depth=2), block_stack(width=8, depth=2, seed=1)
+    opt.memory_efficient_forward(a, torch.randn(2, 8))
+    opt.memory_efficient_forward(b, torch.randn(2, 8))
+    assert is_checkpointed(a) and is_checkpointed(b)
