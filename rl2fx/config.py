@@ -243,6 +243,7 @@ class TrainerConfig:
     total_steps: int = 100
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None  # torch CPU threads per process; null = torch's default
     update_epochs: int = 1
     micro_batch_size: int | None = None  # sequences per forward/backward; null = whole batch
     max_grad_norm: float | None = 1.0
@@ -260,7 +261,6 @@ class TrainerConfig:
     resume_from: str | None = None  # a checkpoint file, or "auto" (latest in output_dir)
     progress_bar: bool = True
     summary_window: int = 20  # steps averaged for the start/end reward summary
-    compile: bool = False  # torch.compile the policy forward (GPU speed-up)
 
 
 @dataclass
@@ -438,6 +438,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     mem = "memory_optimization"
     _in(cfg, f"{mem}.memory_threshold", 0.0, 1.0, low_open=True)
     _in(cfg, f"{mem}.gc_threshold", 0.0, 1.0, low_open=True)
+    _in(cfg, f"{mem}.memory_threshold", 0.0, cfg.memory_optimization.gc_threshold, low_open=True)
     _in(cfg, f"{mem}.profiling.profile_interval", 0.0, low_open=True)
     abs_ = cfg.memory_optimization.adaptive_batch_sizing
     _in(cfg, f"{mem}.adaptive_batch_sizing.min_batch_size", 1)
@@ -447,6 +448,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
 
     _in(cfg, "trainer.total_steps", 1)
     _in(cfg, "trainer.update_epochs", 1)
+    _in(cfg, "trainer.num_threads", 1, optional=True)
     _in(cfg, "trainer.micro_batch_size", 1, optional=True)
     _in(cfg, "trainer.max_grad_norm", 0.0, low_open=True, optional=True)
     _in(cfg, "trainer.weight_decay", 0.0)
@@ -506,6 +508,14 @@ def _merge_into_schema(raw: dict[str, Any]) -> DictConfig:
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}' has the wrong type: {msg}") from None
     assert isinstance(merged, DictConfig)
+    # A free mapping given in the file or an override replaces the default one
+    # (merging would keep default names the user dropped).
+    for path in _FREE_MAPPINGS:
+        node: Any = raw
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            OmegaConf.update(merged, path, node, merge=False)
     return merged
 
 

@@ -46,19 +46,20 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
     def forward(ctx: Any, logits: Tensor, labels: Tensor, temperature: float, chunk_size: int,
                 with_entropy: bool) -> tuple[Tensor, Tensor]:
         t = logits.shape[-2]
-        lp = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lp = logits.new_empty(logits.shape[:-1], dtype=acc)
         lse = torch.empty_like(lp)
         ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
         for s, e in _chunks(t, chunk_size):
-            z = logits[..., s:e, :].float()
+            z = logits[..., s:e, :].to(acc)
             if temperature != 1.0:
                 z = z / temperature
             lse_c = torch.logsumexp(z, dim=-1)
             lse[..., s:e] = lse_c
             lp[..., s:e] = z.gather(-1, labels[..., s:e].unsqueeze(-1)).squeeze(-1) - lse_c
             if with_entropy:
-                p = torch.exp(z - lse_c.unsqueeze(-1))
-                ent[..., s:e] = lse_c - (p * z).sum(-1)
+                logp = z - lse_c.unsqueeze(-1)
+                ent[..., s:e] = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(logits, labels, lse, ent)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return lp, ent
@@ -69,7 +70,7 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         tau = ctx.temperature
         grad = torch.empty_like(logits)
         for s, e in _chunks(logits.shape[-2], ctx.chunk_size):
-            z = logits[..., s:e, :].float()
+            z = logits[..., s:e, :].to(lse.dtype)
             if tau != 1.0:
                 z = z / tau
             logp = z - lse[..., s:e].unsqueeze(-1)
@@ -96,7 +97,7 @@ def token_logprobs_and_entropy(
     chunk_size: int = 128,
     with_entropy: bool = True,
 ) -> tuple[Float[Tensor, "*batch time"], Float[Tensor, "*batch time"] | None]:
-    """Log-probability of ``labels`` and entropy at each position, in float32, chunked over time.
+    """Log-probability of ``labels`` and entropy at each position (float32 at least), chunked over time.
 
     Differentiable in ``logits`` (custom backward, also chunked). With
     ``with_entropy=False`` the entropy is skipped and ``None`` is returned for it.
@@ -148,7 +149,7 @@ def naive_logprobs_and_entropy(
     >>> torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
     True
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     ent = -(logp.exp() * logp).sum(-1)
     return lp, ent

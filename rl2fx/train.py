@@ -385,6 +385,8 @@ class PPOTrainer:
         if cfg.data.train_data_path is not None or cfg.data.test_data_path is not None:
             raise ConfigError("config key 'data.train_data_path' / 'data.test_data_path' must be null: the "
                               "built-in digits task generates its prompts (task.*)")
+        if t.num_threads is not None:
+            torch.set_num_threads(int(t.num_threads))
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and t.device != "cpu" else "gloo"

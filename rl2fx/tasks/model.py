@@ -36,7 +36,8 @@ def build_tiny_lm(
     """A ``transformers`` causal LM with random weights drawn under ``seed``.
 
     ``intermediate_size`` defaults to ``2 * hidden_size``. Embeddings are tied to
-    the output head (fewer parameters, as in GPT-2).
+    the output head (fewer parameters, as in GPT-2). Dropout is off (as usual for
+    RL fine-tuning: the log-probs of the update must be those of the sampler).
 
     >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
     >>> type(m).__name__, m(torch.tensor([[1, 5, 13]])).logits.shape
@@ -68,7 +69,8 @@ def build_tiny_lm(
 
         cfg = GPT2Config(
             vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inter,
-            n_positions=max_position_embeddings, tie_word_embeddings=True, **special,
+            n_positions=max_position_embeddings, tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, **special,
         )
         cls = GPT2LMHeadModel
     # The global RNG is forked so that building a model does not perturb the caller's stream.
