@@ -62,7 +62,7 @@ _LAZY: dict[str, str] = {
 }
 
 _SUBMODULES = {"returns", "control", "pareto", "tuning", "memory", "tracking", "tasks", "testing",
-               "losses", "logprobs", "train", "config", "cli"}
+               "losses", "logprobs", "rollout", "train", "config", "cli"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
