@@ -132,9 +132,8 @@ _HAS_SIZER = importlib.util.find_spec("rl2fx.control.batch_size") is not None
 
 @pytest.mark.skipif(not _HAS_SIZER, reason="rl2fx.control.batch_size lands with the control branch")
 def test_spec_adaptive_batch_sizer_reexported_from_memory():
-    import rl2fx.control.batch_size as control_batch_size
-
     import rl2fx
+    import rl2fx.control.batch_size as control_batch_size
 
     # --- spec: "Adaptive Batch Sizing" / Usage in Code
     from rl2fx.memory import AdaptiveBatchSizer

@@ -66,6 +66,29 @@ def per_step(
     return torch.full(like.shape, float(value), dtype=dtype, device=like.device)
 
 
+def per_step_or_float(
+    name: str, value: float | Tensor, like: Tensor, dtype: torch.dtype, low: float | None = 0.0,
+    high: float | None = 1.0,
+) -> float | Tensor:
+    """Like :func:`per_step`, but a number stays a Python ``float`` (range-checked).
+
+    Callers keep constant hyper-parameters as floats so that elementwise ops take
+    scalar operands and the scan its constant-coefficient path.
+    """
+    if isinstance(value, Tensor):
+        return per_step(name, value, like, dtype, low, high)
+    check_range(name, value, low, high)
+    # rounded to the accumulation dtype once, as reverse_scan does with a float c
+    return float(torch.tensor(float(value), dtype=dtype))
+
+
+def as_tensor(value: float | Tensor, like: Tensor) -> Tensor:
+    """``value`` as a tensor broadcastable against ``like`` (a 0-d one for a float)."""
+    if isinstance(value, Tensor):
+        return value
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
 def check_all_finite(allow_nonfinite: bool, **tensors: Tensor | None) -> None:
     for name, t in tensors.items():
         check_finite(name, t, allow_nonfinite=allow_nonfinite)
@@ -118,10 +141,11 @@ def masked_out(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def through(x: Tensor, c: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def through(x: Tensor, c: Tensor | float, mask: Tensor | None) -> tuple[Tensor, Tensor | float]:
     """Make masked-out steps transparent to the scan: ``x = 0``, ``c = 1`` there."""
     if mask is None:
         return x, c
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    c = as_tensor(c, x)
     one = torch.ones((), dtype=c.dtype, device=c.device)
     return torch.where(mask, x, zero), torch.where(mask, c, one)

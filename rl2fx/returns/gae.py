@@ -70,8 +70,8 @@ def gae(
 def _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt):
     r = rewards.to(dt)
     v = values.to(dt)
-    g = C.per_step("gamma", gamma, r, dt)
-    lam = C.per_step("lamda", lamda, r, dt)
+    g = C.per_step_or_float("gamma", gamma, r, dt)
+    lam = C.per_step_or_float("lamda", lamda, r, dt)
     m = C.as_bool("mask", mask)
     d = C.as_bool("done", done)
     term = C.as_bool("terminated", terminated)
@@ -84,11 +84,14 @@ def _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done,
     boot = C.bootstrap(bootstrap_value, r, dt)
     nxt = None if m is None else C.next_index(m)
     v_next = C.next_along(v, boot, nxt)
-    g_boot = g if term is None else torch.where(term, 0.0, g)
-    delta = r + g_boot * v_next - v
+    g_boot = g if term is None else torch.where(term, 0.0, C.as_tensor(g, r))
+    # float discounts stay Python floats: one fused add, and the scan's
+    # constant-coefficient path (no c tensor at all) when nothing cuts the trace
+    delta = torch.add(r, v_next, alpha=g_boot) if isinstance(g_boot, float) else r + g_boot * v_next
+    delta.sub_(v)
     c = g * lam
     if d is not None:
-        c = torch.where(d, 0.0, c)
+        c = torch.where(d, 0.0, C.as_tensor(c, r))
     x, c = C.through(delta, c, m)
     adv = reverse_scan(x, c, backend=backend)
     ret = adv + v
@@ -160,12 +163,12 @@ def discounted(
 
 def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
     r = rewards.to(dt)
-    g = C.per_step("gamma", gamma, r, dt)
+    g = C.per_step_or_float("gamma", gamma, r, dt)
     m = C.as_bool("mask", mask)
     d = C.as_bool("done", done)
     boot = C.bootstrap(bootstrap_value, r, dt)
     nxt = None if m is None else C.next_index(m)
-    c = g if d is None else torch.where(d, 0.0, g)
+    c = g if d is None else torch.where(d, 0.0, C.as_tensor(g, r))
     # the scan ends with y_T = 0, so the bootstrap enters as extra reward at each row's last step
     last = C.is_last(m, r, nxt)
     x = r + torch.where(last, c * boot.unsqueeze(-1), 0.0)
