@@ -56,7 +56,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 #: Every name ``adv.estimator`` accepts (the spec's list plus the group-relative estimators).
 ESTIMATORS = ("gae", "reinforce", "vtrace", "retrace", "td_lambda", "clipped_is", "multistep",
-              "grpo", "dr_grpo", "rloo", "reinforce_pp")
+              "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "opo", "gpg", "grpo_passk",
+              "reinforce_pp_baseline")
 #: Estimators that need a value model (``critic.enabled``).
 VALUE_ESTIMATORS = ("gae", "vtrace", "retrace", "td_lambda", "multistep")
 PARETO_METHODS = ("weighted_sum", "tchebycheff", "pareto_dominance", "hypervolume")
@@ -385,7 +386,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     >>> validate_config(cfg)
     Traceback (most recent call last):
     ...
-    rl2fx.config.ConfigError: config key 'adv.estimator' must be one of ['gae', 'reinforce', 'vtrace', 'retrace', 'td_lambda', 'clipped_is', 'multistep', 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp'], got 'vtrce'; did you mean 'vtrace'?
+    rl2fx.config.ConfigError: config key 'adv.estimator' must be one of ['gae', 'reinforce', 'vtrace', 'retrace', 'td_lambda', 'clipped_is', 'multistep', 'grpo', 'dr_grpo', 'rloo', 'reinforce_pp', 'remax', 'opo', 'gpg', 'grpo_passk', 'reinforce_pp_baseline'], got 'vtrce'; did you mean 'vtrace'?
     """
     _in(cfg, "data.prompts_per_rollout", 1, optional=True)
     _in(cfg, "data.responses_per_prompt", 1, optional=True)
@@ -483,6 +484,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if cfg.critic.enabled is False and cfg.adv.estimator in VALUE_ESTIMATORS:
         _fail("critic.enabled", False, f"must be true (or null) for adv.estimator={cfg.adv.estimator!r}, "
               "which needs a value model")
+    rpp = cfg.data.responses_per_prompt
+    if cfg.adv.estimator in ("rloo", "grpo_passk") and rpp is not None and rpp < 2:
+        _fail("data.responses_per_prompt", rpp, f"must be >= 2 for adv.estimator={cfg.adv.estimator!r}, "
+              "which compares each response with the others of its prompt")
     return cfg
 
 

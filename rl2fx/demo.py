@@ -31,6 +31,10 @@ _PARAMS = {
     "dr_grpo": {},
     "rloo": {},
     "reinforce_pp": {},
+    "opo": {},
+    "gpg": {},
+    "grpo_passk": {},
+    "reinforce_pp_baseline": {},
 }
 
 
@@ -85,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"rl2fx estimator tour: {B} responses ({args.prompts} prompts x {args.group_size}), "
           f"{T} steps, {int(batch['mask'].sum())} masked-in tokens")
     rows = tour(batch, args.group_size)
-    print(f"{'estimator':<14}{'adv mean':>11}{'adv std':>10}{'time ms':>10}")
+    print(f"{'estimator':<22}{'adv mean':>11}{'adv std':>10}{'time ms':>10}")
     print("-" * 45)
     for r in rows:
-        print(f"{r['estimator']:<14}{r['adv_mean']:>11.4f}{r['adv_std']:>10.4f}{r['ms']:>10.2f}")
+        print(f"{r['estimator']:<22}{r['adv_mean']:>11.4f}{r['adv_std']:>10.4f}{r['ms']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ http://joschu.net/blog/kl-approx.html), with the log-ratio
 * ``k2`` :math:`= \\tfrac12 \\delta^2` (biased, low variance, :math:`\\ge 0`),
 * ``k3`` :math:`= e^{-\\delta} - 1 + \\delta` (unbiased, :math:`\\ge 0`), RL2's and GRPO's choice.
 
+KL placement (where the penalty :math:`\\beta\\,\\mathrm{KL}` enters the objective):
+:func:`kl_penalized_rewards` subtracts it from the token rewards before the
+advantage estimator (Ziegler et al. 2019, InstructGPT, RL2/OpenRLHF
+``kl_type: reward``); :func:`kl_loss` adds it to the loss (GRPO, Shao et al.
+2024; ``kl_type: loss``). Both take a fixed :math:`\\beta` or the state of an
+adaptive controller (:class:`rl2fx.control.kl.KLState`).
+
 The PPO clipped surrogate is from Schulman et al., "Proximal Policy Optimization
 Algorithms", 2017; dual clip from Ye et al., "Mastering Complex Control in MOBA
 Games with Deep RL", AAAI 2020; truncated importance weights (TIS) from Yao et
@@ -23,6 +30,8 @@ R1-Zero-Like Training: A Critical Perspective", 2025.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rl2fx._typing import Float, Tensor, check_choice, check_range, typechecked
@@ -31,6 +40,9 @@ __all__ = [
     "KL_ESTIMATORS",
     "AGG_MODES",
     "kl_estimate",
+    "kl_coef_value",
+    "kl_penalized_rewards",
+    "kl_loss",
     "aggregate",
     "policy_loss",
     "value_loss",
@@ -73,6 +85,93 @@ def kl_estimate(
     # exp(-δ) - 1 + δ is >= 0 analytically; expm1 keeps it accurate for small δ,
     # the clamp removes the last-ulp negatives that would make "k3 >= 0" false.
     return (torch.expm1(-delta) + delta).clamp_min(0.0)
+
+
+def kl_coef_value(coef: Any) -> float:
+    """The KL coefficient as a float: a number, or the ``.coef`` of a KL controller state.
+
+    Accepts a float/int, a :class:`~rl2fx.control.kl.KLState` or an
+    :class:`~rl2fx.control.kl.AdaptiveKLController` (anything with a numeric
+    ``coef``); the value must be finite and >= 0.
+
+    >>> from rl2fx.control.kl import kl_init
+    >>> kl_coef_value(0.1), kl_coef_value(kl_init("fixed", initial_coef=0.05))
+    (0.1, 0.05)
+    """
+    value = coef.coef if hasattr(coef, "coef") else coef
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f"coef must be a float >= 0 or a KL controller state with a .coef (rl2fx.control.kl.KLState), "
+            f"got {coef!r}"
+        )
+    check_range("coef", float(value), 0.0, None)
+    return float(value)
+
+
+@typechecked
+def kl_penalized_rewards(
+    rewards: Float[Tensor, "*batch time"],
+    logprobs: Float[Tensor, "*batch time"],
+    ref_logprobs: Float[Tensor, "*batch time"],
+    coef: Any,
+    *,
+    estimator: str = "k1",
+    mask: MaskT | Tensor = None,
+) -> Float[Tensor, "*batch time"]:
+    """KL in the reward: :math:`\\tilde r_t = r_t - \\beta\\,\\widehat{KL}_t` on every masked-in token.
+
+    The per-token penalty of Ziegler et al., "Fine-Tuning Language Models from
+    Human Preferences", 2019 (and InstructGPT, RL2/OpenRLHF's ``kl_type:
+    reward``): the penalty becomes part of the return the advantage estimator
+    sees, so it is applied *before* the estimator. :math:`\\widehat{KL}_t` is
+    :func:`kl_estimate` (Schulman's ``k1`` :math:`= \\log\\pi - \\log\\pi_{ref}`
+    by default, the unbiased per-token log-ratio the original papers use).
+    ``coef`` is :math:`\\beta`: a float or a KL controller state (its ``.coef``,
+    see :func:`kl_coef_value`). Masked-out positions keep their reward. No
+    gradient is meant to flow (the rewards are data), but nothing is detached.
+
+    >>> r = torch.tensor([[0.0, 1.0]]); lp = torch.tensor([[-1.0, -2.0]]); ref = torch.tensor([[-1.5, -2.0]])
+    >>> kl_penalized_rewards(r, lp, ref, 0.5).tolist()  # 0 - 0.5 * 0.5, 1 - 0.5 * 0
+    [[-0.25, 1.0]]
+    """
+    beta = kl_coef_value(coef)
+    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    if mask is not None:
+        kl = kl * mask.to(kl.dtype)
+    return rewards - beta * kl
+
+
+@typechecked
+def kl_loss(
+    logprobs: Float[Tensor, "*batch time"],
+    ref_logprobs: Float[Tensor, "*batch time"],
+    coef: Any,
+    *,
+    estimator: str = "k3",
+    mask: MaskT | Tensor = None,
+    agg_mode: str = "token-mean",
+    **agg_kwargs: float | None,
+) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """KL in the loss: :math:`\\beta \\cdot \\mathrm{agg}(\\widehat{KL}_t)`, to be added to the policy loss.
+
+    GRPO's placement (Shao et al. 2024, DeepSeekMath, eq. 3, with the ``k3``
+    estimator :math:`e^{-\\delta} - 1 + \\delta`, unbiased and >= 0; Schulman's
+    k1/k2/k3 approximations, see :func:`kl_estimate`), RL2's ``kl_type: loss``.
+    The gradient flows into ``logprobs``. ``coef`` is :math:`\\beta` (a float or
+    a KL controller state); ``agg_mode`` and ``agg_kwargs`` (``global_tokens``,
+    ``global_seqs``, ``normalizer``) are those of :func:`aggregate`. Returns the
+    term and ``kl`` (the detached token-mean KL estimate, a metric).
+
+    >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True); ref = torch.tensor([[-1.5, -2.0]])
+    >>> term, metrics = kl_loss(lp, ref, 0.5, estimator="k1")
+    >>> term.item(), metrics["kl"].item()  # 0.5 * mean(0.5, 0)
+    (0.125, 0.25)
+    """
+    beta = kl_coef_value(coef)
+    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    m = _mask_like(kl, mask)
+    term = beta * aggregate(kl, m, agg_mode, **agg_kwargs)
+    return term, {"kl": _masked_mean(kl, m).detach()}
 
 
 @typechecked

@@ -59,8 +59,13 @@ def rollout(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    do_sample: bool = True,
 ) -> dict[str, Tensor]:
     """Sample ``responses_per_prompt`` responses per prompt with ``model.generate`` (ancestral sampling).
+
+    ``do_sample=False`` decodes greedily instead (argmax at every step; the
+    temperature and top-k/top-p settings are then unused and no RNG is drawn),
+    which is how ReMax's baseline response is made.
 
     Prompts must be left-padded (``prompt_mask`` 0 on the padding) or all of one
     length. Sampling draws from torch's global RNG, so seeding it makes rollouts
@@ -83,10 +88,14 @@ def rollout(
     unwrapped: Any = getattr(model, "module", model)  # DDP wraps; generate lives on the inner model
     ids = prompt_ids.repeat_interleave(responses_per_prompt, dim=0)
     pmask = torch.ones_like(ids) if prompt_mask is None else prompt_mask.repeat_interleave(responses_per_prompt, 0)
-    gen_cfg = GenerationConfig(
-        do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-    )
+    if do_sample:
+        gen_cfg = GenerationConfig(
+            do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )
+    else:
+        gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     was_training = unwrapped.training
     unwrapped.eval()
     try:

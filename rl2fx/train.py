@@ -46,7 +46,14 @@ from rl2fx.config import (
     to_container,
 )
 from rl2fx.logprobs import response_logits, token_logprobs_and_entropy
-from rl2fx.losses import aggregate, entropy_bonus, kl_estimate, policy_loss, value_loss
+from rl2fx.losses import (
+    entropy_bonus,
+    kl_estimate,
+    kl_loss,
+    kl_penalized_rewards,
+    policy_loss,
+    value_loss,
+)
 
 __all__ = [
     "LossContext",
@@ -59,6 +66,10 @@ __all__ = [
 ]
 
 Batch = Mapping[str, torch.Tensor]
+
+#: ``adv.estimator`` values that need no critic: group baselines over the responses of a prompt
+GROUP_ESTIMATORS = ("reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "opo", "gpg", "grpo_passk",
+                    "reinforce_pp_baseline")
 LossFn = Callable[[torch.nn.Module, Batch, "LossContext"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -269,11 +280,11 @@ def make_ppo_loss(
         beta = kl_coef if ctx.kl_coef is None else ctx.kl_coef
         loss = pg
         if "ref_logprobs" in mb:
-            kl_tok = kl_estimate(lp, mb["ref_logprobs"], kl_estimator)
-            kl_share = aggregate(kl_tok, mask, agg_mode, **agg)
-            metrics["kl"] = ((kl_tok * mask).sum() / mask.sum().clamp_min(1.0)).detach()
+            kl_term, kl_metrics = kl_loss(lp, mb["ref_logprobs"], beta, estimator=kl_estimator, mask=mask,
+                                          agg_mode=agg_mode, **agg)
+            metrics.update(kl_metrics)
             if beta > 0:
-                loss = loss + beta * kl_share
+                loss = loss + kl_term
         assert ent is not None
         ent_term, ent_metrics = entropy_bonus(ent if need_ent else ent.detach(), mask, coef=entropy_coef,
                                               agg_mode=agg_mode, **agg)
@@ -286,7 +297,10 @@ def make_ppo_loss(
             # adds up exactly for linear terms (Lagrangian, weighted sum).
             n_tok = mask.sum().clamp_min(1.0)
             frac = n_tok / ctx.global_tokens
-            kl_mean = ((kl_tok * mask).sum() / n_tok) if "ref_logprobs" in mb else torch.zeros((), device=lp.device)
+            if "ref_logprobs" in mb:
+                kl_mean = (kl_estimate(lp, mb["ref_logprobs"], kl_estimator) * mask).sum() / n_tok
+            else:
+                kl_mean = torch.zeros((), device=lp.device)
             ent_mean = (ent * mask).sum() / n_tok
         if ctx.lagrangian is not None:
             terms = lagrangian_penalty(ctx.lagrangian, kl=kl_mean, entropy=ent_mean)
@@ -511,6 +525,22 @@ class PPOTrainer:
         return float(self.kl_state.coef) if self.kl_state is not None else float(self.cfg.actor.kl.coef)
 
     @torch.no_grad()
+    def greedy_rewards(self, prompts: Any) -> torch.Tensor:
+        """ReMax's baselines: the task reward of one greedy response per prompt, ``[n_prompts]``.
+
+        The greedy response goes through the same :func:`~rl2fx.rollout.rollout`
+        path with ``do_sample=False`` (no RNG is drawn, so the sampled rollouts
+        are unchanged). The baseline is the task reward alone, without the KL
+        penalty of ``kl_type=reward`` (as verl's ReMax).
+        """
+        from rl2fx.rollout import rollout
+
+        greedy = rollout(self.policy, prompts.input_ids.to(self.device), responses_per_prompt=1,
+                         max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                         pad_token_id=self.tokenizer.pad_token_id, do_sample=False)
+        return self.task.reward(greedy["response_ids"], prompts.answers.to(self.device))
+
+    @torch.no_grad()
     def make_experience(self) -> dict[str, torch.Tensor]:
         """One rollout batch with rewards, old/ref log-probs, values and advantages."""
         from rl2fx.returns import advantages, whiten
@@ -533,14 +563,21 @@ class PPOTrainer:
         kl_tok = kl_estimate(old_lp, ref_lp, cfg.trainer.kl_estimator) * mask
         rewards = scatter_last(scores, mask)
         if cfg.trainer.kl_type == "reward" and self.kl_coef() > 0:
-            rewards = rewards - self.kl_coef() * kl_tok
+            coef = self.kl_state if self.kl_state is not None else float(cfg.actor.kl.coef)
+            rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, coef, estimator=cfg.trainer.kl_estimator,
+                                           mask=mask)
         est = cfg.adv.estimator
         group = dist.group.WORLD if self.distributed else None
         kw: dict[str, Any] = {"mask": mask}
-        if est in ("reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp"):
+        if est in GROUP_ESTIMATORS:
+            # opo reads the response lengths from the mask
             kw.update(rewards=rewards, group_size=self.group_size)
             if est == "reinforce_pp":
                 kw.update(gamma=float(cfg.adv.gamma), group=group)
+            elif est == "reinforce_pp_baseline":
+                kw.update(group=group)
+            elif est == "remax":
+                kw.update(greedy_rewards=self.greedy_rewards(prompts))
         else:
             if self.critic is None:
                 raise ConfigError(f"config key 'critic.enabled' must be true for adv.estimator={est!r}")

@@ -24,7 +24,7 @@ from rl2fx.returns import (
 from rl2fx.testing.strategies import float_tensors, masks, trajectories
 
 ALL = ["gae", "reinforce", "vtrace", "retrace", "td_lambda", "clipped_is", "multistep",
-       "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+       "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "opo", "gpg", "grpo_passk", "reinforce_pp_baseline"]
 
 
 def test_every_method_is_dispatched_and_importable_from_rl2fx():
@@ -44,6 +44,8 @@ def _inputs(method: str, B: int = 4, T: int = 6) -> dict:
         kw["log_rhos"] = 0.3 * torch.randn(B, T, generator=g)
     if "group_size" in METHODS[method][0]:
         kw["group_size"] = 2
+    if "greedy_rewards" in METHODS[method][1]:
+        kw["greedy_rewards"] = torch.randn(B // 2, generator=g)
     return kw
 
 

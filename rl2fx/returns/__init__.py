@@ -5,7 +5,18 @@ done conventions.
 """
 
 from rl2fx.returns.gae import discounted, gae, n_step, td_lambda
-from rl2fx.returns.group import dr_grpo, grpo, reinforce, reinforce_pp, rloo
+from rl2fx.returns.group import (
+    dr_grpo,
+    gpg,
+    grpo,
+    grpo_passk,
+    opo,
+    reinforce,
+    reinforce_pp,
+    reinforce_pp_baseline,
+    remax,
+    rloo,
+)
 from rl2fx.returns.multistep import multistep
 from rl2fx.returns.offpolicy import clipped_is, retrace, vtrace
 from rl2fx.returns.scan import reverse_scan
@@ -27,6 +38,11 @@ __all__ = [
     "dr_grpo",
     "rloo",
     "reinforce_pp",
+    "remax",
+    "opo",
+    "gpg",
+    "grpo_passk",
+    "reinforce_pp_baseline",
     "whiten",
     "masked_sum",
     "masked_mean",

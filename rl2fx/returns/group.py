@@ -1,4 +1,8 @@
-r"""Critic-free group baselines for LLM post-training: REINFORCE (RL2 style), GRPO, Dr. GRPO, RLOO, REINFORCE++.
+r"""Critic-free group baselines for LLM post-training.
+
+REINFORCE (RL2 style), GRPO, Dr. GRPO, RLOO, REINFORCE++, and the estimators the
+LLM trainers (verl, TRL, OpenRLHF) ship besides: ReMax, OPO, GPG, GRPO pass@k and
+REINFORCE++-baseline.
 
 Layout (shared by every function here):
 
@@ -27,7 +31,18 @@ from rl2fx.returns import _common as C
 from rl2fx.returns.gae import _discounted
 from rl2fx.returns.whiten import whiten
 
-__all__ = ["reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+__all__ = [
+    "reinforce",
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "reinforce_pp",
+    "remax",
+    "opo",
+    "gpg",
+    "grpo_passk",
+    "reinforce_pp_baseline",
+]
 
 
 def _layout(rewards: Tensor, group_size: int, mask: Tensor | None, allow_nonfinite: bool):
@@ -70,6 +85,11 @@ def _std(x: Tensor, dim: int | None = None) -> Tensor:
     return x.std() if dim is None else x.std(dim, keepdim=True)
 
 
+def _same(grouped: Tensor) -> Tensor:
+    """``[n_groups, 1]``: True where every score of the group is identical (a zero-variance group)."""
+    return (grouped == grouped[:, :1]).all(-1, keepdim=True)
+
+
 def _centred(scores: Tensor, group_size: int, norm_std: bool, eps: float | int, global_norm: bool = False) -> Tensor:
     # global statistics are one group spanning the batch
     grouped = scores.view(1, -1) if global_norm else scores.view(-1, group_size)
@@ -78,8 +98,7 @@ def _centred(scores: Tensor, group_size: int, norm_std: bool, eps: float | int, 
         adv = adv / (_std(grouped, -1) + eps)
     # a group of identical scores has mean exactly equal to each score only up to rounding:
     # force the zero so that ties never leak ±eps-scaled noise
-    same = (grouped == grouped[:, :1]).all(-1, keepdim=True)
-    return torch.where(same, 0.0, adv).reshape(-1)
+    return torch.where(_same(grouped), 0.0, adv).reshape(-1)
 
 
 @typechecked
@@ -235,3 +254,242 @@ def reinforce_pp(
     if rewards.ndim == 1 and m is None:
         adv = adv[:, 0]
     return adv.to(rewards.dtype)
+
+
+# ============================================================== estimators shipped by verl / TRL / OpenRLHF
+
+
+@typechecked
+def remax(
+    rewards: Float[Tensor, "batch *steps"],
+    greedy_rewards: Float[Tensor, "*prompts"],
+    group_size: int = 1,
+    *,
+    mask: Shaped[Tensor, "batch mtime"] | None = None,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "batch *out"]:
+    r"""ReMax (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient RL Method for Aligning LLMs", arXiv:2310.10505).
+
+    .. math::  A_i = s_i - s(\hat y_{k(i)}), \qquad \hat y_k = \text{greedy response to prompt } k
+
+    The baseline is the reward of the greedy (argmax-decoded) response to the
+    same prompt, so it costs one extra greedy generation per prompt and no
+    critic. ``greedy_rewards`` holds one reward per prompt, shape
+    ``[batch / group_size]`` (the greedy response's score: its sequence reward,
+    or the sum of its token rewards); each of the ``group_size`` sampled
+    responses of prompt ``k`` is compared with ``greedy_rewards[k]``. A response
+    that scores exactly as the greedy one gets exactly 0. (verl's
+    ``compute_remax_outcome_advantage`` subtracts the baseline from the
+    reward-to-go of token-level rewards; with outcome rewards, the case it is
+    written for, both are the same.)
+
+    >>> import torch
+    >>> remax(torch.tensor([1.0, 0.0, 1.0, 1.0]), greedy_rewards=torch.tensor([1.0, 0.0]), group_size=2)
+    tensor([ 0., -1.,  1.,  1.])
+    """
+    scores, m, dt = _layout(rewards, group_size, mask, allow_nonfinite)
+    n_prompts = scores.shape[0] // group_size
+    if greedy_rewards.shape != (n_prompts,):
+        raise ValueError(
+            f"greedy_rewards must have shape ({n_prompts},): one greedy reward per prompt (batch size "
+            f"{scores.shape[0]} / group_size {group_size}), got shape {tuple(greedy_rewards.shape)}"
+        )
+    C.check_all_finite(allow_nonfinite, greedy_rewards=greedy_rewards)
+    base = greedy_rewards.to(dt).repeat_interleave(group_size)
+    return _spread(scores - base, rewards, m)
+
+
+@typechecked
+def opo(
+    rewards: Float[Tensor, "batch *steps"],
+    group_size: int,
+    *,
+    mask: Shaped[Tensor, "batch mtime"] | None = None,
+    lengths: Shaped[Tensor, "*lbatch"] | None = None,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "batch *out"]:
+    r"""On-Policy RL with Optimal reward baseline (Hao et al. 2025, arXiv:2505.23585).
+
+    .. math::
+
+        b_g = \frac{\sum_{j \in g} l_j\, s_j}{\sum_{j \in g} l_j}, \qquad A_i = s_i - b_{g(i)}
+
+    with :math:`l_j` the length of response :math:`j`. Under the paper's
+    assumption that the squared gradient norm of a response grows with its
+    length, this length-weighted mean is the variance-minimising baseline.
+    Lengths come from ``lengths`` (``[batch]``, >= 0) when given, else from
+    the mask (the number of masked-in tokens), else, for token-level rewards
+    without a mask, every response has the full length ``time`` (the plain
+    group mean); sequence-level ``[batch]`` rewards without a mask need
+    ``lengths``. A group whose lengths are all 0 falls back to the plain mean;
+    identical scores give exactly 0.
+
+    >>> import torch
+    >>> # b = (1*1 + 3*0) / (1 + 3) = 0.25
+    >>> opo(torch.tensor([1.0, 0.0]), group_size=2, lengths=torch.tensor([1, 3]))
+    tensor([ 0.7500, -0.2500])
+    """
+    scores, m, dt = _layout(rewards, group_size, mask, allow_nonfinite)
+    B = scores.shape[0]
+    if lengths is not None:
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have shape ({B},) (one length per response), got {tuple(lengths.shape)}")
+        ln = lengths.to(dt)
+        C.check_all_finite(False, lengths=ln)
+        if bool((ln < 0).any()):
+            raise ValueError(f"lengths must be >= 0, got the value {ln[ln < 0][0].item()!r}")
+    elif m is not None:
+        ln = m.to(dt).sum(-1)
+    elif rewards.ndim == 2:
+        ln = torch.full((B,), float(rewards.shape[-1]), dtype=dt, device=rewards.device)
+    else:
+        raise ValueError(
+            "opo needs the response lengths: pass mask ([batch, time]) or lengths ([batch]) with "
+            "sequence-level [batch] rewards"
+        )
+    g, w = scores.view(-1, group_size), ln.view(-1, group_size)
+    tot = w.sum(-1, keepdim=True)
+    weighted = (w * g).sum(-1, keepdim=True) / torch.where(tot > 0, tot, 1.0)
+    base = torch.where(tot > 0, weighted, g.mean(-1, keepdim=True))
+    adv = torch.where(_same(g), 0.0, g - base).reshape(-1)
+    return _spread(adv, rewards, m)
+
+
+@typechecked
+def gpg(
+    rewards: Float[Tensor, "batch *steps"],
+    group_size: int,
+    *,
+    mask: Shaped[Tensor, "batch mtime"] | None = None,
+    norm_std: bool = False,
+    eps: float | int = 1e-6,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "batch *out"]:
+    r"""Group Policy Gradient (Chu et al. 2025, "GPG: A Simple and Strong RL Baseline", arXiv:2504.02546).
+
+    .. math::
+
+        A_i = \alpha\, \frac{s_i - \operatorname{mean}(s_{g(i)})}{F_{\text{norm}}}, \qquad
+        \alpha = \frac{B}{B - M}
+
+    with :math:`B` the batch size and :math:`M` the number of responses in
+    zero-variance groups (all scores of the prompt equal: their advantage is 0
+    and they carry no gradient). Averaging the loss over all :math:`B`
+    responses would shrink the gradient by :math:`(B-M)/B`; :math:`\alpha`
+    undoes that ("accurate gradient estimation"). :math:`F_{\text{norm}} = 1`
+    by default, or the group std plus ``eps`` with ``norm_std``.
+
+    Differences from verl's ``compute_gpg_outcome_advantage``: verl takes
+    :math:`M` as ``B - count_nonzero(scores)`` (the responses with reward 0,
+    which equals the paper's count only when every non-degenerate group has
+    no 0 reward); this follows the paper. When every group is degenerate
+    (:math:`B = M`) all advantages are 0 and there is no division. :math:`B`
+    and :math:`M` are counted on this batch (one data-parallel rank's share).
+
+    >>> import torch
+    >>> # group 2 is degenerate: M = 2, alpha = 4 / 2
+    >>> gpg(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2)
+    tensor([ 1., -1.,  0.,  0.])
+    """
+    check_range("eps", eps, 0.0, None)
+    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
+    g = scores.view(-1, group_size)
+    same = _same(g)
+    B = scores.shape[0]
+    M = int(same.sum()) * group_size
+    alpha = B / (B - M) if B > M else 1.0
+    adv = g - g.mean(-1, keepdim=True)
+    if norm_std:
+        adv = adv / (_std(g, -1) + eps)
+    adv = torch.where(same, 0.0, alpha * adv).reshape(-1)
+    return _spread(adv, rewards, m)
+
+
+@typechecked
+def grpo_passk(
+    rewards: Float[Tensor, "batch *steps"],
+    group_size: int,
+    *,
+    mask: Shaped[Tensor, "batch mtime"] | None = None,
+    norm_std: bool = True,
+    eps: float | int = 1e-6,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "batch *out"]:
+    r"""GRPO for pass@k (Thrampoulidis et al. 2025, arXiv:2505.15201; verl's ``grpo_passk``).
+
+    .. math::
+
+        A_i = \begin{cases}
+            \dfrac{s_{(1)} - s_{(2)}}{\operatorname{std}(s_{g(i)}) + \epsilon} & i = \arg\max_{j \in g(i)} s_j \\
+            0 & \text{otherwise}
+        \end{cases}
+
+    with :math:`s_{(1)} \ge s_{(2)}` the largest and second-largest scores of the
+    group (no std division without ``norm_std``). Pass@k only rewards the best
+    of :math:`k` samples, so only the best response of each group gets an
+    advantage: its margin over the runner-up. Ties for the maximum give a margin
+    of 0, so the whole group gets 0; the position that would receive it is the
+    first maximal index (``torch.argmax``). Needs ``group_size >= 2``.
+
+    >>> import torch
+    >>> grpo_passk(torch.tensor([0.0, 3.0, 1.0, 2.0, 2.0, 2.0]), group_size=3, norm_std=False)
+    tensor([0., 2., 0., 0., 0., 0.])
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for grpo_passk (it needs a runner-up), got {group_size}")
+    check_range("eps", eps, 0.0, None)
+    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
+    g = scores.view(-1, group_size)
+    top2 = g.topk(2, dim=-1).values  # values only: which tied index topk picks does not matter
+    gap = (top2[:, 0] - top2[:, 1]).unsqueeze(-1)
+    if norm_std:
+        gap = torch.where(gap == 0, 0.0, gap / (_std(g, -1) + eps))
+    best = g.argmax(-1, keepdim=True)  # first maximal index
+    adv = torch.zeros_like(g).scatter(-1, best, gap).reshape(-1)
+    return _spread(adv, rewards, m)
+
+
+@typechecked
+def reinforce_pp_baseline(
+    rewards: Float[Tensor, "batch *steps"],
+    group_size: int,
+    *,
+    mask: Shaped[Tensor, "batch mtime"] | None = None,
+    group: Any = None,
+    eps: float | int = 1e-8,
+    allow_nonfinite: bool = False,
+) -> Float[Tensor, "batch *out"]:
+    r"""REINFORCE++-baseline (Hu 2025, arXiv:2501.03262; verl's ``reinforce_plus_plus_baseline``).
+
+    .. math::
+
+        \tilde A_{i,t} = s_i - \operatorname{mean}(s_{g(i)}) \ \text{ on every masked-in token}, \qquad
+        A_{i,t} = \frac{\tilde A_{i,t} - \mu_{\text{batch}}}{\sqrt{\sigma^2_{\text{batch}} + \epsilon}}
+
+    The group mean removes the prompt's difficulty, the whitening over every
+    masked-in token of the batch (across the ranks of ``group``, a
+    ``torch.distributed`` process group, when given) fixes the scale. Unlike
+    :func:`reinforce_pp` with ``group_size > 1`` the outcome score, not the
+    per-token reward-to-go, is broadcast to the tokens (the two agree for
+    outcome rewards on the last token and ``gamma = 1``). A group of a single
+    response has baseline 0, as in verl. Whitening shifts by the batch mean, so
+    a zero-variance group gets exactly 0 only when every group is degenerate;
+    otherwise it gets :math:`-\mu_{\text{batch}}/\sigma`, which is 0 (up to
+    rounding) for sequence-level rewards without a mask but not when responses
+    of different lengths weight the token mean.
+
+    >>> import torch
+    >>> reinforce_pp_baseline(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2)
+    tensor([ 1.2247, -1.2247,  0.0000,  0.0000])
+    """
+    check_range("eps", eps, 0.0, None)
+    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
+    if group_size > 1:
+        g = scores.view(-1, group_size)
+        centred = torch.where(_same(g), 0.0, g - g.mean(-1, keepdim=True)).reshape(-1)
+    else:
+        centred = scores
+    if rewards.ndim == 1 and m is None:
+        return whiten(centred, group=group, eps=eps).to(rewards.dtype)
+    tok = C.masked_out(centred.unsqueeze(-1).expand(rewards.shape if m is None else m.shape), m)
+    return whiten(tok, m, group=group, eps=eps).to(rewards.dtype)

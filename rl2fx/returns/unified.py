@@ -26,7 +26,18 @@ from torch import Tensor
 from rl2fx._typing import check_choice
 from rl2fx.returns import _common as C
 from rl2fx.returns.gae import discounted, gae, td_lambda
-from rl2fx.returns.group import dr_grpo, grpo, reinforce, reinforce_pp, rloo
+from rl2fx.returns.group import (
+    dr_grpo,
+    gpg,
+    grpo,
+    grpo_passk,
+    opo,
+    reinforce,
+    reinforce_pp,
+    reinforce_pp_baseline,
+    remax,
+    rloo,
+)
 from rl2fx.returns.multistep import multistep
 from rl2fx.returns.offpolicy import clipped_is, retrace, vtrace
 
@@ -58,6 +69,12 @@ METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]] = {
     "rloo": (("rewards", "group_size", "mask") + _COMMON, ("rewards", "group_size"), {}),
     "reinforce_pp": (("rewards", "group_size", "mask", "gamma", "group", "eps") + _SCAN + _COMMON,
                      ("rewards",), {}),
+    "remax": (("rewards", "greedy_rewards", "group_size", "mask") + _COMMON, ("rewards", "greedy_rewards"), {}),
+    "opo": (("rewards", "group_size", "mask", "lengths") + _COMMON, ("rewards", "group_size"), {}),
+    "gpg": (("rewards", "group_size", "mask", "norm_std", "eps") + _COMMON, ("rewards", "group_size"), {}),
+    "grpo_passk": (("rewards", "group_size", "mask", "norm_std", "eps") + _COMMON, ("rewards", "group_size"), {}),
+    "reinforce_pp_baseline": (("rewards", "group_size", "mask", "group", "eps") + _COMMON,
+                              ("rewards", "group_size"), {}),
 }
 
 
@@ -159,6 +176,11 @@ _RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Tensor]]] = {
     "dr_grpo": _group_runner(dr_grpo),
     "rloo": _group_runner(rloo),
     "reinforce_pp": _group_runner(reinforce_pp, gamma_key=True),
+    "remax": _group_runner(remax),
+    "opo": _group_runner(opo),
+    "gpg": _group_runner(gpg),
+    "grpo_passk": _group_runner(grpo_passk),
+    "reinforce_pp_baseline": _group_runner(reinforce_pp_baseline),
 }
 
 
@@ -166,10 +188,12 @@ def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
     r"""Compute advantages and value targets with the named estimator.
 
     ``method`` is one of ``gae, td_lambda, vtrace, retrace, clipped_is, multistep,
-    reinforce, grpo, dr_grpo, rloo, reinforce_pp``; keyword arguments are those of
-    the estimator (``rewards``, ``values``, ``mask``, ``gamma``, ``lamda``,
-    ``log_rhos``/``logps``+``old_logps``, ``group_size``, ...). What each method
-    returns under ``"returns"``:
+    reinforce, grpo, dr_grpo, rloo, reinforce_pp, remax, opo, gpg, grpo_passk,
+    reinforce_pp_baseline``; keyword arguments are those of the estimator
+    (``rewards``, ``values``, ``mask``, ``gamma``, ``lamda``,
+    ``log_rhos``/``logps``+``old_logps``, ``group_size``, ``greedy_rewards`` for
+    ``remax``, ``lengths`` for ``opo``, ...). What each method returns under
+    ``"returns"``:
 
     * ``gae``, ``td_lambda``, ``clipped_is``: the λ-returns (``clipped_is``
       re-weights only the advantages);
@@ -188,6 +212,9 @@ def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
     (tensor([0.5000, 0.5000]), tensor([1., 1.]))
     >>> advantages("grpo", rewards=torch.tensor([1.0, 0.0]), group_size=2)["advantages"]
     tensor([ 0.7071, -0.7071])
+    >>> advantages("remax", rewards=torch.tensor([1.0, 0.0]), greedy_rewards=torch.tensor([0.5]),
+    ...            group_size=2)["advantages"]
+    tensor([ 0.5000, -0.5000])
     """
     check_choice("method", method, list(METHODS))
     accepted, required, defaults = METHODS[method]
@@ -221,11 +248,41 @@ _DATA_KEYS = {
 }
 
 
+#: per-dict key of ReMax's greedy-response reward (a float or 0-d tensor, the same for every dict of a prompt)
+GREEDY_KEY = "greedy_reward"
+
+
 def _pad(seqs: list[Tensor], T: int) -> Tensor:
     out = seqs[0].new_zeros((len(seqs), T))
     for i, s in enumerate(seqs):
         out[i, : s.shape[0]] = s
     return out
+
+
+def _greedy_from_dicts(data_list: list[dict[str, Any]], params: dict[str, Any], batch: dict[str, Any]) -> None:
+    """ReMax's baselines from the dicts' ``greedy_reward`` (one value per prompt, repeated on its responses)."""
+    has = [GREEDY_KEY in d for d in data_list]
+    if not any(has):
+        return
+    if "greedy_rewards" in params:
+        raise ValueError(f"pass greedy_rewards as a parameter or as {GREEDY_KEY!r} in the data dicts, not both")
+    if not all(has):
+        raise ValueError(f"data_list[{has.index(False)}] lacks {GREEDY_KEY!r}, which other sequences have")
+    g = torch.as_tensor([float(d[GREEDY_KEY]) for d in data_list], dtype=batch["rewards"].dtype,
+                        device=batch["rewards"].device)
+    k = int(params.get("group_size", 1))
+    if k < 1 or g.numel() % k:
+        batch["greedy_rewards"] = g  # remax reports the bad group_size / batch size itself
+        return
+    grouped = g.view(-1, k)
+    differs = (grouped != grouped[:, :1]).any(-1)
+    if bool(differs.any()):
+        p = int(differs.nonzero()[0, 0])
+        raise ValueError(
+            f"the {k} dicts of prompt {p} (data_list[{p * k}:{(p + 1) * k}]) carry different {GREEDY_KEY!r} "
+            f"values {grouped[p].tolist()}: there is one greedy response per prompt"
+        )
+    batch["greedy_rewards"] = grouped[:, 0]
 
 
 def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "gae", **params: Any) -> list[dict[str, Any]]:
@@ -239,7 +296,11 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
     ``returns`` (each of the sequence's own length) are written into every dict.
     The list is returned. ``params`` are the method's hyper-parameters
     (``gamma``, ``lamda``, ``rho_bar``, ``c_bar``, ``group_size``, ...). For group
-    methods the dicts of one prompt must be contiguous.
+    methods the dicts of one prompt must be contiguous. For ``remax`` each dict
+    carries ``greedy_reward`` (the reward of its prompt's greedy response, the
+    same value in every dict of the prompt), or ``greedy_rewards``
+    ``[n_prompts]`` is passed as a parameter. ``opo`` takes the response lengths
+    from the (action) mask.
 
     >>> import torch
     >>> data = [{"rewards": torch.tensor([0.0, 1.0]), "values": torch.tensor([0.5, 0.5])},
@@ -247,6 +308,10 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
     >>> out = compute_advantages_unified(data, method="gae", gamma=1.0, lamda=1.0)
     >>> out[0]["advantages"], out[1]["advantages"]
     (tensor([0.5000, 0.5000]), tensor([1.]))
+    >>> data = [{"rewards": torch.tensor([0.0, 1.0]), "greedy_reward": 0.5},
+    ...         {"rewards": torch.tensor([0.0]), "greedy_reward": 0.5}]
+    >>> [d["advantages"] for d in compute_advantages_unified(data, method="remax", group_size=2)]
+    [tensor([0.5000, 0.5000]), tensor([-0.5000])]
     """
     check_choice("method", method, list(METHODS))
     if not data_list:
@@ -282,6 +347,8 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
         batch[arg] = _pad(seqs, T)
     valid = torch.arange(T, device=batch["rewards"].device) < torch.tensor(lengths, device=batch["rewards"].device)[:, None]
     batch["mask"] = valid if "mask" not in batch else (batch["mask"] & valid)
+    if "greedy_rewards" in accepted:
+        _greedy_from_dicts(data_list, params, batch)
     out = advantages(method, **batch, **params)
     adv, ret = out["advantages"], out["returns"]
     for d, n, a, r in zip(data_list, lengths, adv, ret, strict=True):

@@ -43,6 +43,11 @@ __all__ = [
     "ref_rloo",
     "ref_reinforce_pp",
     "ref_whiten",
+    "ref_remax",
+    "ref_opo",
+    "ref_gpg",
+    "ref_grpo_passk",
+    "ref_reinforce_pp_baseline",
 ]
 
 Row = dict[str, list[float]]
@@ -397,3 +402,78 @@ def ref_reinforce_pp(rewards, group_size=1, *, gamma=1.0, mask=None, eps=1e-8):
     if rewards.ndim == 1 and mask is None:
         return out[:, 0]
     return out
+
+
+def ref_remax(rewards, greedy_rewards, group_size=1, *, mask=None):
+    r"""ReMax (Li et al. 2023): :math:`A_i = s_i - s(\hat y_{k(i)})`, the greedy response's reward of prompt k."""
+    s = _scores(rewards, mask)
+    greedy = greedy_rewards.detach().to(torch.float64).tolist()
+    adv = [s[i] - greedy[i // group_size] for i in range(len(s))]
+    return _spread(adv, rewards, mask)
+
+
+def ref_opo(rewards, group_size, *, mask=None, lengths=None):
+    r"""OPO (Hao et al. 2025): :math:`A_i = s_i - \sum_j l_j s_j / \sum_j l_j` over the group."""
+    s = _scores(rewards, mask)
+    if lengths is not None:
+        ls = [float(x) for x in lengths.tolist()]
+    elif mask is not None:
+        ls = [float(sum(1 for v in row if v)) for row in mask.tolist()]
+    else:
+        ls = [float(rewards.shape[-1])] * len(s)
+    adv = []
+    for k in range(0, len(s), group_size):
+        grp, w = s[k : k + group_size], ls[k : k + group_size]
+        if all(x == grp[0] for x in grp):
+            adv += [0.0] * len(grp)
+            continue
+        tot = sum(w)
+        b = sum(a * c for a, c in zip(w, grp, strict=True)) / tot if tot > 0 else _mean(grp)
+        adv += [x - b for x in grp]
+    return _spread(adv, rewards, mask)
+
+
+def ref_gpg(rewards, group_size, *, mask=None, norm_std=False, eps=1e-6):
+    r"""GPG (Chu et al. 2025): :math:`A_i = \frac{B}{B-M}(s_i - \bar s_g)/F`, M = responses in zero-variance groups."""
+    s = _scores(rewards, mask)
+    groups = _groups(s, group_size)
+    degenerate = [all(x == g[0] for x in g) for g in groups]
+    B, M = len(s), sum(len(g) for g, d in zip(groups, degenerate, strict=True) if d)
+    alpha = B / (B - M) if B > M else 1.0
+    adv = []
+    for g, d in zip(groups, degenerate, strict=True):
+        f = (_std(g) + eps) if norm_std else 1.0
+        adv += [0.0 if d else alpha * (x - _mean(g)) / f for x in g]
+    return _spread(adv, rewards, mask)
+
+
+def ref_grpo_passk(rewards, group_size, *, mask=None, norm_std=True, eps=1e-6):
+    r"""GRPO pass@k (Thrampoulidis et al. 2025): the first best response gets :math:`s_{(1)} - s_{(2)}`, others 0."""
+    s = _scores(rewards, mask)
+    adv = []
+    for g in _groups(s, group_size):
+        best = 0
+        for j in range(1, len(g)):
+            if g[j] > g[best]:
+                best = j
+        second = max(x for j, x in enumerate(g) if j != best)
+        gap = g[best] - second
+        if norm_std and gap != 0:
+            gap = gap / (_std(g) + eps)
+        adv += [gap if j == best else 0.0 for j in range(len(g))]
+    return _spread(adv, rewards, mask)
+
+
+def ref_reinforce_pp_baseline(rewards, group_size, *, mask=None, eps=1e-8):
+    r"""REINFORCE++-baseline (Hu 2025): score minus group mean (0 for a single response) on every masked-in
+    token, whitened over the batch's masked-in tokens."""
+    s = _scores(rewards, mask)
+    centred = []
+    for g in _groups(s, group_size):
+        mu = _mean(g) if len(g) > 1 else 0.0
+        centred += [x - mu for x in g]
+    tok = _spread(centred, rewards, mask)
+    if rewards.ndim == 1 and mask is None:
+        return ref_whiten(tok, eps=eps)
+    m = torch.ones_like(tok) if mask is None else (mask != 0).to(torch.float64)
+    return ref_whiten(tok, m, eps=eps)
