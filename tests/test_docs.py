@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = sorted(DOCS.rglob("*.md"))  # with the generated docs/ablations/*.md
 RUNNABLE = ["guide.md", "cli.md", "index.md"]
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.S | re.M)
@@ -55,7 +55,7 @@ def _links(path: Path) -> list[str]:
     return _LINK.findall(_strip_code(path.read_text(encoding="utf-8")))
 
 
-@pytest.mark.parametrize("page", [*PAGES, ROOT / "README.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_and_images_resolve(page):
     bad = []
     for target in _links(page):
