@@ -271,6 +271,10 @@ def run_ablation(
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     base = str(config) if config is not None else DEFAULT_CONFIG
     user = dict(_parse_override(o) for o in overrides)
+    for key in ("trainer.seed", "model.seed", "trainer.output_dir"):
+        if key in user:
+            raise ValueError(f"override {key!r} is set by rl2fx ablate for every run (seeds: --seeds; "
+                             f"checkpoints: a temporary folder); remove it")
     steps = int(user.get("trainer.total_steps", DEFAULT_STEPS[name]))
     all_arms = ablation_arms(name, total_steps=steps)
     if arms is not None:
@@ -294,20 +298,30 @@ def run_ablation(
     results: dict[tuple[str, int], dict[str, Any]] = {}
     bar = tqdm(total=len(jobs), desc=f"ablate {name}", disable=not show_progress_bar, dynamic_ncols=True)
     try:
+        def done(arm: str, s: int, res: dict[str, Any]) -> None:
+            results[(arm, s)] = res
+            bar.set_postfix_str(f"{arm} seed {s}: reward {res['reward_end']:.3f}")
+            bar.update(1)
+
         if workers == 1:
             for arm, s, over in jobs:
-                results[(arm, s)] = run_one(base, over)
-                bar.set_postfix_str(f"{arm} seed {s}: reward {results[(arm, s)]['reward_end']:.3f}")
-                bar.update(1)
+                try:
+                    res = run_one(base, over)
+                except Exception as e:
+                    raise RuntimeError(f"ablation {name!r}: run of arm {arm!r}, seed {s} failed: {e}") from e
+                done(arm, s, res)
         else:
             # spawn: fresh interpreters, no forked torch thread pools
             with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
                 futs = {pool.submit(_job, (base, over)): (arm, s) for arm, s, over in jobs}
                 for fut in cf.as_completed(futs):
                     arm, s = futs[fut]
-                    results[(arm, s)] = fut.result()
-                    bar.set_postfix_str(f"{arm} seed {s}: reward {results[(arm, s)]['reward_end']:.3f}")
-                    bar.update(1)
+                    try:
+                        res = fut.result()
+                    except Exception as e:
+                        pool.shutdown(wait=True, cancel_futures=True)  # the runs not started yet
+                        raise RuntimeError(f"ablation {name!r}: run of arm {arm!r}, seed {s} failed: {e}") from e
+                    done(arm, s, res)
     finally:
         bar.close()
     total_wall = time.perf_counter() - t0

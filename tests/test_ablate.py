@@ -57,6 +57,8 @@ def test_bad_input_is_rejected_before_anything_runs(tmp_path):
         run_ablation("kl", arms=["exponentiall"], out_dir=tmp_path)
     with pytest.raises(ValueError, match="actor.lrr"):
         run_ablation("kl", overrides=["actor.lrr=1"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="'trainer.seed' is set by rl2fx ablate"):
+        run_ablation("kl", overrides=["trainer.seed=3"], out_dir=tmp_path)
     with pytest.raises(ValueError, match="trainer.total_steps"):
         run_ablation("kl", overrides=["trainer.total_steps=0"], out_dir=tmp_path)
     assert not list(tmp_path.iterdir())
@@ -125,3 +127,11 @@ def test_process_pool_matches_inline_run(tmp_path):
         assert (p["arm"], p["seed"]) == (i["arm"], i["seed"])
         assert p["reward_curve"] == i["reward_curve"] and p["kl_curve"] == i["kl_curve"]
         assert p["torch_threads"] == 1
+
+
+def test_a_failing_run_names_its_arm_and_seed(tmp_path):
+    # passes the config validation, fails inside PPOTrainer (no such local model)
+    with pytest.raises(RuntimeError, match=r"arm 'no_kl', seed 0 failed"):
+        run_ablation("kl", seeds=1, arms=["no_kl"], out_dir=tmp_path, workers=1, show_progress_bar=False,
+                     overrides=[f"actor.model_name={tmp_path / 'no_model'}"])
+    assert not list(tmp_path.iterdir())
