@@ -1,7 +1,7 @@
 """The documentation: links and images resolve, the nav matches the pages, the site builds
 strictly, and the Python examples of the guide and the CLI page run.
 
-Convention for runnable examples: in ``docs/guide.md``, ``docs/cli.md`` and ``docs/index.md`` every fenced
+Convention for runnable examples: in ``docs/guide.md``, ``docs/cli.md`` and ``docs/index.md`` (and README.md) every fenced
 ```` ```python ```` block is executed (each in a fresh namespace, in a temporary working
 directory) unless the line before it is ``<!-- no-run -->``.
 """
@@ -123,10 +123,11 @@ def _python_blocks(path: Path) -> list[tuple[int, str]]:
 
 
 EXAMPLES = [(name, line, code) for name in RUNNABLE for line, code in _python_blocks(DOCS / name)]
+EXAMPLES += [("../README.md", line, code) for line, code in _python_blocks(ROOT / "README.md")]
 
 
 def test_runnable_pages_have_examples():
-    assert {n for n, _, _ in EXAMPLES} == set(RUNNABLE)
+    assert {n for n, _, _ in EXAMPLES} == {*RUNNABLE, "../README.md"}
 
 
 @pytest.mark.parametrize("name, line, code", EXAMPLES, ids=[f"{n}:{ln}" for n, ln, _ in EXAMPLES])
