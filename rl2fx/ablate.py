@@ -382,8 +382,9 @@ def format_table(out: dict[str, Any]) -> str:
         f"Final reward = mean task reward over the last {min(w, out['total_steps'])} steps "
         "(`trainer.summary_window`); "
         f"final KL = mean KL(policy ‖ reference) per token over the same steps; mean ± sample std "
-        f"over {len(out['seeds'])} seed(s). Chance level of the task (uniform over the vocabulary): "
-        f"**{out['chance_reward']:.3f}**.",
+        f"over {len(out['seeds'])} seed(s); wall time of each run while {out['workers']} ran at once (the first "
+        f"run in each process also pays one-time start-up). Chance level of the task (uniform over the "
+        f"vocabulary): **{out['chance_reward']:.3f}**.",
         "",
         "| arm | final reward | final KL | wall time per run (s) |",
         "|---|---|---|---|",
@@ -412,14 +413,15 @@ def _plot(out: dict[str, Any], path: Path) -> None:
 
     k = _smooth_window(out)
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for s in out["summary"]:
+    styles = ["-", "--", "-.", ":"]  # arms that coincide stay visible
+    for i, s in enumerate(out["summary"]):
         curves = np.array([r["reward_curve"] for r in out["runs"] if r["arm"] == s["arm"]])
         if k > 1:
             kern = np.ones(k) / k
             curves = np.array([np.convolve(c, kern, mode="valid") for c in curves])
         x = np.arange(curves.shape[1]) + k
         m, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
-        (line,) = ax.plot(x, m, label=s["arm"], lw=1.4)
+        (line,) = ax.plot(x, m, label=s["arm"], lw=1.5, ls=styles[i % len(styles)])
         ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
     ax.set_xlabel("training step")
