@@ -4,8 +4,19 @@ Every sub-command takes dotted config overrides (``actor.lr=1e-5 adv.estimator=g
 and an optional ``--config`` (a YAML path, or the name of a shipped config such as
 ``demo`` or ``ppo``). Bad input ends with a one-line error and exit status 2.
 
->>> main(["config", "show", "--config", "ppo", "adv.estimator=grpo"]) == 0  # doctest: +SKIP
+Exit status: 0 on success, 2 for bad input (unknown sub-command or ablation name,
+unknown config key, bad value, missing config file), or a benchmark script's own
+non-zero status.
+
+>>> main(["config", "show", "--config", "ppo", "adv.estimator=grpo"]) == 0  # doctest: +ELLIPSIS
+data:
+...
+adv:
+  estimator: grpo
+...
 True
+>>> main(["config", "show", "actor.lrr=1"])
+2
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 BENCH_AREAS = ("returns", "pareto", "tuning", "control", "memory")
 
@@ -40,11 +52,9 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rl2fx.train import PPOTrainer
+    from rl2fx.train import run
 
-    metrics = PPOTrainer(_load(args)).train()
-    for k, v in sorted(metrics.items()):
-        print(f"{k}: {v}")
+    run(_load(args))  # prints the end-of-run summary
     return 0
 
 
@@ -61,8 +71,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from rl2fx.ablate import run_ablation
 
-    run_ablation(args.name, seeds=args.seeds, out_dir=args.out, overrides=tuple(args.overrides),
-                 config=_resolve_config(args.config))
+    arms = [a for a in args.arms.split(",") if a] if args.arms is not None else None
+    out = run_ablation(args.name, seeds=args.seeds, out_dir=args.out, overrides=tuple(args.overrides),
+                       config=args.config, arms=arms, workers=args.workers)
+    print(Path(args.out, f"{args.name}.md").read_text(), end="")
+    print(f"wrote {args.out}/{args.name}.md, .json and .png ({out['total_wall_time_s'] / 60:.1f} min)")
     return 0
 
 
@@ -88,41 +101,64 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default_help: str = "the spec's defaults (ppo)") -> None:
     p.add_argument("--config", default=None,
-                   help="YAML file, or a shipped config name (ppo, demo); default: the spec's defaults")
+                   help=f"YAML file, or a shipped config name (ppo, demo); default: {default_help}")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-5 adv.estimator=grpo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rl2fx", description="rl2fx: RL for LLM post-training.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``rl2fx <cmd>: error: ...``."""
 
-    p = sub.add_parser("train", help="train with PPOTrainer on the configured task")
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rl2fx`` argument parser (every sub-command and its options)."""
+    parser = _Parser(prog="rl2fx", description="rl2fx: RL for LLM post-training.",
+                     epilog="Exit status: 0 ok, 2 bad input (one-line error on stderr).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train with PPOTrainer on the configured task",
+                       description="Train with PPOTrainer (rollouts, rewards, advantages, PPO updates, "
+                                   "checkpoints, tracking) and print the end-of-run summary.")
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("tune", help="hyperparameter search over PPO training runs (the hyperopt section)")
+    p = sub.add_parser("tune", help="hyperparameter search over PPO training runs (the hyperopt section)",
+                       description="Run the config's hyperopt section: each trial is a training run with the "
+                                   "trial's parameters as overrides, objective = final mean reward. Resumes the "
+                                   "study found in hyperopt.save_dir.")
     _add_config_args(p)
     p.set_defaults(func=_cmd_tune)
 
     from rl2fx.ablate_names import ABLATIONS
 
-    p = sub.add_parser("ablate", help="run a documented ablation and write its table and plot")
-    p.add_argument("name", choices=ABLATIONS, help="which ablation")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    p = sub.add_parser("ablate", help="run a documented ablation and write its table and plot",
+                       description="Run one ablation of the demo task over several seeds and write "
+                                   "<out>/<name>.md (table), .json (every run) and .png (reward curves). "
+                                   "Overrides apply on top of every arm (trainer.total_steps=5 for a quick look).")
+    p.add_argument("name", choices=ABLATIONS, help="which ablation: " + ", ".join(ABLATIONS))
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
     p.add_argument("--out", default="docs/ablations", help="output folder (default docs/ablations)")
-    _add_config_args(p)
+    p.add_argument("--arms", default=None, help="comma-separated subset of the arms (default all)")
+    p.add_argument("--workers", type=int, default=2, help="runs at once, one process each (default 2)")
+    _add_config_args(p, default_help="the shipped demo config")
     p.set_defaults(func=_cmd_ablate)
 
-    p = sub.add_parser("bench", help="run benchmarks (from the repository root)")
-    p.add_argument("area", nargs="?", choices=BENCH_AREAS, help="one area; default all")
+    p = sub.add_parser("bench", help="run benchmarks (from the repository root)",
+                       description="Run benchmarks/<area>.py (all areas by default) from the repository root; "
+                                   "each prints its table and writes benchmarks/results/<area>.json.")
+    p.add_argument("area", nargs="?", choices=BENCH_AREAS, help="one area (" + ", ".join(BENCH_AREAS) + "); default all")
     p.add_argument("--quick", action="store_true", help="small sizes for a fast look")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("config", help="configuration tools")
-    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
-    s = csub.add_parser("show", help="print the resolved configuration as YAML")
+    p = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
+    s = csub.add_parser("show", help="print the resolved configuration as YAML",
+                        description="Print the configuration after loading --config and applying the "
+                                    "overrides, validated against the schema, as YAML.")
     _add_config_args(s)
     s.set_defaults(func=_cmd_config_show)
     return parser
@@ -131,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rl2fx`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds a nargs="*" positional early (``ablate kl --seeds 1 a=b`` leaves
+    # ``a=b`` over), so overrides after the options arrive here
+    if extra and hasattr(args, "overrides") and not any(x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:

@@ -121,8 +121,8 @@ def test_ppo_space_is_sensible():
     names = [c.name for c in cfgs]
     assert len(set(names)) == len(names)
     for key in ("actor.lr", "actor.clip", "adv.gamma", "adv.lamda", "actor.kl.adaptive_kl.target_kl",
-                "actor.kl.adaptive_kl.initial_coef", "actor.entropy_coef", "data.prompts_per_rollout",
-                "actor.update_per_rollout"):
+                "actor.kl.adaptive_kl.initial_coef", "trainer.entropy_coef", "data.prompts_per_rollout",
+                "trainer.update_epochs"):
         assert key in names
     by = {c.name: c for c in cfgs}
     assert by["actor.lr"].log and by["actor.lr"].low > 0

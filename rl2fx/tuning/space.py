@@ -289,12 +289,12 @@ def create_ppo_hyperparameter_configs() -> list[HyperparameterConfig]:
     - ``actor.kl.adaptive_kl.initial_coef`` float, log [1e-3, 1.0], default 0.2: the
       KL penalty's starting β (Ziegler et al. 2019 started at 0.1-0.2); the controller
       adapts it, so only its scale matters.
-    - ``actor.entropy_coef`` float, log [1e-5, 1e-2], default 1e-3: an entropy bonus
+    - ``trainer.entropy_coef`` float, log [1e-5, 1e-2], default 1e-3: an entropy bonus
       above ~1e-2 makes LM policies drift into gibberish, below 1e-5 it does nothing.
     - ``data.prompts_per_rollout`` (batch size) categorical [8, 16, 32, 64, 128],
       default 32: powers of two keep tensor shapes efficient; categorical because only
       these values are used in practice.
-    - ``actor.update_per_rollout`` (PPO epochs) int [1, 4], default 1: more than a few
+    - ``trainer.update_epochs`` (PPO epochs) int [1, 4], default 1: more than a few
       epochs over one rollout drives the policy outside the trust region (clip fraction
       and KL blow up), which is why LLM PPO uses 1-4.
 
@@ -311,7 +311,7 @@ def create_ppo_hyperparameter_configs() -> list[HyperparameterConfig]:
         HyperparameterConfig("adv.lamda", "float", low=0.9, high=1.0, default=0.95),
         HyperparameterConfig("actor.kl.adaptive_kl.target_kl", "float", low=1e-3, high=1e-1, default=0.01, log=True),
         HyperparameterConfig("actor.kl.adaptive_kl.initial_coef", "float", low=1e-3, high=1.0, default=0.2, log=True),
-        HyperparameterConfig("actor.entropy_coef", "float", low=1e-5, high=1e-2, default=1e-3, log=True),
+        HyperparameterConfig("trainer.entropy_coef", "float", low=1e-5, high=1e-2, default=1e-3, log=True),
         HyperparameterConfig("data.prompts_per_rollout", "categorical", choices=[8, 16, 32, 64, 128], default=32),
-        HyperparameterConfig("actor.update_per_rollout", "int", low=1, high=4, default=1),
+        HyperparameterConfig("trainer.update_epochs", "int", low=1, high=4, default=1),
     ]

@@ -1,0 +1,433 @@
+"""Reproducible ablations of the demo task: ``rl2fx ablate estimators | kl | pareto``.
+
+An ablation is a list of *arms* (named sets of config overrides) run on the
+shipped demo configuration (GRPO on digit reversal with a tiny random Llama)
+for several seeds each. Every arm × seed is one :class:`~rl2fx.train.PPOTrainer`
+run in its own process (``ProcessPoolExecutor``, one torch thread per run),
+with tracking, memory profiling and the per-run progress bar off. Seed ``s``
+sets ``trainer.seed=s`` and ``model.seed=s`` (prompts, samples and the initial
+weights), so a run is a pure function of its config and seed.
+
+Written to ``out_dir``:
+
+* ``<name>.md``: the reproducing command, machine, date, and a table of mean ±
+  sample standard deviation over seeds of the final reward (mean task reward over
+  the last ``trainer.summary_window`` steps), the final KL to the reference
+  (same window), and the wall time per run, plus the task's chance level;
+* ``<name>.json``: every run's numbers and reward/KL curves, and all overrides;
+* ``<name>.png``: reward curves per arm, mean over seeds with a ±1 std band.
+
+>>> [a for a, _ in ablation_arms("kl", total_steps=100)][:3]
+['no_kl', 'fixed', 'exponential']
+>>> dict(ablation_arms("estimators", total_steps=100))["clipped_is"]
+{'adv.estimator': 'clipped_is', 'critic.enabled': True}
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rl2fx.ablate_names import ABLATIONS
+
+__all__ = ["ABLATIONS", "ESTIMATOR_ARMS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_ablation", "run_one"]
+
+#: Estimators compared by ``rl2fx ablate estimators`` (adding one is adding its name here).
+ESTIMATOR_ARMS: tuple[str, ...] = (
+    "gae",
+    "td_lambda",
+    "vtrace",
+    "retrace",
+    "multistep",
+    "clipped_is",
+    "reinforce",
+    "grpo",
+    "dr_grpo",
+    "rloo",
+    "reinforce_pp",
+)
+
+#: Default ``trainer.total_steps`` per ablation, chosen so that each default run
+#: (3 seeds, 2 worker processes) takes about 10 minutes on 2 idle CPU cores.
+DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "pareto": 400}
+
+DEFAULT_CONFIG = "demo"
+
+# Estimators that read values, hence need the critic; clipped_is is not in
+# rl2fx.config.VALUE_ESTIMATORS (it does not switch the critic on by itself).
+_NEEDS_CRITIC = ("gae", "td_lambda", "vtrace", "retrace", "multistep", "clipped_is")
+
+# Every run: no tracking, no memory profile, no inner progress bar, one thread.
+_RUN_OVERRIDES = {
+    "experiment_tracking.enabled": False,
+    "memory_optimization.profiling.enabled": False,
+    "trainer.progress_bar": False,
+    "trainer.num_threads": 1,
+    "trainer.save_interval": 0,
+    "trainer.resume_from": None,
+}
+
+_AK = "actor.kl.adaptive_kl"
+_MO = "multi_objective"
+# The demo's KL budget (its adaptive controller's target).
+_DEMO_TARGET_KL = 0.5
+# Weights for the Pareto arms: reward first, KL penalised (kl_penalty = -KL is
+# maximised, so its weight is positive), a small entropy bonus.
+_PARETO_WEIGHTS = {"reward": 1.0, "kl_penalty": 0.1, "entropy": 0.01}
+
+
+def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, Any]]]:
+    """The arms of ablation ``name``: ``(arm name, dotted overrides)`` in table order.
+
+    ``total_steps`` is needed by the scheduled KL arm, whose schedule spans the run.
+    """
+    if name not in ABLATIONS:
+        raise ValueError(f"ablation name must be one of {list(ABLATIONS)}, got {name!r}")
+    if name == "estimators":
+        return [(e, {"adv.estimator": e, **({"critic.enabled": True} if e in _NEEDS_CRITIC else {})})
+                for e in ESTIMATOR_ARMS]
+    if name == "kl":
+        ctl = {f"{_AK}.enabled": True}
+        return [
+            ("no_kl", {f"{_AK}.enabled": False, "actor.kl.coef": 0.0}),
+            ("fixed", {**ctl, f"{_AK}.controller_type": "fixed"}),
+            ("exponential", {**ctl, f"{_AK}.controller_type": "exponential"}),
+            ("linear", {**ctl, f"{_AK}.controller_type": "linear"}),
+            ("proportional", {**ctl, f"{_AK}.controller_type": "proportional"}),
+            ("pid", {**ctl, f"{_AK}.controller_type": "pid"}),
+            ("schedule", {**ctl, f"{_AK}.controller_type": "schedule", f"{_AK}.schedule_type": "cosine",
+                          f"{_AK}.schedule_steps": int(total_steps)}),
+            ("lagrangian", {f"{_AK}.enabled": False, "actor.kl.coef": 0.0,
+                            "actor.kl.constraint_optimization.enabled": True,
+                            "actor.kl.constraint_optimization.kl_constraint": _DEMO_TARGET_KL}),
+        ]
+    mo = {f"{_MO}.enabled": True, f"{_MO}.objective_weights": dict(_PARETO_WEIGHTS)}
+    return [
+        ("ppo_loss", {f"{_MO}.enabled": False}),
+        ("weighted_sum", {**mo, f"{_MO}.pareto_method": "weighted_sum"}),
+        ("weighted_sum_kl1", {**mo, f"{_MO}.pareto_method": "weighted_sum",
+                              f"{_MO}.objective_weights": {**_PARETO_WEIGHTS, "kl_penalty": 1.0}}),
+        ("tchebycheff", {**mo, f"{_MO}.pareto_method": "tchebycheff"}),
+        ("pareto_dominance", {**mo, f"{_MO}.pareto_method": "pareto_dominance"}),
+        ("hypervolume", {**mo, f"{_MO}.pareto_method": "hypervolume"}),
+    ]
+
+
+_ARM_NOTES = {
+    "estimators": "`adv.estimator` (value-based estimators with the critic on: `critic.enabled=true`).",
+    "kl": (f"the KL controller (`{_AK}.controller_type`; each controller starts from the demo's "
+           f"`initial_coef`, bounds and `target_kl={_DEMO_TARGET_KL}`), no KL at all, and the Lagrangian "
+           f"constraint `KL <= {_DEMO_TARGET_KL}` instead of a controller."),
+    "pareto": ("`multi_objective.pareto_method` with objectives reward, kl_penalty = -KL, entropy and weights "
+               f"{_PARETO_WEIGHTS} (`weighted_sum_kl1`: kl_penalty weight 1.0); `ppo_loss` is the plain "
+               "PPO loss (multi-objective off)."),
+}
+
+
+def _parse_override(o: str) -> tuple[str, Any]:
+    from rl2fx.config import ConfigError, _parse_value
+
+    if "=" not in o:
+        raise ConfigError(f"override {o!r} must look like 'dotted.key=value'")
+    k, v = o.split("=", 1)
+    return k.lstrip("+"), _parse_value(v)
+
+
+def _run_overrides(arm_overrides: dict[str, Any], user: dict[str, Any], seed: int, total_steps: int,
+                   output_dir: str) -> dict[str, Any]:
+    """Overrides of one run: defaults < arm < user < the run's seed and output folder."""
+    return {"trainer.total_steps": int(total_steps), **_RUN_OVERRIDES, **arm_overrides, **user,
+            "trainer.seed": int(seed), "model.seed": int(seed), "trainer.output_dir": output_dir}
+
+
+def run_one(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One training run with ``overrides`` on ``config``; its final numbers and curves.
+
+    Checkpoints go to a temporary folder (``trainer.output_dir`` is replaced) that is deleted.
+    """
+    import torch
+
+    from rl2fx.config import load_config
+    from rl2fx.train import PPOTrainer
+
+    with tempfile.TemporaryDirectory(prefix="rl2fx-ablate-") as tmp:
+        cfg = load_config(config, overrides={**overrides, "trainer.output_dir": tmp})
+        # transformers' save_pretrained bar would interleave with the ablation's own
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            t0 = time.perf_counter()
+            trainer = PPOTrainer(cfg)
+            result = trainer.train()
+            wall = time.perf_counter() - t0
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+    return {
+        "reward_end": float(result["reward_end"]),
+        "reward_start": float(result["reward_start"]),
+        "kl": float(result["kl"]),
+        "chance_reward": float(result["chance_reward"]),
+        "steps": int(result["steps"]),
+        "wall_time_s": float(wall),
+        "torch_threads": torch.get_num_threads(),
+        "reward_curve": [float(x) for x in trainer.history["reward"]],
+        "kl_curve": [float(x) for x in trainer.history["kl"]],
+    }
+
+
+def _job(args: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run_one(*args)
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return m, s
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}; load average at start {load}")
+
+
+def _command(name: str, seeds: int, out_dir: str, user_overrides: Sequence[str], config: str | None,
+             arm_names: Sequence[str] | None, workers: int) -> str:
+    """The ``rl2fx ablate`` command line that reproduces a call of :func:`run_ablation`."""
+    parts = ["rl2fx", "ablate", name]
+    if seeds != 3:
+        parts += ["--seeds", str(seeds)]
+    if arm_names is not None:
+        parts += ["--arms", ",".join(arm_names)]
+    if workers != 2:
+        parts += ["--workers", str(workers)]
+    if str(out_dir) != "docs/ablations":
+        parts += ["--out", str(out_dir)]
+    if config is not None and config != DEFAULT_CONFIG:
+        parts += ["--config", str(config)]
+    parts += list(user_overrides)
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _fmt(m: float, s: float, digits: int) -> str:
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def run_ablation(
+    name: str,
+    seeds: int = 3,
+    out_dir: str | os.PathLike[str] = "docs/ablations",
+    overrides: Sequence[str] = (),
+    config: str | os.PathLike[str] | None = None,
+    *,
+    arms: Sequence[str] | None = None,
+    workers: int = 2,
+    show_progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Run ablation ``name`` (one of :data:`ABLATIONS`) and write its table, JSON and plot.
+
+    ``seeds``: seeds ``0 .. seeds-1`` per arm. ``overrides``: dotted ``key=value``
+    strings applied on top of every arm (``trainer.total_steps=5`` for a quick look).
+    ``config``: base YAML (default: the shipped ``demo``). ``arms``: a subset of the
+    arm names (default all). ``workers``: processes running at once (1: run inline).
+    Every run's config is built and validated before anything runs, so a bad override
+    fails at once. Returns the contents of ``<name>.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from rl2fx.config import load_config
+
+    if name not in ABLATIONS:
+        raise ValueError(f"ablation name must be one of {list(ABLATIONS)}, got {name!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    base = str(config) if config is not None else DEFAULT_CONFIG
+    user = dict(_parse_override(o) for o in overrides)
+    for key in ("trainer.seed", "model.seed", "trainer.output_dir"):
+        if key in user:
+            raise ValueError(f"override {key!r} is set by rl2fx ablate for every run (seeds: --seeds; "
+                             f"checkpoints: a temporary folder); remove it")
+    steps = int(user.get("trainer.total_steps", DEFAULT_STEPS[name]))
+    all_arms = ablation_arms(name, total_steps=steps)
+    if arms is not None:
+        unknown = [a for a in arms if a not in dict(all_arms)]
+        if unknown or not arms:
+            raise ValueError(f"arms must be a non-empty subset of {[a for a, _ in all_arms]}, got {list(arms)!r}")
+        all_arms = [(a, o) for a, o in all_arms if a in arms]
+
+    jobs: list[tuple[str, int, dict[str, Any]]] = []
+    for arm, arm_over in all_arms:
+        for s in range(seeds):
+            run_over = _run_overrides(arm_over, user, s, steps, "unused")
+            run_over.pop("trainer.output_dir")
+            load_config(base, overrides=run_over)  # fail fast on a bad key or value
+            jobs.append((arm, s, run_over))
+    window = int(load_config(base, overrides=jobs[0][2]).trainer.summary_window)
+
+    started = _dt.datetime.now().astimezone()
+    machine = _machine()
+    t0 = time.perf_counter()
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    bar = tqdm(total=len(jobs), desc=f"ablate {name}", disable=not show_progress_bar, dynamic_ncols=True)
+    try:
+        def done(arm: str, s: int, res: dict[str, Any]) -> None:
+            results[(arm, s)] = res
+            bar.set_postfix_str(f"{arm} seed {s}: reward {res['reward_end']:.3f}")
+            bar.update(1)
+
+        if workers == 1:
+            for arm, s, over in jobs:
+                try:
+                    res = run_one(base, over)
+                except Exception as e:
+                    raise RuntimeError(f"ablation {name!r}: run of arm {arm!r}, seed {s} failed: {e}") from e
+                done(arm, s, res)
+        else:
+            # spawn: fresh interpreters, no forked torch thread pools
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                futs = {pool.submit(_job, (base, over)): (arm, s) for arm, s, over in jobs}
+                for fut in cf.as_completed(futs):
+                    arm, s = futs[fut]
+                    try:
+                        res = fut.result()
+                    except Exception as e:
+                        pool.shutdown(wait=True, cancel_futures=True)  # the runs not started yet
+                        raise RuntimeError(f"ablation {name!r}: run of arm {arm!r}, seed {s} failed: {e}") from e
+                    done(arm, s, res)
+    finally:
+        bar.close()
+    total_wall = time.perf_counter() - t0
+
+    runs = [{"arm": arm, "seed": s, "overrides": over, **results[(arm, s)]} for arm, s, over in jobs]
+    summary = []
+    for arm, arm_over in all_arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        rm, rsd = _mean_std([r["reward_end"] for r in rs])
+        km, ksd = _mean_std([r["kl"] for r in rs])
+        wm, wsd = _mean_std([r["wall_time_s"] for r in rs])
+        summary.append({"arm": arm, "overrides": arm_over, "n_seeds": len(rs), "reward_mean": rm, "reward_std": rsd,
+                        "kl_mean": km, "kl_std": ksd, "wall_time_mean_s": wm, "wall_time_std_s": wsd})
+    out = {
+        "ablation": name,
+        "command": _command(name, seeds, str(out_dir), list(overrides), None if config is None else str(config),
+                            arms, workers),
+        "machine": machine,
+        "workers": workers,
+        "date": started.isoformat(timespec="seconds"),
+        "base_config": base,
+        "seeds": list(range(seeds)),
+        "total_steps": steps,
+        "summary_window": window,
+        "user_overrides": list(overrides),
+        "chance_reward": runs[0]["chance_reward"],
+        "total_wall_time_s": total_wall,
+        "summary": summary,
+        "runs": runs,
+    }
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    _plot(out, out_path / f"{name}.png")
+    (out_path / f"{name}.md").write_text(format_table(out))
+    return out
+
+
+def format_table(out: dict[str, Any]) -> str:
+    """The Markdown page of an ablation result (the contents of ``<name>.json``)."""
+    name, w = out["ablation"], out["summary_window"]
+    lines = [
+        f"# Ablation: {name}",
+        "",
+        "Reproduce with (from the repository root):",
+        "",
+        "```bash",
+        out["command"],
+        "```",
+        "",
+        f"- varied: {_ARM_NOTES[name]}",
+        f"- base: the shipped `{out['base_config']}` config, `trainer.total_steps={out['total_steps']}`, "
+        f"seeds {out['seeds']} (`trainer.seed` = `model.seed` = seed), tracking and profiling off"
+        + (f", overrides `{' '.join(out['user_overrides'])}`" if out["user_overrides"] else ""),
+        f"- machine: {out['machine']}; {out['workers']} run(s) at once, 1 torch thread each",
+        f"- date: {out['date']}; whole ablation {out['total_wall_time_s'] / 60:.1f} min",
+        "",
+        f"Final reward = mean task reward over the last {min(w, out['total_steps'])} steps "
+        "(`trainer.summary_window`); "
+        f"final KL = mean KL(policy ‖ reference) per token over the same steps; mean ± sample std "
+        f"over {len(out['seeds'])} seed(s); wall time of each run while {out['workers']} ran at once (the first "
+        f"run in each process also pays one-time start-up). Chance level of the task (uniform over the "
+        f"vocabulary): **{out['chance_reward']:.3f}**.",
+        "",
+        "| arm | final reward | final KL | wall time per run (s) |",
+        "|---|---|---|---|",
+    ]
+    for s in out["summary"]:
+        lines.append(f"| {s['arm']} | {_fmt(s['reward_mean'], s['reward_std'], 3)} | "
+                     f"{_fmt(s['kl_mean'], s['kl_std'], 3)} | {_fmt(s['wall_time_mean_s'], s['wall_time_std_s'], 1)} |")
+    lines += ["", f"![reward curves]({name}.png)", "",
+              "Reward per step, mean over seeds"
+              + (f" (moving average over {_smooth_window(out)} steps)" if _smooth_window(out) > 1 else "")
+              + " with a ±1 std band. All per-run numbers and curves: "
+              f"[{name}.json]({name}.json).", ""]
+    return "\n".join(lines)
+
+
+def _smooth_window(out: dict[str, Any]) -> int:
+    return max(1, min(10, out["total_steps"] // 10))
+
+
+def _plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    k = _smooth_window(out)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    styles = ["-", "--", "-.", ":"]  # arms that coincide stay visible
+    for i, s in enumerate(out["summary"]):
+        curves = np.array([r["reward_curve"] for r in out["runs"] if r["arm"] == s["arm"]])
+        if k > 1:
+            kern = np.ones(k) / k
+            curves = np.array([np.convolve(c, kern, mode="valid") for c in curves])
+        x = np.arange(curves.shape[1]) + k
+        m, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
+        (line,) = ax.plot(x, m, label=s["arm"], lw=1.5, ls=styles[i % len(styles)])
+        ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
+    ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("task reward")
+    ax.set_title(f"rl2fx ablate {out['ablation']}: {len(out['seeds'])} seed(s), mean ± std")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""``rl2fx tune``: run a config's ``hyperopt`` section over PPO training runs.
+
+Each trial is a :class:`~rl2fx.train.PPOTrainer` run of the config with the trial's
+parameters applied as overrides (the search space's names are dotted config keys);
+its objective is ``reward_end``, the mean task reward over the last
+``trainer.summary_window`` steps, maximised. The study lives in
+``hyperopt.save_dir`` and is resumed when that folder already holds it: rerunning
+the same command after an interruption continues where it stopped, and raising
+``hyperopt.n_trials`` extends a finished study.
+
+>>> import tempfile
+>>> from rl2fx.config import load_config
+>>> from rl2fx.tuning.space import HyperparameterConfig
+>>> cfg = load_config("demo", overrides={"trainer.total_steps": 1, "experiment_tracking.enabled": False,
+...     "memory_optimization.profiling.enabled": False, "hyperopt.n_trials": 2,
+...     "hyperopt.save_dir": tempfile.mkdtemp()})
+>>> space = [HyperparameterConfig("actor.lr", "float", low=1e-4, high=1e-2, log=True)]
+>>> best = tune_from_config(cfg, param_configs=space, show_progress_bar=False, verbose=False)
+>>> sorted(best), 1e-4 <= best["actor.lr"] <= 1e-2
+(['actor.lr'], True)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
+
+__all__ = ["ppo_search_space", "apply_params", "tune_from_config", "format_best_trials"]
+
+_INIT = "actor.kl.adaptive_kl.initial_coef"
+
+
+def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
+    """:func:`~rl2fx.tuning.space.create_ppo_hyperparameter_configs` fitted to ``cfg``.
+
+    Every name must be a key of the config schema (``ConfigError`` otherwise). The
+    KL controller's ``initial_coef`` must lie within the config's
+    ``[min_coef, max_coef]`` (the config validation rejects it otherwise), so its
+    range is intersected with those bounds; an empty intersection is an error.
+
+    >>> from rl2fx.config import load_config
+    >>> space = {c.name: c for c in ppo_search_space(load_config("demo"))}
+    >>> space["actor.kl.adaptive_kl.initial_coef"].low, space["actor.kl.adaptive_kl.initial_coef"].high
+    (0.001, 0.02)
+    """
+    from rl2fx.config import ConfigError
+
+    out = []
+    for c in create_ppo_hyperparameter_configs():
+        if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
+            raise ConfigError(f"search-space parameter {c.name!r} is not a config key")
+        if c.name == _INIT:
+            ak = cfg.actor.kl.adaptive_kl
+            low, high = max(c.low, float(ak.min_coef)), min(c.high, float(ak.max_coef))
+            if not low < high:
+                raise ConfigError(f"config keys 'actor.kl.adaptive_kl.min_coef'/'max_coef' ([{ak.min_coef}, "
+                                  f"{ak.max_coef}]) leave no room for tuning {_INIT} in [{c.low}, {c.high}]")
+            default = min(max(c.default, low), high)
+            c = dataclasses.replace(c, low=low, high=high, default=default)
+        out.append(c)
+    return out
+
+
+def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
+    """A validated copy of ``cfg`` with each dotted ``params`` key set to its value.
+
+    >>> from rl2fx.config import load_config
+    >>> apply_params(load_config(), {"actor.clip": 0.1}).actor.clip
+    0.1
+    """
+    from rl2fx.config import load_config, validate_config
+
+    out = copy.deepcopy(cfg)
+    for k, v in params.items():
+        if OmegaConf.select(out, k, default="__missing__") == "__missing__":
+            load_config(overrides={k: v})  # raises the schema's did-you-mean error
+        OmegaConf.update(out, k, v, merge=False)
+    return validate_config(out)
+
+
+def _objective(cfg: DictConfig):
+    from rl2fx.train import PPOTrainer
+
+    def fn(params: dict[str, Any]) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="rl2fx-tune-") as tmp:
+            run_cfg = apply_params(cfg, {**params, "trainer.output_dir": tmp, "trainer.progress_bar": False,
+                                         "trainer.resume_from": None,
+                                         "memory_optimization.profiling.save_path": str(Path(tmp) / "mem.json")})
+            result = PPOTrainer(run_cfg).train()
+        return {"reward": float(result["reward_end"]), "reward_start": float(result["reward_start"]),
+                "kl": float(result["kl"]), "wall_time_s": float(result["wall_time_s"])}
+
+    return fn
+
+
+def format_best_trials(tuner: Any, top: int = 5) -> str:
+    """The ``top`` best complete trials as a text table, one column per trial, one row per parameter."""
+    done = sorted(tuner.study.complete_trials, key=lambda t: t.value, reverse=tuner.maximize)[:top]
+    failed = sum(t.state == "failed" for t in tuner.study.trials)
+    if not done:
+        return f"no complete trial ({failed} failed)"
+    rows = [("trial", [str(t.number) for t in done]), (tuner.objective_name, [f"{t.value:.4g}" for t in done])]
+    for extra in ("kl", "wall_time_s"):
+        if all(extra in t.metrics for t in done):
+            rows.append((extra, [f"{t.metrics[extra]:.4g}" for t in done]))
+    for c in tuner.param_configs:
+        rows.append((c.name, [f"{t.params[c.name]:.4g}" if isinstance(t.params[c.name], float)
+                              else str(t.params[c.name]) for t in done]))
+    w0 = max(len(r[0]) for r in rows)
+    ws = [max(len(r[1][j]) for r in rows) for j in range(len(done))]
+    lines = [f"best {len(done)} of {len(tuner.study.trials)} trials ({failed} failed), "
+             f"{'max' if tuner.maximize else 'min'}imising {tuner.objective_name}:"]
+    for name, vals in rows:
+        lines.append("  " + name.ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(vals, ws, strict=True)))
+    return "\n".join(lines)
+
+
+def tune_from_config(
+    cfg: DictConfig,
+    *,
+    param_configs: Sequence[HyperparameterConfig] | None = None,
+    show_progress_bar: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run ``cfg.hyperopt`` (``optimizer_type``, ``n_trials``, ``save_dir``, ``bayesian``,
+    ``grid``) over PPO runs of ``cfg``; returns the best parameters.
+
+    ``param_configs`` defaults to :func:`ppo_search_space` (``cfg``). The sampler's seed
+    is ``trainer.seed``. ``verbose`` prints the table of the best trials at the end;
+    ``show_progress_bar`` shows a tqdm bar over trials. A trial whose run raises is
+    recorded as failed and the study goes on (the error is kept in ``trials.csv``).
+    """
+    from rl2fx.tuning.tuner import HyperparameterTuner
+
+    h = cfg.hyperopt
+    space = list(param_configs) if param_configs is not None else ppo_search_space(cfg)
+    for c in space:
+        if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
+            from rl2fx.config import ConfigError
+
+            raise ConfigError(f"search-space parameter {c.name!r} is not a config key")
+    tuner = HyperparameterTuner(
+        str(h.optimizer_type), space, objective_name="reward", maximize=True, n_trials=int(h.n_trials),
+        save_dir=str(h.save_dir), seed=int(cfg.trainer.seed), grid_size=int(h.grid.grid_size),
+        exploration_weight=float(h.bayesian.exploration_weight), show_progress_bar=show_progress_bar)
+    best = tuner.optimize(_objective(cfg))
+    if verbose:
+        print(format_best_trials(tuner))
+        print(f"study: {Path(h.save_dir).resolve()} (best_params.json, trials.csv)")
+    return best

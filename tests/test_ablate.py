@@ -1,0 +1,137 @@
+"""``rl2fx.ablate``: arms, outputs (table, JSON, plot), determinism, the process pool."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from rl2fx.ablate import (
+    ABLATIONS,
+    DEFAULT_STEPS,
+    ESTIMATOR_ARMS,
+    _run_overrides,
+    ablation_arms,
+    run_ablation,
+    run_one,
+)
+from rl2fx.config import ESTIMATORS, load_config
+
+TINY = ["trainer.total_steps=2", "data.prompts_per_rollout=2", "data.responses_per_prompt=4"]
+
+
+def test_every_arm_of_every_ablation_is_a_valid_config():
+    for name in ABLATIONS:
+        arms = ablation_arms(name, total_steps=DEFAULT_STEPS[name])
+        names = [a for a, _ in arms]
+        assert len(set(names)) == len(names)
+        for _arm, over in arms:
+            cfg = load_config("demo", overrides=_run_overrides(over, {}, 0, DEFAULT_STEPS[name], "x"))
+            assert cfg.trainer.total_steps == DEFAULT_STEPS[name]
+            assert not cfg.experiment_tracking.enabled and not cfg.memory_optimization.profiling.enabled
+            assert cfg.trainer.num_threads == 1 and not cfg.trainer.progress_bar
+
+
+def test_estimator_arms_cover_every_estimator_the_trainer_accepts():
+    assert set(ESTIMATOR_ARMS) == set(ESTIMATORS)
+    assert dict(ablation_arms("estimators", total_steps=10))["gae"]["critic.enabled"] is True
+
+
+def test_kl_arms_vary_the_controller():
+    arms = dict(ablation_arms("kl", total_steps=123))
+    ctl = {a: o.get("actor.kl.adaptive_kl.controller_type") for a, o in arms.items()}
+    assert {"fixed", "exponential", "linear", "pid", "schedule", "proportional"} <= set(ctl.values())
+    assert arms["no_kl"]["actor.kl.adaptive_kl.enabled"] is False and arms["no_kl"]["actor.kl.coef"] == 0.0
+    assert arms["schedule"]["actor.kl.adaptive_kl.schedule_steps"] == 123
+    assert arms["lagrangian"]["actor.kl.constraint_optimization.enabled"] is True
+
+
+def test_bad_input_is_rejected_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="ablation name must be one of"):
+        run_ablation("nope", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="seeds must be"):
+        run_ablation("kl", seeds=0, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="arms must be a non-empty subset"):
+        run_ablation("kl", arms=["exponentiall"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="actor.lrr"):
+        run_ablation("kl", overrides=["actor.lrr=1"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="'trainer.seed' is set by rl2fx ablate"):
+        run_ablation("kl", overrides=["trainer.seed=3"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="trainer.total_steps"):
+        run_ablation("kl", overrides=["trainer.total_steps=0"], out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def _table_rows(md: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("arm",) and not cells[0].startswith("-"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_outputs_and_table_match_json(tmp_path):
+    out = run_ablation("pareto", seeds=2, out_dir=tmp_path, overrides=TINY,
+                       arms=["ppo_loss", "tchebycheff"], workers=1, show_progress_bar=False)
+    md = (tmp_path / "pareto.md").read_text()
+    js = json.loads((tmp_path / "pareto.json").read_text())
+    png = (tmp_path / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert js["summary"] == json.loads(json.dumps(out["summary"]))
+    assert len(js["runs"]) == 4 and {r["seed"] for r in js["runs"]} == {0, 1}
+    assert "rl2fx ablate pareto --seeds 2 --arms ppo_loss,tchebycheff --workers 1" in md
+    assert f"--out {tmp_path}" in md and "trainer.total_steps=2" in md
+    assert f"**{js['chance_reward']:.3f}**" in md
+    rows = _table_rows(md)
+    assert list(rows) == ["ppo_loss", "tchebycheff"]
+    for s in js["summary"]:
+        runs = [r for r in js["runs"] if r["arm"] == s["arm"]]
+        rewards = [r["reward_end"] for r in runs]
+        # the summary is the mean and sample std of the per-run numbers ...
+        assert s["reward_mean"] == pytest.approx(sum(rewards) / 2)
+        assert s["reward_std"] == pytest.approx(abs(rewards[0] - rewards[1]) / math.sqrt(2))
+        for r in runs:  # final reward = mean of the curve over the last min(window, steps) steps
+            w = min(js["summary_window"], js["total_steps"])
+            assert r["reward_end"] == pytest.approx(sum(r["reward_curve"][-w:]) / w)
+            assert len(r["reward_curve"]) == 2 and r["overrides"]["trainer.seed"] == r["seed"]
+        # ... and the table shows exactly those numbers
+        reward, kl, wall = rows[s["arm"]]
+        assert reward == f"{s['reward_mean']:.3f} ± {s['reward_std']:.3f}"
+        assert kl == f"{s['kl_mean']:.3f} ± {s['kl_std']:.3f}"
+        assert wall == f"{s['wall_time_mean_s']:.1f} ± {s['wall_time_std_s']:.1f}"
+        m = re.match(r"([-\d.]+) ± ([\d.]+)", reward)
+        assert float(m.group(1)) == pytest.approx(s["reward_mean"], abs=5e-4)
+    assert js["runs"][0]["overrides"]["multi_objective.enabled"] is False
+    assert js["runs"][-1]["overrides"]["multi_objective.pareto_method"] == "tchebycheff"
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    over = _run_overrides({"adv.estimator": "grpo"}, dict(o.split("=") for o in TINY[1:]), 0, 3, "x")
+    over.pop("trainer.output_dir")
+    a, b = run_one("demo", over), run_one("demo", over)
+    c = run_one("demo", {**over, "trainer.seed": 1, "model.seed": 1})
+    for k in ("reward_curve", "kl_curve", "reward_end", "kl"):
+        assert a[k] == b[k]
+    assert a["kl_curve"] != c["kl_curve"]
+
+
+@pytest.mark.slow  # two spawned interpreters import torch: ~15-30 s
+def test_process_pool_matches_inline_run(tmp_path):
+    kw = dict(seeds=1, overrides=TINY, arms=["no_kl", "pid"], show_progress_bar=False)
+    pooled = run_ablation("kl", out_dir=tmp_path / "pool", workers=2, **kw)
+    inline = run_ablation("kl", out_dir=tmp_path / "inline", workers=1, **kw)
+    for p, i in zip(pooled["runs"], inline["runs"], strict=True):
+        assert (p["arm"], p["seed"]) == (i["arm"], i["seed"])
+        assert p["reward_curve"] == i["reward_curve"] and p["kl_curve"] == i["kl_curve"]
+        assert p["torch_threads"] == 1
+
+
+def test_a_failing_run_names_its_arm_and_seed(tmp_path):
+    # passes the config validation, fails inside PPOTrainer (no such local model)
+    with pytest.raises(RuntimeError, match=r"arm 'no_kl', seed 0 failed"):
+        run_ablation("kl", seeds=1, arms=["no_kl"], out_dir=tmp_path, workers=1, show_progress_bar=False,
+                     overrides=[f"actor.model_name={tmp_path / 'no_model'}"])
+    assert not list(tmp_path.iterdir())

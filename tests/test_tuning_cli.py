@@ -1,0 +1,81 @@
+"""``rl2fx.tuning.cli``: the PPO search space fitted to a config, and tune_from_config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rl2fx.config import ConfigError, load_config
+from rl2fx.tuning.cli import apply_params, ppo_search_space, tune_from_config
+from rl2fx.tuning.space import (
+    HyperparameterConfig,
+    create_ppo_hyperparameter_configs,
+    default_params,
+)
+
+QUIET = {"experiment_tracking.enabled": False, "memory_optimization.profiling.enabled": False,
+         "trainer.progress_bar": False, "data.prompts_per_rollout": 2, "data.responses_per_prompt": 4,
+         "trainer.total_steps": 2}
+
+
+def test_every_search_space_name_is_a_config_key():
+    cfg = load_config()
+    params = default_params(create_ppo_hyperparameter_configs())
+    applied = apply_params(cfg, params)
+    for k, v in params.items():
+        node = applied
+        for part in k.split("."):
+            node = node[part]
+        assert node == v, k
+    assert load_config(overrides=params).trainer.update_epochs == params["trainer.update_epochs"]
+
+
+def test_initial_coef_range_is_fitted_to_the_controller_bounds():
+    space = {c.name: c for c in ppo_search_space(load_config("demo"))}
+    c = space["actor.kl.adaptive_kl.initial_coef"]
+    assert (c.low, c.high) == (1e-3, 0.02) and c.low <= c.default <= c.high and c.log
+    wide = {c.name: c for c in ppo_search_space(load_config())}["actor.kl.adaptive_kl.initial_coef"]
+    assert (wide.low, wide.high, wide.default) == (1e-3, 1.0, 0.2)
+    with pytest.raises(ConfigError, match="leave no room"):
+        ppo_search_space(load_config(overrides={"actor.kl.adaptive_kl.min_coef": 2.0,
+                                                "actor.kl.adaptive_kl.max_coef": 3.0,
+                                                "actor.kl.adaptive_kl.initial_coef": 2.0}))
+
+
+def test_apply_params_rejects_unknown_keys_and_bad_values():
+    cfg = load_config()
+    with pytest.raises(ConfigError, match="did you mean 'actor.lr'"):
+        apply_params(cfg, {"actor.lrr": 1e-4})
+    with pytest.raises(ConfigError, match="actor.clip"):
+        apply_params(cfg, {"actor.clip": 3.0})
+    assert cfg.actor.clip == 0.2  # the input is not changed
+
+
+def test_grid_search_objective_is_the_runs_final_reward(tmp_path):
+    cfg = load_config("demo", overrides={**QUIET, "hyperopt.optimizer_type": "grid", "hyperopt.grid.grid_size": 2,
+                                         "hyperopt.n_trials": 2, "hyperopt.save_dir": str(tmp_path)})
+    space = [HyperparameterConfig("actor.clip", "float", low=0.1, high=0.3)]
+    best = tune_from_config(cfg, param_configs=space, show_progress_bar=False, verbose=False)
+    trials = [json.loads(t) for t in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert sorted(t["params"]["actor.clip"] for t in trials) == [0.1, 0.3]
+    from rl2fx.train import PPOTrainer
+
+    for t in trials:  # each trial is exactly a training run of the config with its params
+        again = PPOTrainer(apply_params(cfg, {"actor.clip": t["params"]["actor.clip"],
+                                              "trainer.output_dir": str(tmp_path / "again")})).train()
+        assert t["value"] == again["reward_end"] and t["metrics"]["kl"] == again["kl"]
+    assert best == max(trials, key=lambda t: t["value"])["params"]
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, capsys):
+    cfg = load_config("demo", overrides={**QUIET, "hyperopt.n_trials": 2, "hyperopt.save_dir": str(tmp_path)})
+    # prompts_per_rollout=0 fails the config validation inside the trial; 2 runs
+    space = [HyperparameterConfig("data.prompts_per_rollout", "categorical", choices=[0, 2])]
+    cfg.hyperopt.optimizer_type = "grid"
+    best = tune_from_config(cfg, param_configs=space, show_progress_bar=False)
+    assert best == {"data.prompts_per_rollout": 2}
+    out = capsys.readouterr().out
+    assert "best 1 of 2 trials (1 failed)" in out
+    failed = [json.loads(t) for t in (tmp_path / "trials.jsonl").read_text().splitlines() if '"failed"' in t]
+    assert len(failed) == 1 and "data.prompts_per_rollout" in failed[0]["error"]
