@@ -201,7 +201,8 @@ def scan_operands(r, v, boot, mask):
     """GAE's (x, c) for reverse_scan: x = delta, c = gamma * lamda; x = 0, c = 1 where masked out."""
     if mask is None:
         v_next = torch.cat([v[:, 1:], boot[:, None]], -1)
-        return r + GAMMA * v_next - v, torch.full_like(r, GAMMA * LAMDA)
+        # float discounts and no mask: gae hands the scan a Python float c
+        return r + GAMMA * v_next - v, GAMMA * LAMDA
     adv_inputs = torchrl_inputs(r, v, boot, mask)
     vn = adv_inputs["next_state_value"][..., 0]
     delta = torch.where(mask, r + GAMMA * vn - v, 0.0)

@@ -56,6 +56,11 @@ ESTIMATOR_ARMS: tuple[str, ...] = (
     "dr_grpo",
     "rloo",
     "reinforce_pp",
+    "reinforce_pp_baseline",
+    "remax",
+    "opo",
+    "gpg",
+    "grpo_passk",
 )
 
 #: Default ``trainer.total_steps`` per ablation, chosen so that each default run
