@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from rl2fx.control import AdaptiveBatchSizer, kl_init, kl_update
-from rl2fx.testing.control_plant import KLPlant, simulate, tracking_metrics
+from rl2fx.testing.control_plant import KLPlant, TRLAdaptiveKLController, simulate, tracking_metrics
 
 TARGET = 0.01
 CONTROLLERS: dict[str, dict] = {
@@ -46,21 +46,6 @@ CONTROLLERS: dict[str, dict] = {
     "pid": {},
     "proportional": {"n_steps": 1000, "horizon": 10000},
 }
-
-
-class TRLAdaptiveKLController:
-    """trl.trainer.utils.AdaptiveKLController, verbatim (TRL is not a dependency of rl2fx)."""
-
-    def __init__(self, init_kl_coef, target, horizon):
-        self.value = init_kl_coef
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current, n_steps):
-        target = self.target
-        proportional_error = np.clip(current / target - 1, -0.2, 0.2)
-        mult = 1 + proportional_error * n_steps / self.horizon
-        self.value *= mult
 
 
 def simulate_trl(plant: KLPlant, steps: int, seed: int) -> dict[str, np.ndarray]:

@@ -11,8 +11,9 @@ True
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rl2fx._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -72,20 +73,7 @@ _SUBMODULES = {"returns", "control", "pareto", "tuning", "memory", "tracking", "
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"rl2fx.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'rl2fx' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports('rl2fx', _LAZY, globals(), _SUBMODULES)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for static type checkers and IDEs only

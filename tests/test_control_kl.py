@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import rl2fx
 from rl2fx import control as C
 from rl2fx.control.kl import DEFAULTS
+from rl2fx.testing.control_plant import TRLAdaptiveKLController
 from rl2fx.testing.control_strategies import kl_controller_configs, kl_values
 
 WIDE = dict(min_coef=1e-9, max_coef=1e9)  # bounds far away, so the raw rule is visible
@@ -22,21 +23,6 @@ WIDE = dict(min_coef=1e-9, max_coef=1e9)  # bounds far away, so the raw rule is 
 
 # ---------------------------------------------------------------------------------------------
 # independent references
-
-
-class TRLAdaptiveKLController:
-    """TRL's ``trl.trainer.utils.AdaptiveKLController`` (Ziegler et al. 2019), copied verbatim."""
-
-    def __init__(self, init_kl_coef, target, horizon):
-        self.value = init_kl_coef
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current, n_steps):
-        target = self.target
-        proportional_error = np.clip(current / target - 1, -0.2, 0.2)
-        mult = 1 + proportional_error * n_steps / self.horizon
-        self.value *= mult
 
 
 def exponential_reference(kls, coef=0.2, target=0.01, up=1.03, down=0.99, lo=0.001, hi=10.0):

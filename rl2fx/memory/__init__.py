@@ -12,8 +12,7 @@ its memory module.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rl2fx._lazy import lazy_exports
 
 _LAZY: dict[str, str] = {
     "MemoryOptimizer": "rl2fx.memory.optimizer",
@@ -34,13 +33,4 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rl2fx.memory' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports('rl2fx.memory', _LAZY, globals())

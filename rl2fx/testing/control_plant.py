@@ -152,3 +152,27 @@ def tracking_metrics(run: dict[str, np.ndarray], target: float, *, start: int = 
         "coef_var": float(np.var(cseg)),
         "coef_mean": float(np.mean(cseg)),
     }
+
+
+class TRLAdaptiveKLController:
+    """TRL's ``trl.trainer.utils.AdaptiveKLController`` (Ziegler et al. 2019), copied verbatim.
+
+    The independent reference for the ``proportional`` controller (TRL is not a
+    dependency of rl2fx). ``update`` multiplies ``value`` by
+    ``1 + clip(kl/target - 1, -0.2, 0.2) * n_steps / horizon``.
+
+    >>> c = TRLAdaptiveKLController(0.2, 0.01, 10000)
+    >>> c.update(0.02, 1000); round(float(c.value), 4)
+    0.204
+    """
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current, n_steps):
+        target = self.target
+        proportional_error = np.clip(current / target - 1, -0.2, 0.2)
+        mult = 1 + proportional_error * n_steps / self.horizon
+        self.value *= mult

@@ -15,8 +15,7 @@ Imports are lazy so that ``import rl2fx.tracking`` does not load MLflow or W&B.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rl2fx._lazy import lazy_exports
 
 _LAZY = {
     "ExperimentConfig": "rl2fx.tracking.config",
@@ -34,9 +33,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rl2fx.tracking' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports('rl2fx.tracking', _LAZY, globals())
