@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -34,7 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from rl2fx.control import AdaptiveBatchSizer, kl_init, kl_update
-from rl2fx.testing.control_plant import KLPlant, TRLAdaptiveKLController, simulate, tracking_metrics
+from rl2fx.testing.control_plant import (
+    KLPlant,
+    TRLAdaptiveKLController,
+    closed_loop,
+    simulate,
+    tracking_metrics,
+)
 
 TARGET = 0.01
 CONTROLLERS: dict[str, dict] = {
@@ -49,18 +54,9 @@ CONTROLLERS: dict[str, dict] = {
 
 
 def simulate_trl(plant: KLPlant, steps: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
     ctl = TRLAdaptiveKLController(0.2, TARGET, 10000)
-    kl = 0.0
-    out = {k: np.empty(steps) for k in ("kl", "observed", "coef")}
-    s = plant.noise
-    for t in range(steps):
-        coef = ctl.value
-        kl = (1 - plant.response_rate) * kl + plant.response_rate * plant.equilibrium_kl(coef, t)
-        obs = kl * math.exp(s * rng.standard_normal() - 0.5 * s * s)
-        out["kl"][t], out["observed"][t], out["coef"][t] = kl, obs, coef
-        ctl.update(obs, 1000)
-    return out
+    return closed_loop(lambda: float(ctl.value), lambda obs, t: ctl.update(obs, 1000),
+                       plant=plant, steps=steps, seed=seed)
 
 
 def update_cost_us(controller_type: str, params: dict, n: int = 2000) -> float:

@@ -36,6 +36,7 @@ controller has to move.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from rl2fx.control.kl import kl_init, kl_update
 
-__all__ = ["KLPlant", "simulate", "settling_step", "tracking_metrics"]
+__all__ = ["KLPlant", "TRLAdaptiveKLController", "closed_loop", "simulate", "settling_step", "tracking_metrics"]
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,44 @@ def simulate(
     >>> bool(0.75 < out["kl"][-100:].mean() / 0.01 < 1.25)
     True
     """
+    state = kl_init(controller_type, **params)
+
+    def observe(observed: float, t: int) -> None:
+        nonlocal state
+        state = kl_update(state, observed, t)
+
+    return closed_loop(lambda: float(state.coef), observe, plant=plant, steps=steps, seed=seed)
+
+
+def closed_loop(
+    coef: Callable[[], float],
+    observe: Callable[[float, int], None],
+    *,
+    plant: KLPlant | None = None,
+    steps: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Drive any controller through the plant: read ``coef()``, step the plant, call ``observe(kl, t)``.
+
+    The KL relaxes toward :meth:`KLPlant.equilibrium_kl` at ``response_rate`` and is
+    observed with mean-one log-normal noise; :func:`simulate` is this loop around an
+    rl2fx controller state, the control benchmark runs TRL's controller through it.
+
+    >>> out = closed_loop(lambda: 0.2, lambda kl, t: None, steps=50)
+    >>> out["coef"].max(), out["kl"].shape
+    (np.float64(0.2), (50,))
+    """
     plant = plant or KLPlant()
     rng = np.random.default_rng(seed)
-    state = kl_init(controller_type, **params)
     kl = 0.0
     out = {k: np.empty(steps) for k in ("kl", "observed", "coef")}
     sigma = plant.noise
     for t in range(steps):
-        coef = state.coef
-        kl = (1 - plant.response_rate) * kl + plant.response_rate * plant.equilibrium_kl(coef, t)
+        c = coef()
+        kl = (1 - plant.response_rate) * kl + plant.response_rate * plant.equilibrium_kl(c, t)
         observed = kl * math.exp(sigma * rng.standard_normal() - 0.5 * sigma * sigma)
-        out["kl"][t], out["observed"][t], out["coef"][t] = kl, observed, coef
-        state = kl_update(state, observed, t)
+        out["kl"][t], out["observed"][t], out["coef"][t] = kl, observed, c
+        observe(observed, t)
     return out
 
 
