@@ -7,9 +7,11 @@ Every method computes GAE advantages and value targets (gamma=0.99, lamda=0.95,
 float32) for the same rewards/values/bootstrap, with and without an action mask
 (masked-out steps are skipped, RL2 style). Before timing, each method's output is
 checked against rl2fx's loop backend. Reported: median wall time over repeats,
-speed-up over the Python loop (``x loop``) and cost relative to one elementwise
+speed-up over the Python loop (``x loop``), cost relative to one elementwise
 pass over the same tensors (``x floor``, ``rewards + gamma * values``: the least
-any estimator must do is read its inputs and write its output once).
+any estimator must do is read its inputs and write its output once) and minor
+page faults per call (``faults``: fresh pages touched for the first time, when
+the C allocator has handed freed memory back to the OS; each costs microseconds).
 
 The compiled backend's one-off compile cost is timed separately (first call per
 shape family) and never mixed into the medians. On a CUDA device the same table
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from rl2fx.returns import _common as C
 from rl2fx.returns import gae, reverse_scan
 
 GAMMA, LAMDA = 0.99, 0.95
@@ -160,19 +164,74 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn: Callable[[], object], device, repeats: int, budget_s: float) -> list[float]:
-    """Wall times (ms) of ``repeats`` calls after one warm-up, stopping early past ``budget_s``."""
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
+
+    By default glibc returns the top of the heap to the OS once more than a
+    (dynamic) threshold is free, and serves multi-MB requests from fresh mmaps;
+    which calls then pay first-touch page faults (~2,000 per call for two 4 MiB
+    outputs, 2-6 ms here) depends on the order of earlier frees, not on the
+    method. Fixing the thresholds (what jemalloc / tcmalloc, recommended by
+    PyTorch's CPU tuning guide, do by design) times every method's steady state
+    alike. ``--default-malloc`` skips this; the faults column shows the effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return "default (not glibc)"
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return "default (no mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)) and libc.mallopt(
+        m_mmap_threshold, ctypes.c_int(32 * 1024**2)  # glibc's maximum
+    )
+    return "glibc, trim threshold 2 GiB, mmap threshold 32 MiB" if ok else "default (mallopt failed)"
+
+
+MIN_TIME_S = 2.0
+MAX_REPEATS = 300
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_it(
+    fn: Callable[[], object],
+    device,
+    repeats: int,
+    budget_s: float,
+    faults: list | None = None,
+    min_time_s: float = 0.0,
+) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls after one warm-up, stopping early past ``budget_s``.
+
+    ``faults`` (if given) receives the mean minor page faults per timed call: fresh
+    pages touched for the first time, the allocator's share of the time.
+    """
     fn()
     sync(device)
     times: list[float] = []
+    f0 = minor_faults()
     start = time.perf_counter()
-    for _ in range(repeats):
+    # at least `repeats` calls, and fast methods keep going for MIN_TIME_S (up to
+    # MAX_REPEATS calls): medians of a few millisecond-long calls on a shared
+    # machine move by 30% from run to run, medians of hundreds do not
+    while len(times) < MAX_REPEATS:
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+        elapsed = time.perf_counter() - start
+        if len(times) >= 3 and elapsed > budget_s:
             break
+        if len(times) >= repeats and elapsed > min_time_s:
+            break
+    if faults is not None:
+        faults.append((minor_faults() - f0) / len(times))
     return times
 
 
@@ -198,11 +257,24 @@ def close(a, b, scale) -> bool:
 
 
 def scan_operands(r, v, boot, mask):
-    """GAE's (x, c) for reverse_scan: x = delta, c = gamma * lamda; x = 0, c = 1 where masked out."""
+    """The (x, c) that gae hands reverse_scan: x = delta, c = gamma * lamda (a float).
+
+    With a mask on CPU, gae first packs each row's masked-in steps to the left, so
+    the scan sees the packed deltas (zeros past each row's end) and the same float
+    c; on other devices it encodes masked-out steps as x = 0, c = 1 (a c tensor).
+    """
     if mask is None:
         v_next = torch.cat([v[:, 1:], boot[:, None]], -1)
-        # float discounts and no mask: gae hands the scan a Python float c
         return r + GAMMA * v_next - v, GAMMA * LAMDA
+    if r.device.type == "cpu":
+        T = r.shape[-1]
+        plan = C.pack_plan(mask)
+        rp = C.pack(r, plan, T, "bench-r").clone()
+        vp = C.pack(v, plan, T + 1, "bench-v").clone()
+        vp[torch.arange(vp.shape[0]), plan.count] = boot
+        x = rp - vp[:, :T] + GAMMA * vp[:, 1:]
+        x[plan.rows, plan.first_empty] = 0
+        return x, GAMMA * LAMDA
     adv_inputs = torchrl_inputs(r, v, boot, mask)
     vn = adv_inputs["next_state_value"][..., 0]
     delta = torch.where(mask, r + GAMMA * vn - v, 0.0)
@@ -286,9 +358,11 @@ def bench_device(device, shapes, args, rows, meta):
                         )
                     slow = name in ("python loop", "torchrl loop", "rl2fx loop")
                     reps = max(3, args.repeats // 3) if slow else args.repeats
-                    ts = time_it(fn, device, reps, args.budget)
+                    nf: list[float] = []
+                    ts = time_it(fn, device, reps, args.budget, nf, args.min_time)
                     rec["median_ms"] = statistics.median(ts)
                     rec["repeats"] = len(ts)
+                    rec["faults_per_call"] = round(nf[0], 1)
                 rows.append(rec)
                 results[name] = rec
             base = results["python loop"].get("median_ms")
@@ -305,7 +379,7 @@ def bench_device(device, shapes, args, rows, meta):
 
 
 def print_table(rows, cuda: bool) -> str:
-    head = f"{'device':6} {'B x T':>11} {'mask':>5} {'method':<18} {'median ms':>10} {'x loop':>8} {'x floor':>8}"
+    head = f"{'device':6} {'B x T':>11} {'mask':>5} {'method':<18} {'median ms':>10} {'x loop':>8} {'x floor':>8} {'faults':>7}"
     if cuda:
         head += f" {'GB/s':>8} {'%peak':>6}"
     head += "  note"
@@ -314,12 +388,12 @@ def print_table(rows, cuda: bool) -> str:
         shape = f"{r['B']}x{r['T']}"
         if "median_ms" not in r:
             lines.append(
-                f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {'-':>10} {'':>8} {'':>8}  {r['skipped']}"
+                f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {'-':>10} {'':>8} {'':>8} {'':>7}  {r['skipped']}"
             )
             continue
         line = (
             f"{r['device']:6} {shape:>11} {str(r['mask']):>5} {r['method']:<18} {r['median_ms']:10.3f} "
-            f"{r['x_loop']:8.1f} {r['x_floor']:8.1f}"
+            f"{r['x_loop']:8.1f} {r['x_floor']:8.1f} {r.get('faults_per_call', 0):7.0f}"
         )
         if cuda:
             line += f" {r.get('GBps', 0):8.1f} {100 * r.get('frac_peak', 0):6.1f}"
@@ -385,16 +459,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's default)"
     )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help=f"seconds each fast method keeps repeating (default {MIN_TIME_S}, quick 0)",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile backend")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's heap trimming on (see keep_freed_memory)",
+    )
     p.add_argument("--no-torchrl", action="store_true", help="skip TorchRL")
     p.add_argument("--cpu-only", action="store_true")
     p.add_argument("--scan", action="store_true", help="only time reverse_scan per backend and T")
+    p.add_argument(
+        "--shapes", default=None, help="comma-separated BxT list (default 64x1024,256x4096,1024x8192)"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "returns.json"))
     args = p.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 15)
     args.budget = args.budget or (3.0 if args.quick else 20.0)
+    if args.min_time is None:
+        args.min_time = 0.0 if args.quick else MIN_TIME_S
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "default" if args.default_malloc else keep_freed_memory()
     if args.quick and not torch.cuda.is_available():
         args.no_compile = True  # a CPU compile takes a minute or more: not "quick"
     try:
@@ -404,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         args.no_torchrl = True
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in bt.split("x")) for bt in args.shapes.split(",")]
     meta = {
         "torch": torch.__version__,
         "python": sys.version.split()[0],
@@ -415,9 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         "lamda": LAMDA,
         "dtype": "float32",
         "quick": args.quick,
+        "allocator": allocator,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"torch {meta['torch']}, {meta['cpu_count']} CPUs, {meta['threads']} torch threads")
+    print(
+        f"torch {meta['torch']}, {meta['cpu_count']} CPUs, {meta['threads']} torch threads, "
+        f"allocator: {allocator}"
+    )
     if args.scan:
         rows = scan_table(args)
         out = Path(args.out).with_name("returns_scan.json")

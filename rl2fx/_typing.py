@@ -68,17 +68,66 @@ Scalar = float | int | Float[Tensor, ""]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Uncacheable(Exception):
+    pass
+
+
+def _arg_key(a: Any) -> Any:
+    # everything the checks look at: a tensor's type, dtype and shape; a scalar's
+    # type; a string's value (it may be checked against a Literal)
+    if isinstance(a, Tensor):
+        return (type(a), a.dtype, a.shape)
+    if a is None or type(a) in (bool, int, float):
+        return type(a)
+    if type(a) is str:
+        return a
+    raise _Uncacheable  # containers, objects: beartype may look inside; always check
+
+
+def _call_key(args: tuple, kwargs: dict) -> tuple | None:
+    try:
+        return (
+            tuple(_arg_key(a) for a in args),
+            tuple((k, _arg_key(v)) for k, v in kwargs.items()),
+        )
+    except _Uncacheable:
+        return None
+
+
+#: Signatures remembered per function before the memory is cleared.
+_SEEN_MAX = 256
+
+
 def typechecked(fn: F) -> F:
     """Decorate ``fn`` with jaxtyping shape binding checked by beartype.
 
     The check covers every annotated argument and the return value. Dimensions
     with the same name must agree across arguments within one call.
+
+    A call whose arguments are all tensors, scalars, strings or ``None`` is
+    checked once per signature (tensor types, dtypes and shapes; scalar types;
+    string values): repeats of a signature that passed skip the check, which
+    costs 0.1-0.3 ms per call, as much as GAE on a 4096-step row. Any other new
+    signature, and every failing one, is checked in full.
     """
     if not TYPECHECK:
         return fn
     checked = jaxtyped(typechecker=beartype)(fn)
-    functools.update_wrapper(checked, fn)
-    return checked  # type: ignore[return-value]
+    seen: dict[tuple, None] = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        key = _call_key(args, kwargs)
+        if key is not None and key in seen:
+            return fn(*args, **kwargs)
+        out = checked(*args, **kwargs)
+        if key is not None:
+            if len(seen) >= _SEEN_MAX:
+                seen.clear()
+            seen[key] = None
+        return out
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_range(

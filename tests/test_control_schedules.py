@@ -98,3 +98,12 @@ def test_warmup_cosine_monotone_per_phase(start, end, steps, data):
     assert all(s_up * (b - a) >= 0 for a, b in zip(up, up[1:], strict=False))
     assert all(s_up * (a - b) >= 0 for a, b in zip(down, down[1:], strict=False))
     assert S.warmup_cosine(warm, start=start, end=end, steps=steps, warmup_steps=warm) == pytest.approx(start)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "exponential"])
+def test_ends_are_exact_when_the_ends_differ_by_many_orders(name):
+    # e + (s - e) * 1 cancels: 1e-6 came back as 1.0000076e-6 (found by hypothesis)
+    fn = S.SCHEDULES[name]
+    assert fn(0, start=1e-6, end=131073.0, steps=1) == 1e-6
+    assert fn(1, start=1e-6, end=131073.0, steps=1) == 131073.0
+    assert fn(0, start=131073.0, end=1e-6, steps=7) == 131073.0

@@ -44,8 +44,14 @@ def _ends(start: float, end: float) -> tuple[float, float]:
     return as_float("start", start), as_float("end", end)
 
 
-def _inside(x: float, a: float, b: float) -> float:
-    # Rounding in cos/pow can overshoot an end point by one ulp; keep the documented interval exact.
+def _inside(x: float, a: float, b: float, p: float) -> float:
+    # The end points exactly: e + (s - e) * 1 loses s to cancellation when |e| >> |s|
+    # (cosine from 1e-6 to 131073 gave 1.0000076e-6 at step 0). Inside, rounding in
+    # cos/pow can overshoot an end by one ulp; keep the documented interval exact.
+    if p <= 0.0:
+        return a
+    if p >= 1.0:
+        return b
     lo, hi = (a, b) if a <= b else (b, a)
     return min(max(x, lo), hi)
 
@@ -60,7 +66,7 @@ def linear(step: float | int, *, start: float, end: float, steps: int) -> float:
     """
     p = _progress(step, steps)
     s, e = _ends(start, end)
-    return _inside(s + (e - s) * p, s, e)
+    return _inside(s + (e - s) * p, s, e, p)
 
 
 def cosine(step: float | int, *, start: float, end: float, steps: int) -> float:
@@ -76,7 +82,7 @@ def cosine(step: float | int, *, start: float, end: float, steps: int) -> float:
     """
     p = _progress(step, steps)
     s, e = _ends(start, end)
-    return _inside(e + (s - e) * 0.5 * (1.0 + math.cos(math.pi * p)), s, e)
+    return _inside(e + (s - e) * 0.5 * (1.0 + math.cos(math.pi * p)), s, e, p)
 
 
 def exponential(step: float | int, *, start: float, end: float, steps: int) -> float:
@@ -93,7 +99,7 @@ def exponential(step: float | int, *, start: float, end: float, steps: int) -> f
     if s <= 0 or e <= 0:
         bad, val = ("start", s) if s <= 0 else ("end", e)
         raise ValueError(f"{bad} must be > 0 for the exponential schedule (geometric interpolation), got {val}")
-    return _inside(math.exp(math.log(s) + p * (math.log(e) - math.log(s))), s, e)
+    return _inside(math.exp(math.log(s) + p * (math.log(e) - math.log(s))), s, e, p)
 
 
 def warmup_cosine(
@@ -127,7 +133,7 @@ def warmup_cosine(
     if t < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if t < warmup_steps:
-        return _inside(w + (s - w) * (t / warmup_steps), w, s)
+        return _inside(w + (s - w) * (t / warmup_steps), w, s, t / warmup_steps)
     return cosine(t - warmup_steps, start=s, end=e, steps=steps - warmup_steps)
 
 

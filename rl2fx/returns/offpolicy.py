@@ -13,7 +13,7 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
-from rl2fx.returns.scan import reverse_scan
+from rl2fx.returns.scan import _scan
 
 __all__ = ["vtrace", "retrace", "clipped_is"]
 
@@ -91,7 +91,7 @@ def vtrace(
     if d is not None:
         c = torch.where(d, 0.0, c)
     x, c = C.through(delta, c, m)
-    vs = reverse_scan(x, c, backend=backend) + v
+    vs = _scan(x, c, backend) + v
     vs_next = C.next_along(vs, boot, nxt)
     if d is not None:
         # past a trace cut the next target belongs to another episode: fall back to V (as TorchRL)
@@ -152,7 +152,7 @@ def retrace(
     # the trace coefficient at t is the *next* masked-in step's c (0 past the end, where Z = 0 anyway).
     c_next = C.next_along(cs, torch.zeros_like(cs[..., 0]), nxt)
     x, c = C.through(r + g * vn - q, g * c_next, m)
-    out = reverse_scan(x, c, backend=backend) + q
+    out = _scan(x, c, backend) + q
     return C.masked_out(out, m).to(C.out_dtype(rewards.dtype, q_values.dtype, v_next.dtype))
 
 

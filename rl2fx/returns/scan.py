@@ -33,8 +33,9 @@ Backends (``BACKENDS``)
     takes a path with no ``c`` tensor at all. About ``2L + 2K`` tensor operations
     instead of ``T``. On CPU a constant ``c`` (a float) instead solves all blocks
     at once as one matrix product ``x_block @ M`` with ``M[s, t] = c**(s-t)``
-    (BLAS, natural layout, no transposing copies), then the same carry scan and
-    fix-up.
+    (BLAS, natural layout, no transposing copies, ``L = 16``), the block starts
+    by the same method one level down in float64, then one fix-up pass; ``auto``
+    takes this path for every float ``0 <= c <= 1`` on CPU.
 ``compiled``
     The same block decomposition written functionally (the in-block loop unrolled,
     natural ``[batch, time]`` layout) and passed through :func:`torch.compile` with
@@ -72,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rl2fx._typing import Float, check_choice, typechecked
+from rl2fx.returns._workspace import scratch
 
 __all__ = ["BACKENDS", "reverse_scan"]
 
@@ -112,8 +114,14 @@ _AUTO_TABLE: dict[str, tuple[tuple[int, str], ...]] = {
 
 
 def _auto_backend(x: Tensor, c: Tensor | float) -> str:
-    if not isinstance(c, Tensor) and abs(c) > 1.0:
-        return "loop"  # growing recurrence: the only backend with no span products
+    if not isinstance(c, Tensor):
+        if abs(c) > 1.0:
+            return "loop"  # growing recurrence: the only backend with no span products
+        if x.device.type == "cpu":
+            # constant c on CPU: BLAS products win at every T (measured, 1 thread,
+            # 256 rows: T=4 0.029 vs 0.094 ms for the loop, T=16 0.030 vs 0.225,
+            # T=256 0.167 vs 2.76)
+            return "chunked"
     rules = _AUTO_TABLE.get(x.device.type, _AUTO_TABLE["cpu"])
     t = x.shape[-1]
     for max_t, name in rules:
@@ -201,40 +209,22 @@ def _tm_scan_(xs: Tensor, cs: Tensor | float, blk: int | None = None) -> Tensor:
     return xs[:n_t] if pad else xs
 
 
-# Scratch buffers for the two time-major copies, kept per thread on CPU and reused
-# across calls (CUDA's caching allocator already does this on the GPU). Fresh
-# multi-MB buffers cost page faults on every call: measured 2-3x the whole scan
-# on the shared benchmark box. Bounded: inputs above the cap get fresh buffers.
-_WORKSPACE = threading.local()
-_WORKSPACE_MAX_BYTES = 256 * 1024**2
-
-
-def _scratch(slot: int, rows: int, cols: int, like: Tensor) -> Tensor:
-    numel = rows * cols
-    if like.device.type != "cpu" or numel * like.element_size() > _WORKSPACE_MAX_BYTES:
-        return like.new_empty(rows, cols)
-    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
-    key = (slot, like.dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[key] = like.new_empty(numel)
-    return buf[:numel].view(rows, cols)
-
-
 def _to_time_major(x2: Tensor, rows: int, slot: int) -> Tensor:
     """``x2 [N, T]`` copied once into a zero-padded, time-major ``[rows, N]`` scratch buffer."""
     n_t = x2.shape[1]
-    buf = _scratch(slot, rows, x2.shape[0], x2)
+    buf = scratch(f"time-major-{slot}", (rows, x2.shape[0]), x2.dtype, x2.device)
     buf[:n_t].copy_(x2.t())
     buf[n_t:].zero_()  # x = 0, c = 0 after the end leave y unchanged
     return buf
 
 
 # Block length of the constant-c GEMM path: the in-block pass is one
-# [N*T/L, L] @ [L, L] product, 2L flops per element. Measured on 1 thread at
-# 256 x 4096 (shared 2-core EPYC): L=16 3.2 ms, L=32 2.9 ms, the time-major loop
-# path 8.1 ms in the same run; longer blocks only add flops.
-_GEMM_BLOCK = 32
+# [N*T/L, L] @ [L, L] product, 2L flops per element, and the block starts are
+# solved by the same method one level down (float64, T/L long). Measured in GAE
+# at 256 x 4096 (1 thread, shared 2-core EPYC, glibc malloc with a fixed mmap
+# threshold): L=8 3.06 ms, L=16 1.23 ms, L=32 1.43 ms, L=64 2.00 ms for the scan
+# alone (T not a multiple of L pays one padding copy).
+_GEMM_BLOCK = 16
 _GEMM_CACHE: dict[tuple[float, int, torch.dtype], tuple[Tensor, Tensor, float]] = {}
 
 
@@ -258,27 +248,46 @@ def _gemm_mats(c: float, blk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, 
     return hit
 
 
-def _gemm_const(x2: Tensor, c: float) -> Tensor:
+def _gemm_const(x2: Tensor, c: float, out: Tensor | None = None) -> Tensor:
     """Constant ``c`` on CPU: in-block solutions by one matrix product, natural layout.
 
     With a constant coefficient every block has the same transfer matrix, so the
     in-block pass ``u = x_block @ M`` is a single BLAS call over all blocks and rows
-    (no transposing copies), the block starts ``u[:, :, 0]`` are scanned in float64
-    with the carry ``c**L``, and one fused pass adds ``P * Y_{k+1}``.
+    (no transposing copies). The block starts ``u[:, :, 0]`` obey the same
+    recurrence with coefficient ``c**L``, ``T/L`` long: solved by this function
+    again, in float64 (one level covers ``T <= L**2``, each further level another
+    factor ``L``). One fused pass then adds ``P * Y_{k+1}``. ``out`` (``x2``'s
+    shape, contiguous) receives the result when given.
     """
     n = x2.shape[-1]
-    blk = min(_GEMM_BLOCK, n)
+    if n <= _GEMM_BLOCK:
+        m = _gemm_mats(c, n, x2.dtype)[0]
+        return torch.mm(x2, m, out=out)
+    blk = _GEMM_BLOCK
     m, p, c_blk = _gemm_mats(c, blk, x2.dtype)
     k = -(-n // blk)
     pad = k * blk - n
-    xp = F.pad(x2, (0, pad)) if pad else x2
-    u = torch.mm(xp.reshape(-1, blk), m).view(-1, k, blk)
-    if k > 1:
-        starts = u[:, :, 0].t().to(_CARRY_DTYPE, copy=True)  # [K, N], time-major; scanned in place
-        ys = _tm_scan_(starts, c_blk).t().to(x2.dtype)
-        u[:, :-1].addcmul_(p, ys[:, 1:, None])
+    if pad:
+        xp, dst = F.pad(x2, (0, pad)), None
+    else:
+        xp, dst = x2, out
+    u = torch.mm(xp.reshape(-1, blk), m, out=None if dst is None else dst.view(-1, blk))
+    u = u.view(-1, k, blk)
+    # block starts, time last: Y_k = u_k[0] + c**L * Y_{k+1}
+    ys = _gemm_const(u[:, :, 0].to(_CARRY_DTYPE), c_blk).to(x2.dtype)
+    u[:, :-1].addcmul_(p, ys[:, 1:, None])
     y = u.view(-1, k * blk)
-    return y[:, :n] if pad else y
+    if not pad:
+        return y
+    if out is None:
+        return y[:, :n]
+    return out.copy_(y[:, :n])
+
+
+def scan_const(x2: Tensor, c: float, out: Tensor | None = None) -> Tensor:
+    """The scan of a contiguous CPU ``x2 [N, T]`` with a float ``0 <= c <= 1`` already rounded
+    to ``x2``'s dtype (what ``auto`` and ``chunked`` run for it), into ``out`` if given."""
+    return _gemm_const(x2, c, out)
 
 
 def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
@@ -419,6 +428,11 @@ def reverse_scan(
     >>> torch.allclose(y, reverse_scan(x, 0.9, backend="loop"))
     True
     """
+    return _scan(x, c, backend)
+
+
+def _scan(x: Tensor, c: Tensor | float, backend: str = "auto") -> Tensor:
+    """:func:`reverse_scan` without the shape check: the estimators' entry (already checked)."""
     check_choice("backend", backend, BACKENDS)
     if isinstance(c, Tensor) and c.shape != x.shape:
         raise ValueError(
@@ -431,9 +445,13 @@ def reverse_scan(
     if isinstance(c, Tensor):
         ca: Tensor | float = c.to(device=x.device, dtype=acc_dtype)
     else:
-        # round a float discount to the accumulation dtype once, so every backend
-        # (and every level of the blocked ones) uses the same number
-        ca = float(torch.tensor(float(c), dtype=acc_dtype))
+        ca = round_coef(c, acc_dtype)
     name = _auto_backend(x, ca) if backend == "auto" else backend
     y = _BACKEND_FNS[name](xa, ca)
     return y.to(x.dtype)
+
+
+def round_coef(c: float, dtype: torch.dtype) -> float:
+    """A float coefficient rounded to the accumulation dtype once, so every backend
+    (and every level of the blocked ones) uses the same number."""
+    return float(torch.tensor(float(c), dtype=dtype))
