@@ -407,6 +407,60 @@ def print_table(rows, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def accuracy_table() -> list[dict]:
+    """float32 against float64 at T = 16384: the scan per backend, and GAE end to end.
+
+    Error = max |y32 - y64| / max |y64| (relative to the output scale). A float c is
+    compared at its float32 value, which is what every backend uses.
+    """
+    rows = []
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 16384, generator=g)
+    skip = torch.rand(x.shape, generator=g) < 0.35
+    cut = torch.rand(x.shape, generator=g) < 0.001
+    runs = torch.where(skip, 1.0, torch.where(cut, 0.0, 0.9999))
+    cases = {
+        "scan, c = 0.9999 (float)": (x, 0.9999),
+        "scan, c = 0.9999 per step": (x, torch.full_like(x, 0.9999)),
+        "scan, c ~ U[0.99, 1] per step": (x, torch.rand(x.shape, generator=g) * 0.01 + 0.99),
+        "scan, masked runs (c in {0.9999, 1, 0}, x = 0 where c = 1)": (
+            torch.where(skip, 0.0, x),
+            runs,
+        ),
+    }
+
+    def err(y, ref):
+        return float((y.double() - ref).abs().max() / ref.abs().max())
+
+    for name, (xx, c) in cases.items():
+        c64 = c.double() if isinstance(c, torch.Tensor) else float(torch.tensor(c))
+        ref = reverse_scan(xx.double(), c64, backend="loop")
+        rec = {"case": name}
+        for b in ("loop", "auto"):
+            rec["default" if b == "auto" else b] = err(reverse_scan(xx, c, backend=b), ref)
+        rows.append(rec)
+    # GAE end to end with gamma * lamda ~ 0.9999
+    r = torch.randn(16, 16384, generator=g)
+    v = torch.randn(16, 16384, generator=g)
+    boot = torch.randn(16, generator=g)
+    mask = ~skip
+    for masked in (False, True):
+        m = mask if masked else None
+        kw = dict(gamma=0.99995, lamda=0.99995, bootstrap_value=boot, mask=m)
+        # the float64 reference gets the coefficients float32 arithmetic uses: gamma
+        # rounded to float32, and lamda such that gamma * lamda is the float32 c (the
+        # rounding of c alone moves c**10000 by ~1e-5: an input difference, not error)
+        g32 = float(torch.tensor(0.99995, dtype=torch.float32))
+        c32 = float(torch.tensor(g32 * g32, dtype=torch.float32))
+        kw64 = {**kw, "gamma": g32, "lamda": c32 / g32, "bootstrap_value": boot.double()}
+        ref_adv, _ = gae(r.double(), v.double(), **kw64, backend="loop")
+        rec = {"case": f"GAE advantages, gamma = lamda = 0.99995, {'mask' if masked else 'no mask'}"}
+        for b in ("loop", "auto"):
+            rec["default" if b == "auto" else b] = err(gae(r, v, **kw, backend=b)[0], ref_adv)
+        rows.append(rec)
+    return rows
+
+
 SCAN_SHAPES = [(256, 16), (256, 64), (256, 256), (256, 1024), (256, 4096), (1024, 8192)]
 
 
@@ -523,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     rows: list[dict] = []
+    accuracy = accuracy_table()
+    print("accuracy at T = 16384, float32 vs float64, relative to max|y| (target 1e-5):")
+    for rec in accuracy:
+        print(f"  {rec['case']:<62} loop {rec['loop']:.1e}  default {rec['default']:.1e}")
     bench_device(torch.device("cpu"), shapes, args, rows, meta)
     cuda = torch.cuda.is_available() and not args.cpu_only
     if cuda:
@@ -533,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "accuracy": accuracy}, indent=1))
     print(f"\nwrote {out}")
     bad = [r for r in rows if r.get("matches_reference") is False]
     return 1 if bad else 0

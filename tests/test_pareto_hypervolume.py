@@ -162,3 +162,12 @@ def test_errors():
     assert hypervolume(np.zeros((0, 2)), [0.0, 0.0]) == 0.0
     with pytest.raises(ValueError, match="at least 2 objectives"):
         hypervolume_gradient(torch.tensor([1.0]), np.ones((1, 1)), [0.0])
+
+
+def test_exact_contributions_keep_a_small_exclusive_box_in_4d():
+    # moocore 0.3's hv_contributions returned 0 here (found by hypothesis); the
+    # exclusive box of the first point is 0.01171875**3 * (4.3203125 - 4.3125)
+    p = np.array([[0.01171875, 4.3203125, 0.01171875, 0.01171875], [1.0, 4.3125, 0.01171875, 0.01171875]])
+    contrib = hypervolume_contributions(p, np.zeros(4), method="exact")
+    assert contrib[0] == pytest.approx(0.01171875**3 * 0.0078125, rel=1e-9)
+    assert contrib[1] == pytest.approx(hypervolume(p, np.zeros(4)) - hypervolume(p[:1], np.zeros(4)), rel=1e-12)
