@@ -24,9 +24,13 @@ from torch import Tensor
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
 from rl2fx.returns._workspace import scratch
-from rl2fx.returns.scan import _scan, round_coef, scan_const
+from rl2fx.returns.scan import _scan, masked_const_ok, masked_const_scan_, round_coef, scan_const
 
 __all__ = ["gae", "td_lambda", "discounted", "n_step"]
+
+# Below this lamda the masked constant-discount path would lose more than ~3 float32
+# roundings of |V| to the final subtraction K - V / lamda; it packs instead.
+_MASKED_MIN_LAMDA = 0.5
 
 
 @typechecked
@@ -130,11 +134,19 @@ def _gae_const(r, v, boot, g: float, lam: float, m, backend, allow_nonfinite, in
     :math:`\delta_t`; float32 errors against float64 were measured equal or
     smaller (e.g. 1.7e-7 vs 3.4e-7 of max|A| at 64 x 4096).
 
-    A mask is handled by packing each row's masked-in steps to the left (one
+    With a mask and :math:`\lambda \ge 1/2`, the value of the next decision is never
+    looked up: :math:`K_t = G_t + a V_t` with :math:`a = (1 - \lambda)/\lambda` obeys
+
+    .. math::  K_t = (r_t + a V_t) + \gamma\lambda K_{\text{next}(t)}, \qquad
+               K_T = V_T / \lambda,
+
+    so :math:`A_t = K_t - V_t/\lambda` and :math:`G_t = K_t - a V_t` come from one masked
+    scan with a constant coefficient (:func:`~rl2fx.returns.scan.scan_masked_const`).
+    Subtracting :math:`V_t/\lambda` costs about :math:`(1 + 1/\lambda)` float32 roundings
+    of :math:`|V|`, hence the bound on :math:`\lambda`. Otherwise (and to redo a result
+    that overflowed) each row's masked-in steps are packed to the left (one
     cumulative count, one scatter per input, one gather per output; no loop over
-    rows), which is exactly the definition "pack, run, scatter back": the packed
-    rows run through the unmasked arithmetic, the next state's value being simply
-    the next packed one.
+    rows), which is exactly the definition "pack, run, scatter back".
     """
     shape = r.shape
     T = shape[-1]
@@ -153,8 +165,24 @@ def _gae_const(r, v, boot, g: float, lam: float, m, backend, allow_nonfinite, in
             # name) the culprit, or go on if a sum of finite numbers merely overflowed
             C.check_all_finite(False, **inputs)
         return adv.view(shape), ret.view(shape)
-    C.check_all_finite(allow_nonfinite, **inputs)
-    plan = C.pack_plan(m.reshape(-1, T))
+    m2 = m.reshape(-1, T)
+    if lam >= _MASKED_MIN_LAMDA and masked_const_ok(c):
+        a = (1.0 - lam) / lam
+        # K_t = G_t + a V_t obeys K_t = (r_t + a V_t) + c K_{t+1} along the decisions,
+        # with K_T = V_T / lamda: no "value at the next decision" to look up
+        x = torch.add(r2, v2, alpha=a, out=scratch("gae-x", (N, T), r.dtype, r.device))
+        mf = m2.contiguous().view(torch.uint8).to(r.dtype)  # (uint8 -> float: 4x faster than bool)
+        k, finite = masked_const_scan_(x, mf, c, b1 / lam)
+        if finite:
+            adv = torch.addcmul(k, v2, mf, value=-1.0 / lam)  # A = K - V / lamda
+            ret = torch.addcmul(k, v2, mf, value=-a)  # G = K - a V
+            return adv.view(shape), ret.view(shape)
+        # non-finite: name a non-finite input, or (all finite: an overflow somewhere,
+        # possibly at a masked-out step) redo it exactly on the packed path
+        C.check_all_finite(allow_nonfinite, **inputs)
+    else:
+        C.check_all_finite(allow_nonfinite, **inputs)
+    plan = C.pack_plan(m2)
     x = C.pack(r2, plan, T, "gae-r")
     vp = C.pack(v2, plan, T + 1, "gae-v")
     vp[torch.arange(N), plan.count] = b1  # V after each row's last step
@@ -239,6 +267,23 @@ def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
     m = C.as_bool("mask", mask)
     d = C.as_bool("done", done)
     boot = C.bootstrap(bootstrap_value, r, dt)
+    if (
+        m is not None
+        and d is None
+        and isinstance(g, float)
+        and masked_const_ok(g)
+        and r.device.type == "cpu"
+        and backend in ("auto", "chunked")
+        and r.shape[-1] > 0
+        and not (torch.is_grad_enabled() and r.requires_grad)
+    ):
+        # one constant discount along the decisions: the masked constant-c scan,
+        # with G_T = bootstrap as its end value
+        T = r.shape[-1]
+        x = r.reshape(-1, T).clone(memory_format=torch.contiguous_format)
+        mf = m.reshape(-1, T).contiguous().view(torch.uint8).to(dt)
+        y, _ = masked_const_scan_(x, mf, g, boot.reshape(-1))
+        return y.view(r.shape)
     nxt = None if m is None else C.next_index(m)
     c = g if d is None else torch.where(d, 0.0, C.as_tensor(g, r))
     # the scan ends with y_T = 0, so the bootstrap enters as extra reward at each row's last step

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rl2fx._typing import Float, check_choice, typechecked
+from rl2fx._typing import Float, Shaped, check_choice, typechecked
 from rl2fx.returns._workspace import scratch
 
 __all__ = ["BACKENDS", "reverse_scan"]
@@ -290,6 +290,149 @@ def scan_const(x2: Tensor, c: float, out: Tensor | None = None) -> Tensor:
     return _gemm_const(x2, c, out)
 
 
+# ------------------------------------------------- masked, constant coefficient
+#
+# A mask makes the coefficient a tensor (c at decisions, 1 at skipped steps), so
+# the constant-c matrix product above no longer applies as such. But every
+# coefficient is a power of the one c: c_t = c**m_t. Inside a block of L steps
+# the product over a span is c**(number of decisions in it), so with the block's
+# inclusive decision count D_t and weights W_t = c**D_t (at most L factors: no
+# overflow or underflow for c**L >= _MASKED_MIN_CL),
+#
+#     y_t = (1 / W_t) * sum_{s >= t in block} W_s m_s x_s    (t a decision),
+#
+# one triangular matrix product of the weighted inputs, vectorised over every
+# row and block with no gather, scatter or per-row packing. D comes from a
+# matrix product of the 0/1 mask, and the block-to-block carries obey the same
+# kind of recurrence, T/L long, solved in float64 below.
+
+_MASKED_BLOCK = 16
+_CARRY_BLOCK = 16  # block length of the float64 carry levels
+# Smallest c**L for the masked path: the weights c**D stay normal float32
+# numbers (1e-30 > 1.2e-38) and their inverses finite (1e30 < 3.4e38).
+_MASKED_MIN_CL = 1e-30
+# Carry levels run on log-coefficients l <= 0 in float64. A coefficient below
+# exp(-40) = 4.2e-18 is raised to it: the carried term it scales is then off by
+# at most 4.2e-18 of the carry, far below float32 (and float64) resolution of
+# the result, while a block's weights stay above exp(-40 L) = 1e-278 (normal).
+_LOG_FLOOR = -40.0
+_TRI_CACHE: dict[tuple[int, torch.dtype, bool], Tensor] = {}
+
+
+def _tri(blk: int, dtype: torch.dtype, strict: bool) -> Tensor:
+    """Triangular 0/1 ``[L, L]`` matrices for block sums by matrix product.
+
+    ``strict=False``: ``A[s, t] = 1`` for ``s >= t`` (``(z @ A)_t = sum_{s>=t} z_s``, the
+    suffix sum); ``strict=True``: ``A[u, t] = 1`` for ``u < t`` (``(l @ A)_t = sum_{u<t} l_u``).
+    """
+    key = (blk, dtype, strict)
+    hit = _TRI_CACHE.get(key)
+    if hit is None:
+        i = torch.arange(blk)
+        hit = (i[:, None] < i[None, :]) if strict else (i[:, None] >= i[None, :])
+        hit = _TRI_CACHE[key] = hit.to(dtype)
+    return hit
+
+
+def masked_const_ok(c: float) -> bool:
+    """Whether :func:`scan_masked_const` applies to the constant ``c`` (``c**L`` normal, ``c <= 1``)."""
+    return 0.0 < c <= 1.0 and c**_MASKED_BLOCK >= _MASKED_MIN_CL
+
+
+def _scan_logc_(x: Tensor, logc: Tensor) -> Tensor:
+    """``y_t = x_t + exp(l_t) y_{t+1}``, ``y_T = 0``, over the last axis of float64
+    ``x, logc [N, K]`` with ``l <= 0``: the carry levels of :func:`scan_masked_const`.
+    Overwrites ``x``.
+
+    Same block method with exclusive in-block log-products ``E_t = sum_{u<t} l_u`` (at
+    most ``L`` terms, each at least ``_LOG_FLOOR``): weights ``w = exp(E)``, one
+    suffix-sum product, the block starts one level coarser, then
+    ``y_t = (s_t + exp(lb_k) Y_{k+1}) / w_t`` with the block's exact log-product ``lb_k``
+    (``>= -40 L``, so ``exp`` stays normal, and ``lb_k <= E_t``, so nothing is
+    amplified). The coarser level's floor on ``lb_k`` only moves the block starts
+    ``Y``, by at most ``exp(-40)`` of a carry; ``Y_k - s_k`` must not stand in for
+    ``exp(lb_k) Y_{k+1}`` for that reason.
+    """
+    n, k_t = x.shape
+    if k_t == 1:
+        return x
+    logc = logc.clamp(min=_LOG_FLOOR)
+    blk = min(_CARRY_BLOCK, k_t)
+    k = -(-k_t // blk)
+    pad = k * blk - k_t
+    if pad:
+        x, logc = F.pad(x, (0, pad)), F.pad(logc, (0, pad))
+    e = torch.mm(logc.reshape(-1, blk), _tri(blk, x.dtype, True)).view(n, k, blk)
+    w = torch.exp(e)
+    s = torch.mm(w.mul(x.view(n, k, blk)).view(-1, blk), _tri(blk, x.dtype, False))
+    s = s.view(n, k, blk)
+    if k > 1:
+        lb = e[:, :, -1] + logc.view(n, k, blk)[:, :, -1]
+        ys = _scan_logc_(s[:, :, 0].contiguous(), lb)
+        s[:, :-1].add_((torch.exp(lb[:, :-1]) * ys[:, 1:]).unsqueeze(-1))
+    y = s.div_(w).view(n, k * blk)
+    return y[:, :k_t] if pad else y
+
+
+def scan_masked_const(x2: Tensor, mf: Tensor, c: float, tail: Tensor | None = None) -> Tensor:
+    r"""The masked recurrence with one coefficient: ``y_t = x_t + c^{m_t} y_{t+1}``, ``y_T = tail``.
+
+    ``x2 [N, T]`` (its values at masked-out steps are ignored), ``mf [N, T]`` the mask as
+    0/1 in ``x2``'s dtype, ``c`` a float with :func:`masked_const_ok`, ``tail [N]`` or
+    ``None`` (0). Returns ``y * m`` (zeros at masked-out steps): equal to packing each
+    row's decisions, running the unmasked scan with coefficient ``c`` and scattering
+    back, with no index operation (see the block comment above).
+    """
+    return masked_const_scan_(x2.clone(), mf, c, tail)[0]
+
+
+def masked_const_scan_(
+    x2: Tensor, mf: Tensor, c: float, tail: Tensor | None = None
+) -> tuple[Tensor, bool]:
+    """:func:`scan_masked_const` overwriting the contiguous ``x2`` (the result lives in
+    its memory), and whether the result is finite.
+
+    The finiteness flag comes from the block carries (``N * T / L`` numbers): every
+    input at every step, masked out or not, reaches some block's sum, so a NaN or inf
+    anywhere shows there without a pass over the result.
+    """
+    n, t_len = x2.shape
+    blk = _MASKED_BLOCK
+    k = -(-t_len // blk)
+    pad = k * blk - t_len
+    if pad:  # decision-free padding: weights 1, inputs 0
+        x2, mf = F.pad(x2, (0, pad)), F.pad(mf, (0, pad))
+    x3, m3 = x2.view(n, k, blk), mf.view(n, k, blk)
+    # inclusive log-weights E_t = ln(c) * D_t by one product of the 0/1 mask
+    tri_lc = _tri(blk, x2.dtype, False).t() * math.log(c)
+    e = torch.mm(mf.view(-1, blk), tri_lc).view(n, k, blk)
+    lb = e[:, :, -1].to(_CARRY_DTYPE, copy=True)  # ln(c) * n_k, n_k the block's decision count
+    w = torch.exp(e)
+    q = torch.div(m3, w, out=e)  # m / W: the output scale (0 at masked-out steps)
+    z = w.mul_(m3).mul_(x3)  # W m x, in place of W
+    s = torch.mm(z.view(-1, blk), _tri(blk, x2.dtype, False), out=x2.view(-1, blk)).view(n, k, blk)
+    del w, z
+    # Block k's start value is s_k0 / c whether or not its first step is a decision,
+    # and it passes on c**n_k. Carries are solved for Y'_k = c Y_k:
+    # Y'_k = s_k0 + c**n_k Y'_{k+1}, Y'_K = c * tail.
+    ys = s[:, :, 0].to(_CARRY_DTYPE, copy=True)
+    y_end = None if tail is None else c * tail.to(_CARRY_DTYPE)
+    if y_end is not None:
+        ys[:, -1] += torch.exp(lb[:, -1]) * y_end
+    ys = _scan_logc_(ys, lb)
+    finite = bool(torch.isfinite(ys.sum()))
+    # y_t = (s_t + B_k) / W_t with B_k = c**(n_k + 1) Y_{k+1} = c**n_k Y'_{k+1}, from the
+    # exact n_k (B_k / W_t <= |Y'_{k+1}|: nothing is amplified)
+    nxt = ys[:, 1:]
+    if y_end is not None:
+        nxt = torch.cat([nxt, y_end[:, None]], 1)
+        s.add_((torch.exp(lb) * nxt).to(x2.dtype).unsqueeze(-1))
+    elif k > 1:
+        s[:, :-1].add_((torch.exp(lb[:, :-1]) * nxt).to(x2.dtype).unsqueeze(-1))
+    y = s.mul_(q).view(n, k * blk)
+    return (y[:, :t_len] if pad else y), finite
+
+
 def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
@@ -400,6 +543,7 @@ def reverse_scan(
     x: Float[Tensor, "*batch time"],
     c: Float[Tensor, "*batch time"] | float,
     *,
+    mask: Shaped[Tensor, "*batch time"] | None = None,
     backend: str = "auto",
 ) -> Float[Tensor, "*batch time"]:
     r"""Solve ``y[t] = x[t] + c[t] * y[t+1]`` backwards in time, with ``y[T] = 0``.
@@ -413,7 +557,12 @@ def reverse_scan(
     Args:
         x: the inputs ``[*batch, time]``.
         c: a float (the same coefficient at every step) or a tensor of exactly
-            ``x``'s shape. Masked-out steps: ``x = 0, c = 1``; cuts: ``c = 0``.
+            ``x``'s shape. Episode cuts: ``c = 0``.
+        mask: optional bool (or 0/1) tensor of ``x``'s shape. Steps where it is 0 are
+            skipped: the recurrence runs over the masked-in steps only (``t+1`` is the
+            next masked-in step) and the result is 0 at masked-out steps, exactly as
+            packing each row, scanning and scattering back. With a float ``c`` on CPU
+            this takes the masked constant-coefficient path (no index operations).
         backend: one of :data:`BACKENDS` (see the module docstring).
 
     Returns:
@@ -427,8 +576,53 @@ def reverse_scan(
     >>> y = reverse_scan(x, 0.9, backend="chunked")
     >>> torch.allclose(y, reverse_scan(x, 0.9, backend="loop"))
     True
+    >>> reverse_scan(torch.tensor([1.0, 5.0, 1.0]), 0.5, mask=torch.tensor([True, False, True]))
+    tensor([1.5000, 0.0000, 1.0000])
     """
-    return _scan(x, c, backend)
+    if mask is None:
+        return _scan(x, c, backend)
+    return _scan_masked(x, c, _as_mask(mask, x), backend)
+
+
+def _as_mask(mask: Tensor, x: Tensor) -> Tensor:
+    if mask.shape != x.shape:
+        raise ValueError(f"mask must have x's shape {tuple(x.shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"mask must be a bool tensor or hold only 0/1 values, got the value "
+                f"{mask[bad].flatten()[0].item()!r}"
+            )
+        mask = mask != 0
+    return mask.to(x.device)
+
+
+def _scan_masked(x: Tensor, c: Tensor | float, mask: Tensor, backend: str) -> Tensor:
+    """The recurrence over masked-in steps only, zeros at masked-out steps."""
+    check_choice("backend", backend, BACKENDS)
+    if x.shape[-1] == 0 or x.numel() == 0:
+        return x.clone()
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    n = x.shape[-1]
+    if (
+        not isinstance(c, Tensor)
+        and backend in ("auto", "chunked")
+        and x.device.type == "cpu"
+        and masked_const_ok(round_coef(c, acc_dtype))
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        mf = mask.reshape(-1, n).contiguous().view(torch.uint8).to(acc_dtype)
+        x2 = x.reshape(-1, n).to(acc_dtype, copy=True).contiguous()
+        y, _ = masked_const_scan_(x2, mf, round_coef(c, acc_dtype))
+        return y.reshape(x.shape).to(x.dtype)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xs = torch.where(mask, x, zero)
+    if isinstance(c, Tensor):
+        cs: Tensor | float = torch.where(mask, c, torch.ones((), dtype=c.dtype, device=c.device))
+    else:
+        cs = torch.where(mask, torch.tensor(float(c), dtype=acc_dtype, device=x.device), 1.0)
+    return torch.where(mask, _scan(xs, cs, backend), zero)
 
 
 def _scan(x: Tensor, c: Tensor | float, backend: str = "auto") -> Tensor:
