@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-from rl2fx.returns import _common as C
 from rl2fx.returns import gae, reverse_scan
 
 GAMMA, LAMDA = 0.99, 0.95
@@ -257,28 +256,23 @@ def close(a, b, scale) -> bool:
 
 
 def scan_operands(r, v, boot, mask):
-    """The (x, c) that gae hands reverse_scan: x = delta, c = gamma * lamda (a float).
+    """The (x, c, mask) that gae hands the scan engine.
 
-    With a mask on CPU, gae first packs each row's masked-in steps to the left, so
-    the scan sees the packed deltas (zeros past each row's end) and the same float
-    c; on other devices it encodes masked-out steps as x = 0, c = 1 (a c tensor).
+    Without a mask: x = the lambda-return input r_t + gamma (1 - lamda) V_{t+1}, c =
+    gamma * lamda (a float). With a mask on CPU, gae scans K = G + a V along the
+    decisions (x = r + a V, a = (1 - lamda) / lamda, the same float c, the mask), i.e.
+    ``reverse_scan(x, c, mask=mask)``; on other devices it encodes masked-out steps
+    as x = 0, c = 1 (a c tensor, no mask argument).
     """
     if mask is None:
         v_next = torch.cat([v[:, 1:], boot[:, None]], -1)
-        return r + GAMMA * v_next - v, GAMMA * LAMDA
+        return r + GAMMA * (1 - LAMDA) * v_next, GAMMA * LAMDA, None
     if r.device.type == "cpu":
-        T = r.shape[-1]
-        plan = C.pack_plan(mask)
-        rp = C.pack(r, plan, T, "bench-r").clone()
-        vp = C.pack(v, plan, T + 1, "bench-v").clone()
-        vp[torch.arange(vp.shape[0]), plan.count] = boot
-        x = rp - vp[:, :T] + GAMMA * vp[:, 1:]
-        x[plan.rows, plan.first_empty] = 0
-        return x, GAMMA * LAMDA
+        return r + (1 - LAMDA) / LAMDA * v, GAMMA * LAMDA, mask
     adv_inputs = torchrl_inputs(r, v, boot, mask)
     vn = adv_inputs["next_state_value"][..., 0]
     delta = torch.where(mask, r + GAMMA * vn - v, 0.0)
-    return delta, torch.where(mask, GAMMA * LAMDA, 1.0)
+    return delta, torch.where(mask, GAMMA * LAMDA, 1.0), None
 
 
 def build_methods(r, v, boot, mask, masked, B, T, args) -> dict[str, Callable[[], object] | str]:
@@ -295,8 +289,8 @@ def build_methods(r, v, boot, mask, masked, B, T, args) -> dict[str, Callable[[]
         skip = b == "compiled" and args.no_compile
         methods[f"rl2fx {b}"] = "skipped: --no-compile" if skip else rl2fx_gae(b)
     # the engine alone, on the (x, c) that gae hands it: what the scan costs inside gae
-    x_scan, c_scan = scan_operands(r, v, boot, mask)
-    methods["rl2fx scan only"] = lambda: reverse_scan(x_scan, c_scan)
+    x_scan, c_scan, m_scan = scan_operands(r, v, boot, mask)
+    methods["rl2fx scan only"] = lambda: reverse_scan(x_scan, c_scan, mask=m_scan)
     if args.no_torchrl:
         methods["torchrl loop"] = methods["torchrl vec"] = "skipped: --no-torchrl"
     else:
@@ -439,6 +433,13 @@ def accuracy_table() -> list[dict]:
         for b in ("loop", "auto"):
             rec["default" if b == "auto" else b] = err(reverse_scan(xx, c, backend=b), ref)
         rows.append(rec)
+    # the masked constant-coefficient path: reverse_scan(x, c, mask=...) with a float c
+    c32 = float(torch.tensor(0.9999))
+    ref = reverse_scan(x.double(), c32, mask=~skip, backend="loop")
+    rec = {"case": "scan, mask=, c = 0.9999 (float): the masked constant path"}
+    for b in ("loop", "auto"):
+        rec["default" if b == "auto" else b] = err(reverse_scan(x, 0.9999, mask=~skip, backend=b), ref)
+    rows.append(rec)
     # GAE end to end with gamma * lamda ~ 0.9999
     r = torch.randn(16, 16384, generator=g)
     v = torch.randn(16, 16384, generator=g)

@@ -30,6 +30,16 @@ __all__ = ["gae", "td_lambda", "discounted", "n_step"]
 
 # Below this lamda the masked constant-discount path would lose more than ~3 float32
 # roundings of |V| to the final subtraction K - V / lamda; it packs instead.
+# Masked GAE, float32, LLM-style mask, 2 threads of the 2-core Xeon (ms, medians):
+#
+#   batch x T   masked scan (K form)   packing   loop backend
+#   1 x 8             0.17              0.25        0.20
+#   256 x 16          0.35              0.60        0.33
+#   256 x 256         0.46              0.86        3.04
+#   256 x 1024        1.22              1.94       10.5
+#   256 x 4096        4.6               7.4        72
+#
+# so it is taken at every T (the loop ties only at T = 16).
 _MASKED_MIN_LAMDA = 0.5
 
 

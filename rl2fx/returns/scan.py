@@ -5,8 +5,8 @@ r"""The reverse linear recurrence every estimator in :mod:`rl2fx.returns` reduce
 over the last (time) axis, with any number of leading batch dimensions.
 GAE is ``x = δ``, ``c = γλ``; discounted returns are ``x = r``, ``c = γ``;
 V-trace and Retrace likewise (see their modules). Masked-out steps are encoded
-by callers as ``x = 0, c = 1`` (the step is skipped) and episode cuts as
-``c = 0``, so one engine serves masked and unmasked recurrences at the same speed.
+by callers as ``x = 0, c = 1`` (the step is skipped), or passed as ``mask=``, and
+episode cuts as ``c = 0``.
 
 Backends (``BACKENDS``)
 -----------------------
@@ -36,6 +36,16 @@ Backends (``BACKENDS``)
     (BLAS, natural layout, no transposing copies, ``L = 16``), the block starts
     by the same method one level down in float64, then one fix-up pass; ``auto``
     takes this path for every float ``0 <= c <= 1`` on CPU.
+``mask=`` with a float ``c`` (CPU)
+    The masked recurrence (the scan over masked-in steps only) with one
+    coefficient: every coefficient is ``c**m_t``, so inside a 16-step block the
+    product over a span is ``c**(decisions in it)``. With weights ``W_t = c**D_t``
+    (``D`` the block's inclusive decision count, one matrix product of the 0/1
+    mask) the in-block solution is ``(1/W_t) sum_{s>=t} W_s m_s x_s``: one suffix-sum
+    product, no gather, scatter or per-row packing. Block carries run on
+    log-coefficients in float64 (:func:`_scan_logc_`). Used by ``gae``,
+    ``td_lambda`` and ``discounted``; ``c**16 >= 1e-30`` is required (smaller ``c``
+    takes the general path).
 ``compiled``
     The same block decomposition written functionally (the in-block loop unrolled,
     natural ``[batch, time]`` layout) and passed through :func:`torch.compile` with
