@@ -204,3 +204,29 @@ def test_masked_accuracy_t16384():
     ref_adv = gae(r.double(), v.double(), gamma=g32, lamda=c32 / g32, mask=mask, backend="loop")[0]
     assert _rel_err(adv, ref_adv) < 1e-5
     assert math.isfinite(_rel_err(adv, ref_adv))
+
+
+def test_masked_scan_is_differentiable():
+    # with gradients the general (out-of-place) path runs; the gradient of sum(y)
+    # w.r.t. x_s is the sum of the products from every earlier decision to s
+    x = torch.randn(2, 40, requires_grad=True)
+    m = torch.rand(2, 40) < 0.6
+    y = reverse_scan(x, 0.9, mask=m)
+    y.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(y, reverse_scan(x, 0.9, mask=m))
+    expect = torch.zeros(2, 40, dtype=torch.float64)
+    for i in range(2):
+        idx = m[i].nonzero().squeeze(1)
+        for j, s in enumerate(idx.tolist()):
+            expect[i, s] = sum(0.9 ** (j - k) for k in range(j + 1))
+    torch.testing.assert_close(x.grad.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_scan_bfloat16_accumulates_in_float32():
+    x = torch.ones(1, 4096, dtype=torch.bfloat16)
+    m = torch.ones(1, 4096, dtype=torch.bool)
+    m[0, ::2] = False
+    y = reverse_scan(x, 1.0, mask=m)
+    assert y.dtype == torch.bfloat16
+    assert float(y[0, 1]) == 2048.0  # a bfloat16 accumulator would stall at 256
