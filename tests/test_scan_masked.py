@@ -230,3 +230,19 @@ def test_masked_scan_bfloat16_accumulates_in_float32():
     y = reverse_scan(x, 1.0, mask=m)
     assert y.dtype == torch.bfloat16
     assert float(y[0, 1]) == 2048.0  # a bfloat16 accumulator would stall at 256
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "chunked", "loop"])
+def test_masked_scan_on_cuda_equals_cpu(backend):
+    # on CUDA a mask goes through the per-step encoding (x = 0, c = 1 at skipped steps)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 5000, generator=g)
+    m = torch.rand(8, 5000, generator=g) < 0.6
+    ref = _packed_reference(x, 0.99, m)
+    y = reverse_scan(x.cuda(), 0.99, mask=m.cuda(), backend=backend)
+    assert y.device.type == "cuda"
+    assert _rel_err(y.cpu(), ref) < 1e-5
+    adv = gae(x.cuda(), x.flip(-1).cuda(), gamma=0.99, lamda=0.95, mask=m.cuda())[0]
+    adv_cpu = gae(x, x.flip(-1), gamma=0.99, lamda=0.95, mask=m)[0]
+    assert _rel_err(adv.cpu(), adv_cpu) < 1e-5
