@@ -107,8 +107,21 @@ _COMPILED_BLOCK = 16
 #   256 x 4096     45.7      7.42     11.5
 #   1024 x 8192   171       74.5     170
 #
+# Re-measured on the 2-core Xeon (AVX-512) of 2026-12-01, 2 threads:
+#
+#   batch x T      loop    chunked   compiled
+#   256 x 16        0.31     0.28      0.10
+#   256 x 64        0.51     0.41      0.36
+#   256 x 256       3.31     1.06      0.51
+#   256 x 1024     15.0      1.95      1.77
+#   256 x 4096     39.9      6.98      6.11
+#   1024 x 8192   124       75.8      79.0
+#
 # loop costs ~3 us of Python per step; chunked ~2*(L + T/L) steps plus its two
-# transposing copies, so it wins from T ~ 64 on. On CPU the compiled kernel wins
+# transposing copies, so it wins from T ~ 64 on. On the Xeon the compiled kernel
+# also wins in steady state up to T = 4096 (by 0.1-0.9 ms), still far less than
+# its first-call compile (5 s with a warm Inductor cache, 23-43 s cold) repays in
+# a typical call count. On CPU the compiled kernel wins
 # only at short T, by less than its compile time (5-10 s warm cache, 1-3 min cold
 # on this box) would repay in a typical call count, so CPU never picks it. On
 # CUDA every eager step is a kernel launch (5-10 us) and the fused compiled
