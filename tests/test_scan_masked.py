@@ -246,3 +246,18 @@ def test_masked_scan_on_cuda_equals_cpu(backend):
     adv = gae(x.cuda(), x.flip(-1).cuda(), gamma=0.99, lamda=0.95, mask=m.cuda())[0]
     adv_cpu = gae(x, x.flip(-1), gamma=0.99, lamda=0.95, mask=m)[0]
     assert _rel_err(adv.cpu(), adv_cpu) < 1e-5
+
+
+def test_nonfinite_at_skipped_steps_is_ignored_like_the_definition():
+    x = torch.randn(2, 70)
+    m = torch.rand(2, 70) < 0.6
+    m[1, 3] = False
+    bad = x.clone()
+    bad[1, 3] = float("inf")  # skipped: packing never sees it
+    torch.testing.assert_close(reverse_scan(bad, 0.9, mask=m), reverse_scan(x, 0.9, mask=m))
+    got = discounted(bad, gamma=0.9, mask=m, allow_nonfinite=True)
+    torch.testing.assert_close(got, discounted(x, gamma=0.9, mask=m))
+    # a NaN at a decision still spreads to the earlier decisions of its row, as in the loop
+    bad[0, m[0].nonzero()[-1, 0]] = float("nan")
+    y = reverse_scan(bad, 0.9, mask=m)
+    assert torch.isnan(y[0][m[0]]).all() and torch.isfinite(y[1]).all()

@@ -292,8 +292,10 @@ def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
         T = r.shape[-1]
         x = r.reshape(-1, T).clone(memory_format=torch.contiguous_format)
         mf = m.reshape(-1, T).contiguous().view(torch.uint8).to(dt)
-        y, _ = masked_const_scan_(x, mf, g, boot.reshape(-1))
-        return y.view(r.shape)
+        y, finite = masked_const_scan_(x, mf, g, boot.reshape(-1))
+        if finite:
+            return y.view(r.shape)
+        # non-finite (allowed) input, possibly at a skipped step: the exact general path
     nxt = None if m is None else C.next_index(m)
     c = g if d is None else torch.where(d, 0.0, C.as_tensor(g, r))
     # the scan ends with y_T = 0, so the bootstrap enters as extra reward at each row's last step

@@ -637,8 +637,11 @@ def _scan_masked(x: Tensor, c: Tensor | float, mask: Tensor, backend: str) -> Te
     ):
         mf = mask.reshape(-1, n).contiguous().view(torch.uint8).to(acc_dtype)
         x2 = x.reshape(-1, n).to(acc_dtype, copy=True).contiguous()
-        y, _ = masked_const_scan_(x2, mf, round_coef(c, acc_dtype))
-        return y.reshape(x.shape).to(x.dtype)
+        y, finite = masked_const_scan_(x2, mf, round_coef(c, acc_dtype))
+        if finite:
+            return y.reshape(x.shape).to(x.dtype)
+        # a NaN/inf somewhere, possibly at a skipped step (where the definition ignores
+        # it but a weight of 0 times inf is NaN): the general path below is exact
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xs = torch.where(mask, x, zero)
     if isinstance(c, Tensor):
