@@ -421,25 +421,21 @@ def accuracy_table() -> list[dict]:
             torch.where(skip, 0.0, x),
             runs,
         ),
+        # reverse_scan(x, c, mask=...) with a float c: the masked constant path
+        "scan, mask=, c = 0.9999 (float): the masked constant path": (x, 0.9999, ~skip),
     }
 
     def err(y, ref):
         return float((y.double() - ref).abs().max() / ref.abs().max())
 
-    for name, (xx, c) in cases.items():
+    for name, (xx, c, *m) in cases.items():
+        m = m[0] if m else None
         c64 = c.double() if isinstance(c, torch.Tensor) else float(torch.tensor(c))
-        ref = reverse_scan(xx.double(), c64, backend="loop")
+        ref = reverse_scan(xx.double(), c64, mask=m, backend="loop")
         rec = {"case": name}
         for b in ("loop", "auto"):
-            rec["default" if b == "auto" else b] = err(reverse_scan(xx, c, backend=b), ref)
+            rec["default" if b == "auto" else b] = err(reverse_scan(xx, c, mask=m, backend=b), ref)
         rows.append(rec)
-    # the masked constant-coefficient path: reverse_scan(x, c, mask=...) with a float c
-    c32 = float(torch.tensor(0.9999))
-    ref = reverse_scan(x.double(), c32, mask=~skip, backend="loop")
-    rec = {"case": "scan, mask=, c = 0.9999 (float): the masked constant path"}
-    for b in ("loop", "auto"):
-        rec["default" if b == "auto" else b] = err(reverse_scan(x, 0.9999, mask=~skip, backend=b), ref)
-    rows.append(rec)
     # GAE end to end with gamma * lamda ~ 0.9999
     r = torch.randn(16, 16384, generator=g)
     v = torch.randn(16, 16384, generator=g)

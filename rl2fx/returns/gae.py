@@ -24,7 +24,15 @@ from torch import Tensor
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
 from rl2fx.returns._workspace import scratch
-from rl2fx.returns.scan import _scan, masked_const_ok, masked_const_scan_, round_coef, scan_const
+from rl2fx.returns.scan import (
+    _scan,
+    mask_floats,
+    masked_const_applies,
+    masked_const_ok,
+    masked_const_scan_,
+    round_coef,
+    scan_const,
+)
 
 __all__ = ["gae", "td_lambda", "discounted", "n_step"]
 
@@ -181,17 +189,15 @@ def _gae_const(r, v, boot, g: float, lam: float, m, backend, allow_nonfinite, in
         # K_t = G_t + a V_t obeys K_t = (r_t + a V_t) + c K_{t+1} along the decisions,
         # with K_T = V_T / lamda: no "value at the next decision" to look up
         x = torch.add(r2, v2, alpha=a, out=scratch("gae-x", (N, T), r.dtype, r.device))
-        mf = m2.contiguous().view(torch.uint8).to(r.dtype)  # (uint8 -> float: 4x faster than bool)
+        mf = mask_floats(m2, r.dtype)
         k, finite = masked_const_scan_(x, mf, c, b1 / lam)
         if finite:
             adv = torch.addcmul(k, v2, mf, value=-1.0 / lam)  # A = K - V / lamda
             ret = torch.addcmul(k, v2, mf, value=-a)  # G = K - a V
             return adv.view(shape), ret.view(shape)
-        # non-finite: name a non-finite input, or (all finite: an overflow somewhere,
-        # possibly at a masked-out step) redo it exactly on the packed path
-        C.check_all_finite(allow_nonfinite, **inputs)
-    else:
-        C.check_all_finite(allow_nonfinite, **inputs)
+        # non-finite: the check below names a non-finite input, or (all finite: an
+        # overflow somewhere, possibly at a masked-out step) it is redone exactly packed
+    C.check_all_finite(allow_nonfinite, **inputs)
     plan = C.pack_plan(m2)
     x = C.pack(r2, plan, T, "gae-r")
     vp = C.pack(v2, plan, T + 1, "gae-v")
@@ -277,21 +283,12 @@ def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
     m = C.as_bool("mask", mask)
     d = C.as_bool("done", done)
     boot = C.bootstrap(bootstrap_value, r, dt)
-    if (
-        m is not None
-        and d is None
-        and isinstance(g, float)
-        and masked_const_ok(g)
-        and r.device.type == "cpu"
-        and backend in ("auto", "chunked")
-        and r.shape[-1] > 0
-        and not (torch.is_grad_enabled() and r.requires_grad)
-    ):
+    if m is not None and d is None and masked_const_applies(r, g, backend):
         # one constant discount along the decisions: the masked constant-c scan,
         # with G_T = bootstrap as its end value
         T = r.shape[-1]
         x = r.reshape(-1, T).clone(memory_format=torch.contiguous_format)
-        mf = m.reshape(-1, T).contiguous().view(torch.uint8).to(dt)
+        mf = mask_floats(m.reshape(-1, T), dt)
         y, finite = masked_const_scan_(x, mf, g, boot.reshape(-1))
         if finite:
             return y.view(r.shape)

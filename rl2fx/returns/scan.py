@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_choice, typechecked
+from rl2fx.returns._common import as_bool
 from rl2fx.returns._workspace import scratch
 
 __all__ = ["BACKENDS", "reverse_scan"]
@@ -362,6 +363,27 @@ def masked_const_ok(c: float) -> bool:
     return 0.0 < c <= 1.0 and c**_MASKED_BLOCK >= _MASKED_MIN_CL
 
 
+def masked_const_applies(x: Tensor, c: Tensor | float, backend: str) -> bool:
+    """Whether a masked scan of ``x`` with coefficient ``c`` (already rounded to the
+    accumulation dtype) takes the masked constant path: a float ``c`` with
+    :func:`masked_const_ok`, on CPU, under ``auto``/``chunked``, without gradients
+    (the path works in place)."""
+    return (
+        not isinstance(c, Tensor)
+        and masked_const_ok(c)
+        and x.device.type == "cpu"
+        and backend in ("auto", "chunked")
+        and x.shape[-1] > 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def mask_floats(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as a contiguous 0/1 tensor of ``dtype`` (through uint8: converting
+    bool directly measured 4x slower on CPU)."""
+    return mask.contiguous().view(torch.uint8).to(dtype)
+
+
 def _scan_logc_(x: Tensor, logc: Tensor) -> Tensor:
     """``y_t = x_t + exp(l_t) y_{t+1}``, ``y_T = 0``, over the last axis of float64
     ``x, logc [N, K]`` with ``l <= 0``: the carry levels of :func:`scan_masked_const`.
@@ -439,19 +461,14 @@ def masked_const_scan_(
     # and it passes on c**n_k. Carries are solved for Y'_k = c Y_k:
     # Y'_k = s_k0 + c**n_k Y'_{k+1}, Y'_K = c * tail.
     ys = s[:, :, 0].to(_CARRY_DTYPE, copy=True)
-    y_end = None if tail is None else c * tail.to(_CARRY_DTYPE)
-    if y_end is not None:
-        ys[:, -1] += torch.exp(lb[:, -1]) * y_end
+    y_end = ys.new_zeros(n) if tail is None else c * tail.to(_CARRY_DTYPE)
+    ys[:, -1] += torch.exp(lb[:, -1]) * y_end
     ys = _scan_logc_(ys, lb)
     finite = bool(torch.isfinite(ys.sum()))
     # y_t = (s_t + B_k) / W_t with B_k = c**(n_k + 1) Y_{k+1} = c**n_k Y'_{k+1}, from the
     # exact n_k (B_k / W_t <= |Y'_{k+1}|: nothing is amplified)
-    nxt = ys[:, 1:]
-    if y_end is not None:
-        nxt = torch.cat([nxt, y_end[:, None]], 1)
-        s.add_((torch.exp(lb) * nxt).to(x2.dtype).unsqueeze(-1))
-    elif k > 1:
-        s[:, :-1].add_((torch.exp(lb[:, :-1]) * nxt).to(x2.dtype).unsqueeze(-1))
+    nxt = torch.cat([ys[:, 1:], y_end[:, None]], 1)
+    s.add_((torch.exp(lb) * nxt).to(x2.dtype).unsqueeze(-1))
     y = s.mul_(q).view(n, k * blk)
     return (y[:, :t_len] if pad else y), finite
 
@@ -604,21 +621,8 @@ def reverse_scan(
     """
     if mask is None:
         return _scan(x, c, backend)
-    return _scan_masked(x, c, _as_mask(mask, x), backend)
-
-
-def _as_mask(mask: Tensor, x: Tensor) -> Tensor:
-    if mask.shape != x.shape:
-        raise ValueError(f"mask must have x's shape {tuple(x.shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"mask must be a bool tensor or hold only 0/1 values, got the value "
-                f"{mask[bad].flatten()[0].item()!r}"
-            )
-        mask = mask != 0
-    return mask.to(x.device)
+    # (the shapes were checked against x's by the signature)
+    return _scan_masked(x, c, as_bool("mask", mask).to(x.device), backend)
 
 
 def _scan_masked(x: Tensor, c: Tensor | float, mask: Tensor, backend: str) -> Tensor:
@@ -628,16 +632,11 @@ def _scan_masked(x: Tensor, c: Tensor | float, mask: Tensor, backend: str) -> Te
         return x.clone()
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     n = x.shape[-1]
-    if (
-        not isinstance(c, Tensor)
-        and backend in ("auto", "chunked")
-        and x.device.type == "cpu"
-        and masked_const_ok(round_coef(c, acc_dtype))
-        and not (torch.is_grad_enabled() and x.requires_grad)
-    ):
-        mf = mask.reshape(-1, n).contiguous().view(torch.uint8).to(acc_dtype)
+    c_acc = c if isinstance(c, Tensor) else round_coef(c, acc_dtype)
+    if masked_const_applies(x, c_acc, backend):
+        mf = mask_floats(mask.reshape(-1, n), acc_dtype)
         x2 = x.reshape(-1, n).to(acc_dtype, copy=True).contiguous()
-        y, finite = masked_const_scan_(x2, mf, round_coef(c, acc_dtype))
+        y, finite = masked_const_scan_(x2, mf, c_acc)
         if finite:
             return y.reshape(x.shape).to(x.dtype)
         # a NaN/inf somewhere, possibly at a skipped step (where the definition ignores
