@@ -414,12 +414,14 @@ def accuracy_table() -> list[dict]:
     cut = torch.rand(x.shape, generator=g) < 0.001
     runs = torch.where(skip, 1.0, torch.where(cut, 0.0, 0.9999))
     cases = {
-        "scan, c = 0.9999 (float)": (x, 0.9999),
-        "scan, c = 0.9999 per step": (x, torch.full_like(x, 0.9999)),
-        "scan, c ~ U[0.99, 1] per step": (x, torch.rand(x.shape, generator=g) * 0.01 + 0.99),
+        # (x, c, mask)
+        "scan, c = 0.9999 (float)": (x, 0.9999, None),
+        "scan, c = 0.9999 per step": (x, torch.full_like(x, 0.9999), None),
+        "scan, c ~ U[0.99, 1] per step": (x, torch.rand(x.shape, generator=g) * 0.01 + 0.99, None),
         "scan, masked runs (c in {0.9999, 1, 0}, x = 0 where c = 1)": (
             torch.where(skip, 0.0, x),
             runs,
+            None,
         ),
         # reverse_scan(x, c, mask=...) with a float c: the masked constant path
         "scan, mask=, c = 0.9999 (float): the masked constant path": (x, 0.9999, ~skip),
@@ -428,8 +430,7 @@ def accuracy_table() -> list[dict]:
     def err(y, ref):
         return float((y.double() - ref).abs().max() / ref.abs().max())
 
-    for name, (xx, c, *m) in cases.items():
-        m = m[0] if m else None
+    for name, (xx, c, m) in cases.items():
         c64 = c.double() if isinstance(c, torch.Tensor) else float(torch.tensor(c))
         ref = reverse_scan(xx.double(), c64, mask=m, backend="loop")
         rec = {"case": name}

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_choice, typechecked
-from rl2fx.returns._common import as_bool
+from rl2fx.returns._common import acc_dtype, as_bool, masked_out, through
 from rl2fx.returns._workspace import scratch
 
 __all__ = ["BACKENDS", "reverse_scan"]
@@ -630,24 +630,20 @@ def _scan_masked(x: Tensor, c: Tensor | float, mask: Tensor, backend: str) -> Te
     check_choice("backend", backend, BACKENDS)
     if x.shape[-1] == 0 or x.numel() == 0:
         return x.clone()
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    dt = acc_dtype(x.dtype)
     n = x.shape[-1]
-    c_acc = c if isinstance(c, Tensor) else round_coef(c, acc_dtype)
+    c_acc = c if isinstance(c, Tensor) else round_coef(c, dt)
     if masked_const_applies(x, c_acc, backend):
-        mf = mask_floats(mask.reshape(-1, n), acc_dtype)
-        x2 = x.reshape(-1, n).to(acc_dtype, copy=True).contiguous()
+        mf = mask_floats(mask.reshape(-1, n), dt)
+        x2 = x.reshape(-1, n).to(dt, memory_format=torch.contiguous_format, copy=True)
         y, finite = masked_const_scan_(x2, mf, c_acc)
         if finite:
             return y.reshape(x.shape).to(x.dtype)
         # a NaN/inf somewhere, possibly at a skipped step (where the definition ignores
         # it but a weight of 0 times inf is NaN): the general path below is exact
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xs = torch.where(mask, x, zero)
-    if isinstance(c, Tensor):
-        cs: Tensor | float = torch.where(mask, c, torch.ones((), dtype=c.dtype, device=c.device))
-    else:
-        cs = torch.where(mask, torch.tensor(float(c), dtype=acc_dtype, device=x.device), 1.0)
-    return torch.where(mask, _scan(xs, cs, backend), zero)
+    # the estimators' encoding of skipped steps (x = 0, c = 1), in the accumulation dtype
+    xs, cs = through(x.to(dt), c_acc, mask)
+    return masked_out(_scan(xs, cs, backend), mask).to(x.dtype)
 
 
 def _scan(x: Tensor, c: Tensor | float, backend: str = "auto") -> Tensor:
@@ -659,12 +655,12 @@ def _scan(x: Tensor, c: Tensor | float, backend: str = "auto") -> Tensor:
         )
     if x.shape[-1] == 0 or x.numel() == 0:
         return x.clone()
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    xa = x.to(acc_dtype)
+    dt = acc_dtype(x.dtype)
+    xa = x.to(dt)
     if isinstance(c, Tensor):
-        ca: Tensor | float = c.to(device=x.device, dtype=acc_dtype)
+        ca: Tensor | float = c.to(device=x.device, dtype=dt)
     else:
-        ca = round_coef(c, acc_dtype)
+        ca = round_coef(c, dt)
     name = _auto_backend(x, ca) if backend == "auto" else backend
     y = _BACKEND_FNS[name](xa, ca)
     return y.to(x.dtype)
