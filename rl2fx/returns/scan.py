@@ -119,12 +119,11 @@ _COMPILED_BLOCK = 16
 #   1024 x 8192   124       75.8      79.0
 #
 # loop costs ~3 us of Python per step; chunked ~2*(L + T/L) steps plus its two
-# transposing copies, so it wins from T ~ 64 on. On the Xeon the compiled kernel
-# also wins in steady state up to T = 4096 (by 0.1-0.9 ms), still far less than
-# its first-call compile (5 s with a warm Inductor cache, 23-43 s cold) repays in
-# a typical call count. On CPU the compiled kernel wins
-# only at short T, by less than its compile time (5-10 s warm cache, 1-3 min cold
-# on this box) would repay in a typical call count, so CPU never picks it. On
+# transposing copies, so it wins from T ~ 64 on. On CPU the compiled kernel wins
+# in steady state only at short T on the EPYC and up to T = 4096 on the Xeon (by
+# 0.1-0.9 ms), far less than its first-call compile (EPYC: 5-10 s with a warm
+# Inductor cache, 1-3 min cold; Xeon: 5 s, 23-43 s) repays in a typical call
+# count, so CPU never picks it. On
 # CUDA every eager step is a kernel launch (5-10 us) and the fused compiled
 # kernels are the only way near the bandwidth floor; short T stays eager. (Not
 # measured on a GPU in this session: no GPU was available.) dtype does not enter
