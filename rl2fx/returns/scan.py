@@ -461,15 +461,25 @@ def masked_const_scan_(
     # Y'_k = s_k0 + c**n_k Y'_{k+1}, Y'_K = c * tail.
     ys = s[:, :, 0].to(_CARRY_DTYPE, copy=True)
     y_end = ys.new_zeros(n) if tail is None else c * tail.to(_CARRY_DTYPE)
-    ys[:, -1] += torch.exp(lb[:, -1]) * y_end
-    ys = _scan_logc_(ys, lb)
+    ys, carry = _masked_carries(ys, lb, y_end)
     finite = bool(torch.isfinite(ys.sum()))
-    # y_t = (s_t + B_k) / W_t with B_k = c**(n_k + 1) Y_{k+1} = c**n_k Y'_{k+1}, from the
-    # exact n_k (B_k / W_t <= |Y'_{k+1}|: nothing is amplified)
-    nxt = torch.cat([ys[:, 1:], y_end[:, None]], 1)
-    s.add_((torch.exp(lb) * nxt).to(x2.dtype).unsqueeze(-1))
+    s.add_(carry.to(x2.dtype).unsqueeze(-1))
     y = s.mul_(q).view(n, k * blk)
     return (y[:, :t_len] if pad else y), finite
+
+
+def _masked_carries(ys: Tensor, lb: Tensor, y_end: Tensor) -> tuple[Tensor, Tensor]:
+    """The carry stage of :func:`masked_const_scan_`, float64 ``[N, K]``: from the block
+    sums ``ys`` (overwritten), the log-coefficients ``lb = ln(c) n_k`` and the scaled end
+    value ``y_end = c * tail [N]``, the block starts ``Y'_k = s_k0 + c**n_k Y'_{k+1}``
+    (``Y'_K = y_end``) and the carry into each block's steps
+    ``B_k = c**(n_k + 1) Y_{k+1} = c**n_k Y'_{k+1}``, from the exact ``n_k``
+    (``B_k / W_t <= |Y'_{k+1}|``: nothing is amplified).
+    """
+    ys[:, -1] += torch.exp(lb[:, -1]) * y_end
+    ys = _scan_logc_(ys, lb)
+    nxt = torch.cat([ys[:, 1:], y_end[:, None]], 1)
+    return ys, torch.exp(lb) * nxt
 
 
 def _chunked(x: Tensor, c: Tensor | float) -> Tensor:
