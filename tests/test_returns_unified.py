@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 
 import rl2fx
 from rl2fx.returns import (
-    METHODS,
     advantages,
     clipped_is,
     compute_advantages_unified,
     gae,
+    get_estimator,
     grpo,
+    list_estimators,
     multistep,
     reinforce,
     td_lambda,
@@ -28,7 +29,7 @@ ALL = ["gae", "reinforce", "vtrace", "retrace", "td_lambda", "clipped_is", "mult
 
 
 def test_every_method_is_dispatched_and_importable_from_rl2fx():
-    assert sorted(METHODS) == sorted(ALL)
+    assert sorted(list_estimators()) == sorted(ALL)
     for name in ["vtrace", "retrace", "td_lambda", "clipped_is", "multistep", "gae", "reinforce",
                  "grpo", "dr_grpo", "rloo", "reinforce_pp", "whiten", "advantages", "compute_advantages_unified",
                  "discounted", "n_step", "reverse_scan"]:
@@ -38,13 +39,13 @@ def test_every_method_is_dispatched_and_importable_from_rl2fx():
 def _inputs(method: str, B: int = 4, T: int = 6) -> dict:
     g = torch.Generator().manual_seed(1)
     kw = dict(rewards=torch.randn(B, T, generator=g), mask=torch.rand(B, T, generator=g) > 0.3)
-    if METHODS[method][1].count("values"):
+    if "values" in get_estimator(method).required:
         kw["values"] = torch.randn(B, T, generator=g)
-    if "log_rhos" in METHODS[method][1]:
+    if "log_rhos" in get_estimator(method).required:
         kw["log_rhos"] = 0.3 * torch.randn(B, T, generator=g)
-    if "group_size" in METHODS[method][0]:
+    if "group_size" in get_estimator(method).inputs:
         kw["group_size"] = 2
-    if "greedy_rewards" in METHODS[method][1]:
+    if "greedy_rewards" in get_estimator(method).required:
         kw["greedy_rewards"] = torch.randn(B // 2, generator=g)
     return kw
 
@@ -92,12 +93,12 @@ def test_trainer_style_call_with_unused_arguments_set_to_none():
 
 def test_dispatch_errors():
     kw = _inputs("gae")
-    with pytest.raises(ValueError, match=r"method must be one of \['gae', 'td_lambda'"):
+    with pytest.raises(ValueError, match=r"unknown estimator 'ppo'; did you mean 'opo'\? Registered: \['gae', 'td_lambda'"):
         advantages("ppo", **kw)
-    with pytest.raises(ValueError, match=r"method 'gae' does not take argument\(s\) \['group_size'\]; it accepts \["):
-        advantages("gae", **kw, group_size=4)
-    with pytest.raises(ValueError, match="rho_bar"):
+    with pytest.raises(ValueError, match=r"method 'gae' does not take argument\(s\) \['rho_bar'\]; it accepts \["):
         advantages("gae", **kw, rho_bar=1.0)
+    with pytest.raises(ValueError, match=r"does not take argument\(s\) \['lamdba'\]"):
+        advantages("gae", **kw, lamdba=0.9)
     with pytest.raises(ValueError, match=r"needs argument\(s\) \['values'\]"):
         advantages("gae", rewards=kw["rewards"])
     with pytest.raises(ValueError, match="pass log_rhos .* or logps"):
@@ -106,6 +107,13 @@ def test_dispatch_errors():
         advantages("grpo", rewards=kw["rewards"])
     with pytest.raises(ValueError, match="gamma must be in"):
         advantages("gae", **kw, gamma=2.0)
+
+
+def test_batch_inputs_a_method_does_not_read_are_ignored():
+    kw = _inputs("gae")
+    plain = advantages("gae", **kw)
+    extra = advantages("gae", **kw, group_size=4, greedy_rewards=torch.zeros(2), log_rhos=torch.zeros(4, 6))
+    assert torch.equal(plain["advantages"], extra["advantages"]) and torch.equal(plain["returns"], extra["returns"])
 
 
 # ----------------------------------------------------------------- compute_advantages_unified
@@ -132,9 +140,9 @@ def ragged(draw, *, group_size: int = 1, with_mask: bool = True):
 def _single(method: str, d: dict, **params) -> dict:
     """The estimator run on one sequence alone, with no padding at all."""
     kw = {"rewards": d["rewards"], "mask": d.get("action_mask")}
-    if "values" in METHODS[method][0]:
+    if "values" in get_estimator(method).inputs:
         kw["values"] = d["values"]
-    if "logps" in METHODS[method][0]:
+    if "log_rhos" in get_estimator(method).inputs:
         kw["logps"], kw["old_logps"] = d["logps"], d["old_logps"]
     return advantages(method, **kw, **params)
 
@@ -208,7 +216,7 @@ def test_unified_errors():
     data = [{"rewards": torch.zeros(3), "values": torch.zeros(3)}, {"rewards": torch.zeros(3)}]
     with pytest.raises(ValueError, match=r"data_list\[1\] lacks 'values'"):
         compute_advantages_unified(data, method="gae")
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="unknown estimator 'ppo'"):
         compute_advantages_unified(data, method="ppo")
     with pytest.raises(ValueError, match="come from the data dicts"):
         compute_advantages_unified(data, method="gae", rewards=torch.zeros(3))

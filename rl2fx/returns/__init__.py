@@ -4,7 +4,11 @@ See ``docs/returns.md`` for the formulas, references and the mask / terminated /
 done conventions.
 """
 
+# isort: off
+# Import order is registration order: the value-based estimators, then the group baselines.
 from rl2fx.returns.gae import discounted, gae, n_step, td_lambda
+from rl2fx.returns.offpolicy import clipped_is, retrace, vtrace
+from rl2fx.returns.multistep import multistep
 from rl2fx.returns.group import (
     dr_grpo,
     gpg,
@@ -17,10 +21,17 @@ from rl2fx.returns.group import (
     remax,
     rloo,
 )
-from rl2fx.returns.multistep import multistep
-from rl2fx.returns.offpolicy import clipped_is, retrace, vtrace
+# isort: on
+from rl2fx.returns.registry import (
+    Estimator,
+    check_hyperparameters,
+    get_estimator,
+    list_estimators,
+    register_estimator,
+    unregister_estimator,
+)
 from rl2fx.returns.scan import reverse_scan
-from rl2fx.returns.unified import METHODS, advantages, compute_advantages_unified
+from rl2fx.returns.unified import advantages, compute_advantages_unified
 from rl2fx.returns.whiten import masked_mean, masked_std, masked_sum, masked_var, whiten
 
 __all__ = [
@@ -50,5 +61,10 @@ __all__ = [
     "masked_std",
     "advantages",
     "compute_advantages_unified",
-    "METHODS",
+    "Estimator",
+    "register_estimator",
+    "unregister_estimator",
+    "list_estimators",
+    "get_estimator",
+    "check_hyperparameters",
 ]

@@ -24,6 +24,7 @@ from torch import Tensor
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
 from rl2fx.returns._workspace import scratch
+from rl2fx.returns.registry import register_estimator
 from rl2fx.returns.scan import (
     _scan,
     mask_floats,
@@ -51,6 +52,7 @@ __all__ = ["gae", "td_lambda", "discounted", "n_step"]
 _MASKED_MIN_LAMDA = 0.5
 
 
+@register_estimator("gae", needs_values=True, defaults={"gamma": 0.99, "lamda": 0.95})
 @typechecked
 def gae(
     rewards: Float[Tensor, "*batch time"],
@@ -248,6 +250,26 @@ def td_lambda(
         allow_nonfinite,
     )
     return ret.to(C.out_dtype(rewards.dtype, values.dtype))
+
+
+@register_estimator("td_lambda", needs_values=True, defaults={"gamma": 0.99, "lamda": 0.95})
+def _td_lambda_estimator(
+    rewards: Tensor,
+    values: Tensor,
+    *,
+    gamma: float | Tensor,
+    lamda: float | Tensor,
+    bootstrap_value: Tensor | None = None,
+    mask: Tensor | None = None,
+    terminated: Tensor | None = None,
+    done: Tensor | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """TD(λ) as an estimator: the λ-returns as targets, ``returns - values`` as advantages."""
+    ret = td_lambda(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
+                    terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
+    return C.masked_out(ret - values, C.as_bool("mask", mask)).to(ret.dtype), ret
 
 
 @typechecked

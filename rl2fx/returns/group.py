@@ -29,6 +29,7 @@ from torch import Tensor
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
 from rl2fx.returns.gae import _discounted
+from rl2fx.returns.registry import register_estimator
 from rl2fx.returns.whiten import whiten
 
 __all__ = [
@@ -101,6 +102,7 @@ def _centred(scores: Tensor, group_size: int, norm_std: bool, eps: float | int, 
     return torch.where(_same(grouped), 0.0, adv).reshape(-1)
 
 
+@register_estimator("reinforce", needs_values=False)
 @typechecked
 def reinforce(
     rewards: Float[Tensor, "batch *steps"],
@@ -130,6 +132,7 @@ def reinforce(
     return _spread(_centred(scores, group_size, norm_std, eps, global_norm), rewards, m)
 
 
+@register_estimator("grpo", needs_values=False)
 @typechecked
 def grpo(
     rewards: Float[Tensor, "batch *steps"],
@@ -155,6 +158,7 @@ def grpo(
     return _spread(_centred(scores, group_size, norm_std, eps), rewards, m)
 
 
+@register_estimator("dr_grpo", needs_values=False)
 @typechecked
 def dr_grpo(
     rewards: Float[Tensor, "batch *steps"],
@@ -179,6 +183,7 @@ def dr_grpo(
     return _spread(_centred(scores, group_size, False, 0.0), rewards, m)
 
 
+@register_estimator("rloo", needs_values=False)
 @typechecked
 def rloo(
     rewards: Float[Tensor, "batch *steps"],
@@ -204,6 +209,7 @@ def rloo(
     return _spread(centred * (group_size / (group_size - 1)), rewards, m)
 
 
+@register_estimator("reinforce_pp", needs_values=False)
 @typechecked
 def reinforce_pp(
     rewards: Float[Tensor, "batch *steps"],
@@ -259,6 +265,7 @@ def reinforce_pp(
 # ============================================================== estimators shipped by verl / TRL / OpenRLHF
 
 
+@register_estimator("remax", needs_values=False)
 @typechecked
 def remax(
     rewards: Float[Tensor, "batch *steps"],
@@ -299,6 +306,7 @@ def remax(
     return _spread(scores - base, rewards, m)
 
 
+@register_estimator("opo", needs_values=False)
 @typechecked
 def opo(
     rewards: Float[Tensor, "batch *steps"],
@@ -355,6 +363,7 @@ def opo(
     return _spread(adv, rewards, m)
 
 
+@register_estimator("gpg", needs_values=False)
 @typechecked
 def gpg(
     rewards: Float[Tensor, "batch *steps"],
@@ -405,6 +414,7 @@ def gpg(
     return _spread(adv, rewards, m)
 
 
+@register_estimator("grpo_passk", needs_values=False)
 @typechecked
 def grpo_passk(
     rewards: Float[Tensor, "batch *steps"],
@@ -449,6 +459,7 @@ def grpo_passk(
     return _spread(adv, rewards, m)
 
 
+@register_estimator("reinforce_pp_baseline", needs_values=False)
 @typechecked
 def reinforce_pp_baseline(
     rewards: Float[Tensor, "batch *steps"],

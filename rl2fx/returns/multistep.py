@@ -25,12 +25,14 @@ from torch import Tensor
 from rl2fx._typing import Float, Shaped, check_choice, check_range, typechecked
 from rl2fx.returns import _common as C
 from rl2fx.returns.gae import _discounted, _gae, _n_step
+from rl2fx.returns.registry import register_estimator
 
 __all__ = ["multistep", "BOOTSTRAP_METHODS"]
 
 BOOTSTRAP_METHODS = ("gae", "td", "mc")
 
 
+@register_estimator("multistep", needs_values=True, defaults={"gamma": 0.99})
 @typechecked
 def multistep(
     rewards: Float[Tensor, "*batch time"],

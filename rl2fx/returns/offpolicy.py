@@ -13,6 +13,8 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
+from rl2fx.returns.gae import gae
+from rl2fx.returns.registry import register_estimator
 from rl2fx.returns.scan import _scan
 
 __all__ = ["vtrace", "retrace", "clipped_is"]
@@ -186,3 +188,79 @@ def clipped_is(
     w = log_rhos.to(dt).exp().clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
     out = w * advantages.to(dt)
     return C.masked_out(out, C.as_bool("mask", mask)).to(advantages.dtype)
+
+
+# ---------------------------------------------------------------------------- registry entries
+@register_estimator("vtrace", needs_values=True, defaults={"gamma": 0.99})
+def _vtrace_estimator(
+    rewards: Tensor,
+    values: Tensor,
+    log_rhos: Tensor,
+    *,
+    gamma: float | Tensor,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float | None = None,
+    lamda: float | Tensor = 1.0,
+    bootstrap_value: Tensor | None = None,
+    mask: Tensor | None = None,
+    terminated: Tensor | None = None,
+    done: Tensor | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> dict[str, Tensor]:
+    """V-trace as an estimator: the policy-gradient advantages, with the targets ``vs`` as returns."""
+    vs, pg = vtrace(rewards, values, log_rhos, gamma=gamma, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar,
+                    lamda=lamda, bootstrap_value=bootstrap_value, mask=mask, terminated=terminated, done=done,
+                    backend=backend, allow_nonfinite=allow_nonfinite)
+    return {"advantages": pg, "returns": vs, "vs": vs}
+
+
+@register_estimator("retrace", needs_values=True, defaults={"gamma": 0.99})
+def _retrace_estimator(
+    rewards: Tensor,
+    values: Tensor,
+    log_rhos: Tensor,
+    *,
+    gamma: float | Tensor,
+    lamda: float | Tensor = 0.95,
+    q_values: Tensor | None = None,
+    v_next: Tensor | None = None,
+    bootstrap_value: Tensor | None = None,
+    mask: Tensor | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Retrace as an estimator for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to the
+    next masked-in step's value; advantages are ``targets - values``."""
+    m = C.as_bool("mask", mask)
+    q = values if q_values is None else q_values
+    if v_next is None:
+        boot = (torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
+                if bootstrap_value is None else bootstrap_value.to(values.dtype))
+        v_next = C.next_along(values, boot, None if m is None else C.next_index(m))
+    ret = retrace(rewards, q, v_next, log_rhos, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value,
+                  mask=mask, backend=backend, allow_nonfinite=allow_nonfinite)
+    return C.masked_out(ret - values, m).to(ret.dtype), ret
+
+
+@register_estimator("clipped_is", needs_values=True, defaults={"gamma": 0.99, "lamda": 0.95})
+def _clipped_is_estimator(
+    rewards: Tensor,
+    values: Tensor,
+    log_rhos: Tensor,
+    *,
+    gamma: float | Tensor,
+    lamda: float | Tensor,
+    clip_ratio: float = 0.2,
+    bootstrap_value: Tensor | None = None,
+    mask: Tensor | None = None,
+    terminated: Tensor | None = None,
+    done: Tensor | None = None,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """GAE advantages re-weighted by :func:`clipped_is`; the λ-returns as targets."""
+    adv, ret = gae(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
+                   terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
+    return clipped_is(adv, log_rhos, clip_ratio=clip_ratio, mask=mask, allow_nonfinite=allow_nonfinite), ret

@@ -1,13 +1,19 @@
-r"""One entry point for every estimator: ``advantages(method, **kw)`` and RL2's ``compute_advantages_unified``.
+r"""One entry point for every registered estimator: ``advantages(method, **kw)`` and RL2's
+``compute_advantages_unified``.
 
-``advantages`` returns a dict with at least ``"advantages"`` and ``"returns"``
-(value targets); V-trace adds ``"vs"``. Arguments a method does not take raise
-a ``ValueError`` listing what it accepts; an argument passed as ``None`` counts
-as not given, so a caller may pass one superset of tensors with unused ones set
-to ``None``.
+``advantages`` looks ``method`` up in the registry (:mod:`rl2fx.returns.registry`)
+and returns a dict with at least ``"advantages"`` and ``"returns"`` (value
+targets); V-trace adds ``"vs"``. Keyword arguments are handled in three ways:
 
-Method defaults follow the feature spec: ``gamma`` 0.99, ``lamda`` 0.95,
-``rho_bar`` 1.0, ``c_bar`` 1.0, ``clip_ratio`` 0.2, ``n_steps`` 5,
+* batch inputs the method reads (``rewards``, ``values``, ``mask``, ...) and its
+  hyperparameters and options are passed to it;
+* known batch inputs it does not read are ignored, so a trainer can pass one
+  superset of tensors to any estimator (an argument passed as ``None`` counts as
+  not given);
+* any other name raises a ``ValueError`` naming it and listing what the method takes.
+
+Hyperparameter defaults are the registry's (the feature spec's): ``gamma`` 0.99,
+``lamda`` 0.95, ``rho_bar`` 1.0, ``c_bar`` 1.0, ``clip_ratio`` 0.2, ``n_steps`` 5,
 ``bootstrap_method`` "gae" (V-trace's own ``lamda`` default is 1.0, as in IMPALA).
 
 Off-policy methods take ``log_rhos`` (log π − log μ), or ``logps`` (the policy
@@ -17,69 +23,20 @@ from which ``log_rhos = logps - old_logps``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rl2fx._typing import check_choice
 from rl2fx.returns import _common as C
-from rl2fx.returns.gae import discounted, gae, td_lambda
-from rl2fx.returns.group import (
-    dr_grpo,
-    gpg,
-    grpo,
-    grpo_passk,
-    opo,
-    reinforce,
-    reinforce_pp,
-    reinforce_pp_baseline,
-    remax,
-    rloo,
-)
-from rl2fx.returns.multistep import multistep
-from rl2fx.returns.offpolicy import clipped_is, retrace, vtrace
+from rl2fx.returns.gae import discounted
+from rl2fx.returns.registry import BATCH_INPUTS, Estimator, get_estimator
 
-__all__ = ["METHODS", "advantages", "compute_advantages_unified"]
+__all__ = ["advantages", "compute_advantages_unified"]
 
-_COMMON = ("allow_nonfinite",)
-_SCAN = ("backend",)
-_VALUE = ("rewards", "values", "gamma", "lamda", "bootstrap_value", "mask")
-_RHOS = ("log_rhos", "logps", "old_logps")
-
-#: method -> (accepted keyword arguments, required ones, spec defaults)
-METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]]] = {
-    "gae": (_VALUE + ("terminated", "done") + _SCAN + _COMMON, ("rewards", "values"),
-            {"gamma": 0.99, "lamda": 0.95}),
-    "td_lambda": (_VALUE + ("terminated", "done") + _SCAN + _COMMON, ("rewards", "values"),
-                  {"gamma": 0.99, "lamda": 0.95}),
-    "vtrace": (_VALUE + _RHOS + ("rho_bar", "c_bar", "pg_rho_bar", "terminated", "done") + _SCAN + _COMMON,
-               ("rewards", "values", "log_rhos"), {"gamma": 0.99, "lamda": 1.0, "rho_bar": 1.0, "c_bar": 1.0}),
-    "retrace": (_VALUE + _RHOS + ("q_values", "v_next") + _SCAN + _COMMON, ("rewards", "values", "log_rhos"),
-                {"gamma": 0.99, "lamda": 0.95}),
-    "clipped_is": (_VALUE + _RHOS + ("clip_ratio", "terminated", "done") + _SCAN + _COMMON,
-                   ("rewards", "values", "log_rhos"), {"gamma": 0.99, "lamda": 0.95, "clip_ratio": 0.2}),
-    "multistep": (_VALUE + ("n_steps", "bootstrap_method") + _SCAN + _COMMON, ("rewards", "values"),
-                  {"gamma": 0.99, "lamda": 0.95, "n_steps": 5, "bootstrap_method": "gae"}),
-    "reinforce": (("rewards", "group_size", "mask", "norm_std", "global_norm", "eps") + _COMMON,
-                  ("rewards", "group_size"), {}),
-    "grpo": (("rewards", "group_size", "mask", "norm_std", "eps") + _COMMON, ("rewards", "group_size"), {}),
-    "dr_grpo": (("rewards", "group_size", "mask") + _COMMON, ("rewards", "group_size"), {}),
-    "rloo": (("rewards", "group_size", "mask") + _COMMON, ("rewards", "group_size"), {}),
-    "reinforce_pp": (("rewards", "group_size", "mask", "gamma", "group", "eps") + _SCAN + _COMMON,
-                     ("rewards",), {}),
-    "remax": (("rewards", "greedy_rewards", "group_size", "mask") + _COMMON, ("rewards", "greedy_rewards"), {}),
-    "opo": (("rewards", "group_size", "mask", "lengths") + _COMMON, ("rewards", "group_size"), {}),
-    "gpg": (("rewards", "group_size", "mask", "norm_std", "eps") + _COMMON, ("rewards", "group_size"), {}),
-    "grpo_passk": (("rewards", "group_size", "mask", "norm_std", "eps") + _COMMON, ("rewards", "group_size"), {}),
-    "reinforce_pp_baseline": (("rewards", "group_size", "mask", "group", "eps") + _COMMON,
-                              ("rewards", "group_size"), {}),
-}
-
-
-def _pick(kw: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {k: kw[k] for k in names if k in kw}
+#: the two ways to give importance ratios besides ``log_rhos``
+_RATIO_INPUTS = ("logps", "old_logps")
 
 
 def _log_rhos(method: str, kw: dict[str, Any]) -> None:
@@ -97,99 +54,44 @@ def _log_rhos(method: str, kw: dict[str, Any]) -> None:
     kw["log_rhos"] = logps - old
 
 
-def _masked_minus(x: Tensor, y: Tensor, mask: Tensor | None) -> Tensor:
-    return C.masked_out(x - y, C.as_bool("mask", mask)).to(x.dtype)
-
-
-def _group_returns(kw: dict[str, Any], gamma: float = 1.0) -> Tensor:
-    """Monte Carlo value targets for the critic-free methods (reward-to-go over masked-in steps)."""
-    r, mask = kw["rewards"], kw.get("mask")
+def _reward_to_go(args: Mapping[str, Any], gamma: float) -> Tensor:
+    """Monte Carlo value targets for an estimator that returns advantages only (reward-to-go over
+    masked-in steps; a sequence-level reward is broadcast over the mask)."""
+    r, mask = args["rewards"], args.get("mask")
     if r.ndim == 2:
-        return discounted(r, gamma=gamma, mask=mask, allow_nonfinite=kw.get("allow_nonfinite", False))
+        return discounted(r, gamma=gamma, mask=mask, allow_nonfinite=args.get("allow_nonfinite", False))
     if mask is None:
         return r
     m = C.as_bool("mask", mask)
     return C.masked_out(r.unsqueeze(-1).expand(m.shape), m)
 
 
-def _run_gae(kw):
-    adv, ret = gae(kw.pop("rewards"), kw.pop("values"), **kw)
-    return {"advantages": adv, "returns": ret}
-
-
-def _run_td_lambda(kw):
-    r, v = kw.pop("rewards"), kw.pop("values")
-    ret = td_lambda(r, v, **kw)
-    return {"advantages": _masked_minus(ret, v, kw.get("mask")), "returns": ret}
-
-
-def _run_vtrace(kw):
-    vs, pg = vtrace(kw.pop("rewards"), kw.pop("values"), kw.pop("log_rhos"), **kw)
-    return {"advantages": pg, "returns": vs, "vs": vs}
-
-
-def _run_retrace(kw):
-    r, v, lr = kw.pop("rewards"), kw.pop("values"), kw.pop("log_rhos")
-    q = kw.pop("q_values", None)
-    vn = kw.pop("v_next", None)
-    if q is None:
-        q = v  # a state-value critic: V(x_t) stands in for Q(x_t, a_t)
-    if vn is None:
-        m = C.as_bool("mask", kw.get("mask"))
-        boot = kw.get("bootstrap_value")
-        boot = torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device) if boot is None else boot.to(v.dtype)
-        vn = C.next_along(v, boot, None if m is None else C.next_index(m))
-    ret = retrace(r, q, vn, lr, **kw)
-    return {"advantages": _masked_minus(ret, v, kw.get("mask")), "returns": ret}
-
-
-def _run_clipped_is(kw):
-    lr, clip = kw.pop("log_rhos"), kw.pop("clip_ratio")
-    adv, ret = gae(kw.pop("rewards"), kw.pop("values"), **kw)
-    out = clipped_is(adv, lr, clip_ratio=clip, mask=kw.get("mask"), allow_nonfinite=kw.get("allow_nonfinite", False))
-    return {"advantages": out, "returns": ret}
-
-
-def _run_multistep(kw):
-    adv, ret = multistep(kw.pop("rewards"), kw.pop("values"), **kw)
-    return {"advantages": adv, "returns": ret}
-
-
-def _group_runner(fn: Callable[..., Tensor], gamma_key: bool = False) -> Callable[[dict[str, Any]], dict[str, Tensor]]:
-    def run(kw):
-        ret = _group_returns(kw, kw.get("gamma", 1.0) if gamma_key else 1.0)
-        adv = fn(kw.pop("rewards"), **kw)
-        return {"advantages": adv, "returns": ret.to(adv.dtype)}
-
-    return run
-
-
-_RUNNERS: dict[str, Callable[[dict[str, Any]], dict[str, Tensor]]] = {
-    "gae": _run_gae,
-    "td_lambda": _run_td_lambda,
-    "vtrace": _run_vtrace,
-    "retrace": _run_retrace,
-    "clipped_is": _run_clipped_is,
-    "multistep": _run_multistep,
-    "reinforce": _group_runner(reinforce),
-    "grpo": _group_runner(grpo),
-    "dr_grpo": _group_runner(dr_grpo),
-    "rloo": _group_runner(rloo),
-    "reinforce_pp": _group_runner(reinforce_pp, gamma_key=True),
-    "remax": _group_runner(remax),
-    "opo": _group_runner(opo),
-    "gpg": _group_runner(gpg),
-    "grpo_passk": _group_runner(grpo_passk),
-    "reinforce_pp_baseline": _group_runner(reinforce_pp_baseline),
-}
+def _as_dict(spec: Estimator, out: Any, args: Mapping[str, Any]) -> dict[str, Tensor]:
+    if isinstance(out, Tensor):
+        out = {"advantages": out}
+    elif isinstance(out, tuple) and len(out) == 2:
+        out = {"advantages": out[0], "returns": out[1]}
+    elif not (isinstance(out, Mapping) and "advantages" in out):
+        raise TypeError(f"estimator {spec.name!r} ({spec.fn.__qualname__}) must return a tensor of advantages, "
+                        f"(advantages, returns) or a mapping with 'advantages'; got {type(out).__name__}")
+    out = dict(out)
+    if "returns" not in out:
+        adv = out["advantages"]
+        if "values" in args:
+            out["returns"] = C.masked_out(adv + args["values"], C.as_bool("mask", args.get("mask")))
+        else:
+            gamma = args.get("gamma", 1.0)
+            out["returns"] = _reward_to_go(args, gamma if isinstance(gamma, float | int) else 1.0).to(adv.dtype)
+    return out
 
 
 def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
-    r"""Compute advantages and value targets with the named estimator.
+    r"""Compute advantages and value targets with the registered estimator ``method``.
 
-    ``method`` is one of ``gae, td_lambda, vtrace, retrace, clipped_is, multistep,
+    ``method`` is any name of :func:`~rl2fx.returns.registry.list_estimators`
+    (built-ins: ``gae, td_lambda, vtrace, retrace, clipped_is, multistep,
     reinforce, grpo, dr_grpo, rloo, reinforce_pp, remax, opo, gpg, grpo_passk,
-    reinforce_pp_baseline``; keyword arguments are those of the estimator
+    reinforce_pp_baseline``); keyword arguments are the estimator's
     (``rewards``, ``values``, ``mask``, ``gamma``, ``lamda``,
     ``log_rhos``/``logps``+``old_logps``, ``group_size``, ``greedy_rewards`` for
     ``remax``, ``lengths`` for ``opo``, ...). What each method returns under
@@ -202,8 +104,9 @@ def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
     * ``retrace``: the Retrace targets, with ``advantages = targets - values``
       (``q_values`` defaults to ``values``, ``v_next`` to the next step's value);
     * ``multistep``: the multi-step returns;
-    * group methods: the undiscounted reward-to-go (``reinforce_pp``: discounted
-      with its ``gamma``), for a critic if the caller keeps one.
+    * an estimator that returns advantages only: ``advantages + values`` when it
+      reads values, else the reward-to-go (discounted with its ``gamma`` if it
+      has one, e.g. ``reinforce_pp``), for a critic if the caller keeps one.
 
     >>> import torch
     >>> out = advantages("gae", rewards=torch.tensor([0.0, 1.0]), values=torch.tensor([0.5, 0.5]),
@@ -215,22 +118,27 @@ def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
     >>> advantages("remax", rewards=torch.tensor([1.0, 0.0]), greedy_rewards=torch.tensor([0.5]),
     ...            group_size=2)["advantages"]
     tensor([ 0.5000, -0.5000])
+    >>> advantages("grpo", rewards=torch.tensor([1.0, 0.0]), group_size=2, gama=0.9)
+    Traceback (most recent call last):
+    ...
+    ValueError: method 'grpo' does not take argument(s) ['gama']; it accepts [...] ...
     """
-    check_choice("method", method, list(METHODS))
-    accepted, required, defaults = METHODS[method]
+    spec = get_estimator(method)
     given = {k: v for k, v in kw.items() if v is not None}
-    unknown = sorted(set(given) - set(accepted))
+    reads_rhos = "log_rhos" in spec.inputs
+    unknown = sorted(k for k in given if k not in spec.accepts and k not in BATCH_INPUTS
+                     and not (k in _RATIO_INPUTS and reads_rhos))
     if unknown:
-        raise ValueError(
-            f"method {method!r} does not take argument(s) {unknown}; it accepts {sorted(accepted)}"
-        )
-    args = {**defaults, **given}
-    if "log_rhos" in required:
+        ignorable = sorted(BATCH_INPUTS | set(_RATIO_INPUTS))
+        raise ValueError(f"method {method!r} does not take argument(s) {unknown}; it accepts "
+                         f"{sorted(spec.accepts)} (batch inputs it does not read are ignored: {ignorable})")
+    args = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.accepts or k in _RATIO_INPUTS}}
+    if reads_rhos and ("log_rhos" in args or any(k in args for k in _RATIO_INPUTS) or "log_rhos" in spec.required):
         _log_rhos(method, args)
-    missing = [k for k in required if k not in args]
+    missing = [k for k in spec.required if k not in args]
     if missing:
-        raise ValueError(f"method {method!r} needs argument(s) {missing}; it accepts {sorted(accepted)}")
-    return _RUNNERS[method](args)
+        raise ValueError(f"method {method!r} needs argument(s) {missing}; it accepts {sorted(spec.accepts)}")
+    return _as_dict(spec, spec.fn(**args), args)
 
 
 #: tensor keys read from RL2-style per-sequence dicts (RL2's ``action_mask`` is our ``mask``)
@@ -313,10 +221,10 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
     >>> [d["advantages"] for d in compute_advantages_unified(data, method="remax", group_size=2)]
     [tensor([0.5000, 0.5000]), tensor([-0.5000])]
     """
-    check_choice("method", method, list(METHODS))
+    spec = get_estimator(method)
     if not data_list:
         return data_list
-    accepted = set(METHODS[method][0])
+    accepted = set(spec.inputs) | ({"logps", "old_logps"} if "log_rhos" in spec.inputs else set())
     clash = sorted(set(params) & (set(_DATA_KEYS) | set(_DATA_KEYS.values())))
     if clash:
         raise ValueError(f"{clash} come from the data dicts; do not pass them as parameters")
