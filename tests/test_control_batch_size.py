@@ -112,3 +112,16 @@ def test_bad_settings_raise(kwargs, name):
 def test_bad_inputs_raise(args, name):
     with pytest.raises(ValueError, match=name):
         rl2fx.AdaptiveBatchSizer().update_batch_size(*args)
+
+
+def test_numpy_bools_are_bools():
+    import numpy as np
+
+    from rl2fx.control.batch_size import batch_size_init, batch_size_update
+
+    s = batch_size_init()
+    a = batch_size_update(s, 0.5, 1.0, np.True_)
+    b = batch_size_update(s, 0.5, 1.0, True)
+    assert a == b
+    with pytest.raises(ValueError, match="success must be a bool"):
+        batch_size_update(s, 0.5, 1.0, 1)

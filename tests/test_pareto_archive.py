@@ -111,3 +111,13 @@ def test_errors():
         archive_update(s, [1.0, 2.0, 3.0], step=0)
     with pytest.raises(ValueError, match="finite"):
         archive_update(s, [1.0, np.nan], step=0)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "2"])
+def test_archive_init_rejects_non_integer_sizes_by_name(bad):
+    from rl2fx.pareto.archive import archive_init
+
+    with pytest.raises(ValueError, match=r"num_objectives must be an int >= 1"):
+        archive_init(bad)
+    with pytest.raises(ValueError, match=r"capacity must be an int >= 1"):
+        archive_init(2, capacity=bad)

@@ -171,3 +171,12 @@ def test_exact_contributions_keep_a_small_exclusive_box_in_4d():
     contrib = hypervolume_contributions(p, np.zeros(4), method="exact")
     assert contrib[0] == pytest.approx(0.01171875**3 * 0.0078125, rel=1e-9)
     assert contrib[1] == pytest.approx(hypervolume(p, np.zeros(4)) - hypervolume(p[:1], np.zeros(4)), rel=1e-12)
+
+
+def test_contributions_reject_bool_and_1d_points_by_name():
+    from rl2fx.pareto import hypervolume_contributions
+
+    with pytest.raises(TypeError, match="points must hold real objective values"):
+        hypervolume_contributions(torch.tensor([[True, False], [False, True]]), [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"points must have shape \[n, m\]"):
+        hypervolume_contributions(np.array([1.0, 2.0]), [0.0])

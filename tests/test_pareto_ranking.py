@@ -157,3 +157,17 @@ def test_cuda_path_matches_cpu():
     np.testing.assert_array_equal(dominance_ranks(t).cpu().numpy(), dominance_ranks(x))
     np.testing.assert_array_equal(pareto_front_mask(t).cpu().numpy(), pareto_front_mask(x))
     np.testing.assert_array_equal(crowding_distance(t).cpu().numpy(), crowding_distance(x))
+
+
+@pytest.mark.parametrize("fn", ["dominance_ranks", "pareto_front_mask", "crowding_distance"])
+def test_points_contract_names_the_argument(fn):
+    import rl2fx.pareto as P
+
+    f = getattr(P, fn)
+    for bad in (np.array([[True, False], [False, True]]), torch.tensor([[True, False], [False, True]])):
+        with pytest.raises(TypeError, match=r"(?s)parameter 'points'.*bool"):
+            f(bad)
+    with pytest.raises(TypeError, match="parameter 'points'"):
+        f(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"m >= 1 objectives, got shape \(3, 0\)"):
+        f(np.zeros((3, 0)))

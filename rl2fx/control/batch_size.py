@@ -39,6 +39,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from rl2fx.control._scalars import as_float, as_int
 
 __all__ = ["BatchSizeState", "batch_size_init", "batch_size_update", "AdaptiveBatchSizer"]
@@ -147,7 +149,7 @@ def batch_size_update(state: BatchSizeState, memory_usage: Any, training_time: A
     t = as_float("training_time", training_time)
     if t <= 0:
         raise ValueError(f"training_time must be > 0 seconds, got {training_time}")
-    if not isinstance(success, bool) and type(success).__name__ != "bool_":  # numpy.bool_ too
+    if not isinstance(success, bool | np.bool_):
         raise ValueError(f"success must be a bool, got {success!r}")
     success = bool(success)
 

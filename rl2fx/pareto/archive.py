@@ -70,8 +70,10 @@ def archive_init(num_objectives: int, capacity: int = 100) -> ArchiveState:
     >>> len(state), state.capacity
     (0, 3)
     """
-    check_range("num_objectives", num_objectives, 1, None)
-    check_range("capacity", capacity, 1, None)
+    for name, value in (("num_objectives", num_objectives), ("capacity", capacity)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_range(name, value, 1, None)
     return ArchiveState(
         points=_frozen(np.zeros((0, num_objectives))),
         capacity=int(capacity),

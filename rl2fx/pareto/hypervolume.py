@@ -239,7 +239,7 @@ def hypervolume_gradient(
     m = point.shape[0]
     if m < 2:
         raise ValueError(f"point must have at least 2 objectives for a hypervolume gradient, got m={m}")
-    _check_points("point", point)
+    _check_points("point", point, single=True)
     _check_points("front", front)
     if front.shape[1] != m:
         raise ValueError(f"front must have {m} objectives like point, got {front.shape[1]}")

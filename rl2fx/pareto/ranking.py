@@ -66,7 +66,19 @@ def to_minimization(points: np.ndarray | Tensor, *, keep_device: bool = False) -
     return np.ascontiguousarray(-np.asarray(points, dtype=np.float64))
 
 
-def _check_points(name: str, points: np.ndarray | Tensor) -> None:
+def _check_points(name: str, points: np.ndarray | Tensor, *, single: bool = False) -> None:
+    """``points`` must be a real-valued ``[n, m]`` array (``[m]`` when ``single``) with m >= 1, all finite."""
+    if not isinstance(points, np.ndarray | Tensor):
+        raise TypeError(f"{name} must be a numpy array or a torch tensor of shape [n, m], got "
+                        f"{type(points).__name__}")
+    if points.ndim != (1 if single else 2) or points.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape {'[m]' if single else '[n, m]'} with m >= 1 objectives, got "
+                         f"shape {tuple(points.shape)}")
+    is_bool = points.dtype == torch.bool if isinstance(points, Tensor) else points.dtype == np.bool_
+    is_real = (not points.dtype.is_complex) if isinstance(points, Tensor) else np.issubdtype(points.dtype, np.number) \
+        and not np.issubdtype(points.dtype, np.complexfloating)
+    if is_bool or not is_real:
+        raise TypeError(f"{name} must hold real objective values (a float or integer dtype), got dtype {points.dtype}")
     finite = torch.isfinite(points).all() if isinstance(points, Tensor) else np.isfinite(points).all()
     if not bool(finite):
         raise ValueError(f"{name} contains NaN or inf; every objective value must be finite")
