@@ -11,6 +11,7 @@ CPU. The weights come from the model's own initialiser under ``seed``.
 from __future__ import annotations
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rl2fx._typing import check_choice, check_range
 
@@ -56,8 +57,6 @@ def build_tiny_lm(
     inter = 2 * hidden_size if intermediate_size is None else intermediate_size
     special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         cfg = LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inter,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -65,8 +64,6 @@ def build_tiny_lm(
         )
         cls = LlamaForCausalLM
     else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         cfg = GPT2Config(
             vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inter,
             n_positions=max_position_embeddings, tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,
