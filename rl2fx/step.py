@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rl2fx._typing import check_choice
+from rl2fx._typing import check_choice, check_range
 from rl2fx.control.lagrangian import LagrangianState, lagrangian_penalty
 from rl2fx.logprobs import response_logits, token_logprobs_and_entropy
 from rl2fx.losses import (
@@ -47,6 +47,7 @@ __all__ = [
     "LossContext",
     "LossFn",
     "train_step",
+    "check_step_args",
     "make_ppo_loss",
     "make_value_loss",
     "compute_logprobs",
@@ -88,6 +89,20 @@ def _slice(batch: Batch, s: int, e: int) -> dict[str, torch.Tensor]:
 
 def _dist_on(group: Any = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def check_step_args(*, micro_batch_size: int | None = None, max_grad_norm: float | None = None) -> None:
+    """The checks :func:`train_step` makes of its settings (for callers that validate a config up front).
+
+    >>> check_step_args(micro_batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: micro_batch_size must be in [1, inf], got 0
+    """
+    if micro_batch_size is not None:
+        check_range("micro_batch_size", micro_batch_size, 1, None)
+    if max_grad_norm is not None:
+        check_range("max_grad_norm", max_grad_norm, 0.0, None, low_inclusive=False)
 
 
 def train_step(
@@ -141,9 +156,8 @@ def train_step(
     (1.0, 0.8)
     """
     n = _rows(batch)
+    check_step_args(micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
     mb = n if micro_batch_size is None else int(micro_batch_size)
-    if mb < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if "response_mask" not in batch:
         raise ValueError(f"batch must hold 'response_mask'; got keys {sorted(batch)}")
     mask = batch["response_mask"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from rl2fx.returns import list_estimators
+from rl2fx.returns import list_estimators, unregister_estimator
 from rl2fx.trainer.ablate import ablation_arms, run_ablation
 from rl2fx.trainer.commands import registry_table
 from rl2fx.trainer.config import ConfigError, estimator_params, load_config
@@ -14,6 +16,15 @@ USER = ["imports=[_user_estimators]", "adv.estimator=batch_mean_baseline"]
 TINY = ["trainer.total_steps=2", "trainer.progress_bar=false", "data.prompts_per_rollout=2",
         "data.responses_per_prompt=2", "experiment_tracking.enabled=false",
         "memory_optimization.profiling.enabled=false", "trainer.summary_window=1"]
+
+
+@pytest.fixture(autouse=True)
+def _forget_the_user_module():
+    """The registry is process-wide: leave it as the other tests expect it."""
+    yield
+    if "batch_mean_baseline" in list_estimators():
+        unregister_estimator("batch_mean_baseline")
+    sys.modules.pop("_user_estimators", None)
 
 
 def test_config_section_and_validation_come_from_the_registration():

@@ -65,14 +65,15 @@ from rl2fx.control.batch_size import batch_size_init
 from rl2fx.control.kl import DEFAULTS as KL_DEFAULTS
 from rl2fx.control.kl import kl_init
 from rl2fx.control.lagrangian import lagrangian_init
-from rl2fx.losses import get_policy_loss, list_policy_losses
+from rl2fx.losses import get_policy_loss, kl_coef_value, list_policy_losses
 from rl2fx.memory.optimizer import MemoryOptimizer
 from rl2fx.memory.profiler import MemoryProfiler
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import check_hyperparameters, get_estimator, list_estimators
-from rl2fx.step import make_ppo_loss, make_value_loss
-from rl2fx.trainer.tasks import ARCHITECTURES, DigitCopyTask
-from rl2fx.tuning.samplers import SAMPLERS, make_sampler
+from rl2fx.step import check_step_args, make_ppo_loss, make_value_loss
+from rl2fx.trainer.tasks import VOCAB, DigitCopyTask, check_model_args
+from rl2fx.tuning.samplers import make_sampler
+from rl2fx.tuning.tuner import HyperparameterTuner
 
 __all__ = [
     "ConfigError",
@@ -574,7 +575,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "data.prompts_per_rollout", 1, optional=True)
     _in(cfg, "data.responses_per_prompt", 1, optional=True)
     _in(cfg, "actor.lr", 0.0, low_open=True)
-    _in(cfg, "actor.kl.coef", 0.0)
+    _checked(kl_coef_value, {"coef": cfg.actor.kl.coef}, {"coef": "actor.kl.coef"}, "actor.kl")
     ak = "actor.kl.adaptive_kl"
     _checked(kl_init, kl_controller_args(cfg), _keys(ak, KL_DEFAULTS) | {"controller_type": f"{ak}.controller_type"},
              ak)
@@ -591,15 +592,16 @@ def validate_config(cfg: DictConfig) -> DictConfig:
              "multi_objective")
 
     h = cfg.hyperopt
-    _checked(make_sampler, {"optimizer_type": "grid", "grid_size": h.grid.grid_size}, {"grid_size": "hyperopt.grid.grid_size"},
-             "hyperopt.grid")
-    if h.optimizer_type not in SAMPLERS:  # the sampler itself is built by the tuner (BoTorch loads slowly)
-        best = difflib.get_close_matches(str(h.optimizer_type), SAMPLERS, n=1, cutoff=0.5)
-        _fail("hyperopt.optimizer_type", h.optimizer_type, f"must be one of {list(SAMPLERS)}"
-              + (f" (did you mean '{best[0]}'?)" if best else ""))
-    _in(cfg, "hyperopt.n_trials", 1)
-    if h.bayesian.exploration_weight < 0:  # BayesianSampler's check, without importing BoTorch here
-        _fail("hyperopt.bayesian.exploration_weight", h.bayesian.exploration_weight, "must be in [0.0, inf]")
+    hk = {"optimizer_type": "hyperopt.optimizer_type", "n_trials": "hyperopt.n_trials",
+          "grid_size": "hyperopt.grid.grid_size", "exploration_weight": "hyperopt.bayesian.exploration_weight"}
+    # the tuner checks its own settings and the chosen sampler's (no study is written: save_dir=None) ...
+    _checked(HyperparameterTuner, {"optimizer_type": h.optimizer_type, "n_trials": h.n_trials, "save_dir": None,
+                                   "grid_size": h.grid.grid_size, "exploration_weight": h.bayesian.exploration_weight,
+                                   "show_progress_bar": False}, hk, "hyperopt")
+    # ... and the samplers of the other sections check theirs (a switch of optimizer_type must not fail later)
+    _checked(make_sampler, {"optimizer_type": "grid", "grid_size": h.grid.grid_size}, hk, "hyperopt.grid")
+    _checked(make_sampler, {"optimizer_type": "bayesian", "exploration_weight": h.bayesian.exploration_weight}, hk,
+             "hyperopt.bayesian")
 
     mem = cfg.memory_optimization
     section = {k: mem[k] for k in mem if k not in ("profiling", "adaptive_batch_sizing")}
@@ -615,8 +617,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "trainer.total_steps", 1)
     _in(cfg, "trainer.update_epochs", 1)
     _in(cfg, "trainer.num_threads", 1, optional=True)
-    _in(cfg, "trainer.micro_batch_size", 1, optional=True)
-    _in(cfg, "trainer.max_grad_norm", 0.0, low_open=True, optional=True)
+    _checked(check_step_args, {"micro_batch_size": t.micro_batch_size, "max_grad_norm": t.max_grad_norm},
+             _keys("trainer", ("micro_batch_size", "max_grad_norm")), "trainer")
     _in(cfg, "trainer.weight_decay", 0.0)
     if t.kl_type not in ("loss", "reward"):
         _fail("trainer.kl_type", t.kl_type, "must be one of ['loss', 'reward']")
@@ -646,12 +648,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         _fail("task.name", cfg.task.name, "must be one of ['digits']")
     _checked(DigitCopyTask, {"n_digits": cfg.task.n_digits, "mode": cfg.task.mode}, _keys("task", ("n_digits", "mode")),
              "task")
-    if cfg.model.arch not in ARCHITECTURES:
-        _fail("model.arch", cfg.model.arch, f"must be one of {list(ARCHITECTURES)}")
-    for k in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
-        _in(cfg, f"model.{k}", 1)
-    if cfg.model.hidden_size % cfg.model.num_heads:
-        _fail("model.hidden_size", cfg.model.hidden_size, f"must be divisible by model.num_heads ({cfg.model.num_heads})")
+    m = cfg.model
+    margs = {k: m[k] for k in ("arch", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                               "max_position_embeddings")}
+    _checked(check_model_args, {"vocab_size": len(VOCAB), **margs}, _keys("model", margs), "model")
     _in(cfg, "critic.lr", 0.0, low_open=True)
     _in(cfg, "critic.coef", 0.0)
     _checked(make_value_loss, {"clip": cfg.critic.clip, "agg_mode": t.agg_mode},

@@ -110,6 +110,12 @@ class PPOTrainer:
     critic are wrapped in DDP, every rank draws its own prompts, and advantages
     are whitened over the global batch.
 
+    The loop owns the controllers (``kl_state``, ``lagrangian_state``,
+    ``multi_objective``): every update epoch of an iteration reads the same values,
+    and :meth:`step_controllers` steps each once per iteration, so
+    ``kl_state.count`` is the number of iterations whatever ``trainer.update_epochs``
+    and ``trainer.kl_type`` are.
+
     ``train()`` runs ``trainer.total_steps`` steps (continuing from a checkpoint
     when ``trainer.resume_from`` is set) and returns the final metrics:
     ``reward_start`` / ``reward_end`` (mean task reward over the first / last

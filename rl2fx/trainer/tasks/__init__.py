@@ -17,7 +17,8 @@ from rl2fx.trainer.tasks.model import (
     CausalValueModel,
     build_tiny_critic,
     build_tiny_lm,
+    check_model_args,
 )
 from rl2fx.trainer.tasks.tokenizer import VOCAB, build_tokenizer
 
-__all__ = ["DigitCopyTask", "PromptBatch", "build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES", "build_tokenizer", "VOCAB"]
+__all__ = ["DigitCopyTask", "PromptBatch", "build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES", "check_model_args", "build_tokenizer", "VOCAB"]
