@@ -65,7 +65,7 @@ from rl2fx.control.batch_size import batch_size_init
 from rl2fx.control.kl import DEFAULTS as KL_DEFAULTS
 from rl2fx.control.kl import kl_init
 from rl2fx.control.lagrangian import lagrangian_init
-from rl2fx.losses import get_policy_loss, kl_coef_value, list_policy_losses
+from rl2fx.losses import get_policy_loss, kl_coef_value
 from rl2fx.memory.optimizer import MemoryOptimizer
 from rl2fx.memory.profiler import MemoryProfiler
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
@@ -529,11 +529,7 @@ def multi_objective_args(cfg: DictConfig) -> dict[str, Any]:
 
 def _validate_adv(cfg: DictConfig) -> None:
     est = str(cfg.adv.estimator)
-    if est not in list_estimators():
-        best = difflib.get_close_matches(est, list_estimators(), n=1, cutoff=0.5)
-        hint = f"; did you mean '{best[0]}'?" if best else ""
-        raise ConfigError(f"config key 'adv.estimator' must be a registered estimator {list_estimators()}, "
-                          f"got {est!r}{hint}")
+    _checked(get_estimator, {"name": est}, {}, "adv.estimator")  # the registry's did-you-mean
     # Every section is checked (a typo in an unused one is still a typo), the shared values with each
     # estimator that takes them.
     for name in list_estimators():
@@ -566,7 +562,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     >>> validate_config(cfg)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    rl2fx.trainer.config.ConfigError: config key 'adv.estimator' must be a registered estimator [...], got 'vtrce'; did you mean 'vtrace'?
+    rl2fx.trainer.config.ConfigError: config key 'adv.estimator': unknown estimator 'vtrce'; did you mean 'vtrace'? Registered: [...]
     >>> validate_config(load_config(overrides=["actor.kl.adaptive_kl.linear_factor=2.0"]))
     Traceback (most recent call last):
     ...
@@ -622,10 +618,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "trainer.weight_decay", 0.0)
     if t.kl_type not in ("loss", "reward"):
         _fail("trainer.kl_type", t.kl_type, "must be one of ['loss', 'reward']")
-    if cfg.actor.loss_type not in list_policy_losses():
-        best = difflib.get_close_matches(str(cfg.actor.loss_type), list_policy_losses(), n=1, cutoff=0.5)
-        _fail("actor.loss_type", cfg.actor.loss_type, f"must be a registered policy loss {list_policy_losses()}"
-              + (f" (did you mean '{best[0]}'?)" if best else ""))
+    _checked(get_policy_loss, {"name": str(cfg.actor.loss_type)}, {}, "actor.loss_type")
     loss_keys = {**_keys("actor.loss_params", get_policy_loss(str(cfg.actor.loss_type)).hyperparameters),
                  "clip": "actor.clip", "clip_high": "trainer.clip_high", "dual_clip": "trainer.dual_clip",
                  "agg_mode": "trainer.agg_mode", "kl_estimator": "trainer.kl_estimator",
