@@ -50,8 +50,8 @@ def test_ppo_trainer_trains_with_it_by_name(tmp_path):
 
 
 def test_ablation_runs_it_as_an_arm(tmp_path):
-    load_config("demo", overrides=USER)  # registers it in this process, as the ablation's user would
-    assert "batch_mean_baseline" in dict(ablation_arms("estimators", total_steps=2))
+    assert "batch_mean_baseline" not in list_estimators()  # nothing imported it yet: the ablation's imports do
     out = run_ablation("estimators", seeds=1, out_dir=tmp_path, overrides=["imports=[_user_estimators]", *TINY[:4]],
                        arms=["batch_mean_baseline"], workers=1, show_progress_bar=False)
     assert [s["arm"] for s in out["summary"]] == ["batch_mean_baseline"]
+    assert "batch_mean_baseline" in dict(ablation_arms("estimators", total_steps=2))

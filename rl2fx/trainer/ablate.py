@@ -248,6 +248,7 @@ def run_ablation(
             raise ValueError(f"override {key!r} is set by rl2fx ablate for every run (seeds: --seeds; "
                              f"checkpoints: a temporary folder); remove it")
     steps = int(user.get("trainer.total_steps", DEFAULT_STEPS[name]))
+    load_config(base, overrides=user)  # imports the config's `imports`: their estimators become arms
     all_arms = ablation_arms(name, total_steps=steps)
     if arms is not None:
         unknown = [a for a in arms if a not in dict(all_arms)]
