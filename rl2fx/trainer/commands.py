@@ -78,7 +78,7 @@ def registry_table() -> str:
     estimators (adv.estimator; hyperparameters under adv.<name>, gamma/lamda shared as adv.gamma/adv.lamda):
       gae                     critic  gamma=0.99 lamda=0.95
     ...
-    policy losses (actor.loss_type; hyperparameters under actor.loss_params):
+    policy losses (actor.loss_type; clip, clip_high, dual_clip from actor.clip, trainer.clip_high, trainer.dual_clip; others under actor.loss_params):
       vanilla  clip=0.2 clip_high=None dual_clip=None tis_cap=None
     """
     lines = ["estimators (adv.estimator; hyperparameters under adv.<name>, gamma/lamda shared as "
@@ -87,7 +87,8 @@ def registry_table() -> str:
         e = get_estimator(name)
         params = " ".join(f"{k}={e.defaults.get(k)}" for k in e.hyperparameters)
         lines.append(f"  {name:<22}  {'critic' if e.needs_values else '      '}  {params}".rstrip())
-    lines.append("policy losses (actor.loss_type; hyperparameters under actor.loss_params):")
+    lines.append("policy losses (actor.loss_type; clip, clip_high, dual_clip from actor.clip, trainer.clip_high, "
+                 "trainer.dual_clip; others under actor.loss_params):")
     for name in list_policy_losses():
         loss = get_policy_loss(name)
         lines.append(f"  {name}  " + " ".join(f"{k}={loss.defaults.get(k)}" for k in loss.hyperparameters))
