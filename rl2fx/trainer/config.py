@@ -11,10 +11,10 @@ Configuration Schema", with the same keys and defaults. rl2fx adds:
   default ``vanilla``, PPO's clipped surrogate) and ``actor.loss_params`` (its
   other hyperparameters);
 * ``adv.<name>`` sections built from the estimator registry
-  (:func:`rl2fx.returns.register_estimator`): one per registered estimator with
-  hyperparameters besides the shared ``adv.gamma`` / ``adv.lamda``, holding those
-  with the registry's defaults, plus ``gamma`` / ``lamda`` (null: the shared
-  value) where the estimator takes them. A user's estimator gets its section
+  (:func:`rl2fx.returns.register_estimator`): one per registered estimator that
+  has hyperparameters, holding those other than the shared ``adv.gamma`` /
+  ``adv.lamda`` with the registry's defaults, plus ``gamma`` / ``lamda`` (null:
+  the shared value) where the estimator takes them. A user's estimator gets its section
   once its module is imported: list the module under the top-level ``imports``
   key (``imports=[my_pkg.my_estimators]``), which :func:`load_config` imports
   before validating;
@@ -32,7 +32,8 @@ library's own: each section is handed to the function that consumes it
 (``kl_init``, ``lagrangian_init``, ``MultiObjectiveOptimizer``,
 ``check_hyperparameters`` of the estimator registry, ``make_ppo_loss``, ...) and
 its error is re-raised under the config key; no list of names or range is
-repeated here.
+repeated here. Only settings that no library function takes (the loop's own:
+``trainer.total_steps``, ``rollout.top_p``, ``critic.lr``, ...) are range-checked here.
 
 >>> cfg = load_config(overrides=["actor.kl.adaptive_kl.enabled=true"])
 >>> cfg.actor.kl.adaptive_kl.enabled, cfg.actor.lr, cfg.adv.estimator
