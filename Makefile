@@ -21,11 +21,13 @@ demo: $(VENV)/.installed-dev
 
 # The default profile: light hypothesis settings, slow tests deselected, notebooks executed.
 test: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -m "not slow" -q tests rl2fx
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/python -m pytest -q -p no:cacheprovider --nbmake notebooks; fi
 
 # Everything, with exhaustive hypothesis runs.
 test-all: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
 	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q tests rl2fx
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/python -m pytest -q --nbmake notebooks; fi
 
@@ -37,6 +39,7 @@ docs: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check rl2fx tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -18,6 +18,10 @@ settings.register_profile("dev", max_examples=100, **_common)
 settings.register_profile("slow", max_examples=1000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# A user's estimator module: importing it registers an estimator process-wide, so only the
+# test that needs it imports it (doctest collection would import it for every test).
+collect_ignore = ["tests/_user_estimators.py"]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

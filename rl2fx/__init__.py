@@ -61,14 +61,19 @@ _LAZY: dict[str, str] = {
     "ExperimentConfig": "rl2fx.tracking.config",
     "ExperimentTracker": "rl2fx.tracking.tracker",
     "ModelVersioning": "rl2fx.tracking.versioning",
-    # training
-    "train_step": "rl2fx.train",
-    "PPOTrainer": "rl2fx.train",
-    "load_config": "rl2fx.config",
+    # registries
+    "register_estimator": "rl2fx.returns.registry",
+    "list_estimators": "rl2fx.returns.registry",
+    "register_policy_loss": "rl2fx.losses",
+    "list_policy_losses": "rl2fx.losses",
+    # training: the core step, then the application layer (rl2fx.trainer)
+    "train_step": "rl2fx.step",
+    "PPOTrainer": "rl2fx.trainer.ppo",
+    "load_config": "rl2fx.trainer.config",
 }
 
-_SUBMODULES = {"returns", "control", "pareto", "tuning", "memory", "tracking", "tasks", "testing",
-               "losses", "logprobs", "rollout", "train", "config", "cli"}
+_SUBMODULES = {"returns", "control", "pareto", "tuning", "memory", "tracking", "testing",
+               "losses", "logprobs", "rollout", "step", "trainer", "train", "cli"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
@@ -81,7 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover - for static type checkers and IDEs only
     from rl2fx.control.batch_size import AdaptiveBatchSizer
     from rl2fx.control.kl import AdaptiveKLController
     from rl2fx.control.lagrangian import LagrangianConstraints
-    from rl2fx.config import load_config
+    from rl2fx.losses import list_policy_losses, register_policy_loss
     from rl2fx.memory.context import memory_efficient_context
     from rl2fx.memory.optimizer import MemoryOptimizer
     from rl2fx.memory.profiler import MemoryProfiler
@@ -90,7 +95,10 @@ if TYPE_CHECKING:  # pragma: no cover - for static type checkers and IDEs only
     from rl2fx.tracking.config import ExperimentConfig
     from rl2fx.tracking.tracker import ExperimentTracker
     from rl2fx.tracking.versioning import ModelVersioning
-    from rl2fx.train import PPOTrainer, train_step
+    from rl2fx.returns.registry import list_estimators, register_estimator
+    from rl2fx.step import train_step
+    from rl2fx.trainer.config import load_config
+    from rl2fx.trainer.ppo import PPOTrainer
     from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
     from rl2fx.tuning.study import Study
     from rl2fx.tuning.tuner import HyperparameterTuner

@@ -188,8 +188,9 @@ def response_logits(
     supports transformers' ``logits_to_keep`` (saving the prompt's share of the
     largest activation).
 
-    >>> from rl2fx.tasks import build_tiny_lm
-    >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
     >>> ids = torch.tensor([[1, 5, 13, 6, 7]])
     >>> out = response_logits(m, ids, None, 2)
     >>> torch.allclose(out, m(ids).logits[:, -3:-1], atol=1e-6)

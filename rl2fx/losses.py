@@ -30,7 +30,13 @@ R1-Zero-Like Training: A Critical Perspective", 2025.
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +53,15 @@ __all__ = [
     "policy_loss",
     "value_loss",
     "entropy_bonus",
+    "POLICY_LOSS_INPUTS",
+    "PolicyLoss",
+    "register_policy_loss",
+    "unregister_policy_loss",
+    "list_policy_losses",
+    "get_policy_loss",
+    "check_policy_loss_hyperparameters",
+    "compute_policy_loss",
+    "vanilla_policy_loss",
 ]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -358,3 +373,225 @@ def entropy_bonus(
     m = _mask_like(entropy, mask)
     term = -coef * aggregate(entropy, m, agg_mode, **agg_kwargs)
     return term, {"entropy": _masked_mean(entropy, m).detach()}
+
+
+# ============================================================================ policy-loss registry
+#: What a registered policy loss may read from the caller (not set in a config). Every loss is
+#: called as ``fn(logprobs, old_logprobs, advantages, mask, *, agg_mode, global_tokens,
+#: global_seqs, [behavior_logprobs], **hyperparameters) -> (loss, metrics)`` with ``[batch, time]``
+#: tensors; a sequence-level loss (GSPO, GMPO, ...) forms its per-sequence quantities with
+#: ``mask`` and divides by ``global_seqs`` (the row count of the whole batch on all ranks), a
+#: token-level one aggregates with :func:`aggregate` and the global counts, so that
+#: micro-batch losses add up to the batch loss.
+POLICY_LOSS_INPUTS: frozenset[str] = frozenset({
+    "logprobs", "old_logprobs", "advantages", "mask", "behavior_logprobs", "agg_mode", "global_tokens",
+    "global_seqs",
+})
+_LOSS_REQUIRED_INPUTS = ("logprobs", "old_logprobs", "advantages", "mask")
+
+L = TypeVar("L", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered policy loss: the function and what its signature says it takes.
+
+    ``inputs``: the caller-supplied arguments it reads (:data:`POLICY_LOSS_INPUTS`);
+    ``hyperparameters``: every other keyword; ``defaults``: the hyperparameters'
+    defaults (the function's own, overridden by the registration's ``defaults``);
+    ``required``: hyperparameters without a default.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ()
+    hyperparameters: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+
+
+_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def _describe_loss(name: str, fn: Callable[..., Any], defaults: Mapping[str, Any]) -> PolicyLoss:
+    sig = inspect.signature(fn)
+    inputs, hypers, required = [], [], []
+    own: dict[str, Any] = {}
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            raise TypeError(f"policy loss {name!r}: parameter {p} of {fn.__qualname__}{sig} must be a named "
+                            "keyword-capable parameter (no *args/**kwargs, no positional-only)")
+        if p.name in POLICY_LOSS_INPUTS:
+            inputs.append(p.name)
+            continue
+        hypers.append(p.name)
+        if p.default is not p.empty:
+            own[p.name] = p.default
+        elif p.name not in defaults:
+            required.append(p.name)
+    missing = [k for k in _LOSS_REQUIRED_INPUTS if k not in inputs]
+    if missing:
+        raise TypeError(f"policy loss {name!r}: {fn.__qualname__} must take {list(_LOSS_REQUIRED_INPUTS)}; "
+                        f"missing {missing}")
+    unknown = sorted(set(defaults) - set(hypers))
+    if unknown:
+        raise ValueError(f"register_policy_loss({name!r}): defaults {unknown} are not hyperparameters of "
+                         f"{fn.__qualname__}; its hyperparameters are {hypers}")
+    merged = {**own, **dict(defaults)}
+    return PolicyLoss(name=name, fn=fn, defaults=MappingProxyType({k: merged[k] for k in hypers if k in merged}),
+                      inputs=tuple(inputs), hyperparameters=tuple(hypers), required=tuple(required))
+
+
+def register_policy_loss(name: str, *, defaults: Mapping[str, Any] | None = None) -> Callable[[L], L]:
+    """Decorator: register ``fn`` as the policy loss ``name`` (the config's ``actor.loss_type``).
+
+    ``fn`` takes ``logprobs, old_logprobs, advantages, mask`` and optionally
+    ``behavior_logprobs, agg_mode, global_tokens, global_seqs`` (see
+    :data:`POLICY_LOSS_INPUTS`); its other keywords are hyperparameters, with
+    ``defaults`` replacing the function's own. It returns ``(loss, metrics)``: a
+    0-d loss and a dict of detached 0-d metric tensors. Registering a name twice
+    raises unless it is the same function.
+
+    >>> @register_policy_loss("pg_demo")
+    ... def pg_demo(logprobs, old_logprobs, advantages, mask, *, agg_mode="token-mean", scale=1.0):
+    ...     return aggregate(-scale * logprobs * advantages, mask, agg_mode), {}
+    >>> get_policy_loss("pg_demo").hyperparameters, "pg_demo" in list_policy_losses()
+    (('scale',), True)
+    >>> unregister_policy_loss("pg_demo")
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"policy loss name must be a Python identifier, got {name!r}")
+
+    def deco(fn: L) -> L:
+        spec = _describe_loss(name, fn, defaults or {})
+        old = _LOSSES.get(name)
+        if old is not None and getattr(old.fn, "__qualname__", None) != getattr(fn, "__qualname__", None):
+            raise ValueError(f"policy loss {name!r} is already registered ({old.fn.__module__}."
+                             f"{old.fn.__qualname__}); unregister_policy_loss({name!r}) first")
+        _LOSSES[name] = spec
+        return fn
+
+    return deco
+
+
+def unregister_policy_loss(name: str) -> None:
+    """Remove ``name`` from the registry (for tests and interactive redefinition)."""
+    get_policy_loss(name)
+    del _LOSSES[name]
+
+
+def list_policy_losses() -> list[str]:
+    """Names of the registered policy losses, built-ins first.
+
+    >>> "vanilla" in list_policy_losses()
+    True
+    """
+    return list(_LOSSES)
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The registered :class:`PolicyLoss` called ``name``; ``ValueError`` with a did-you-mean otherwise.
+
+    >>> get_policy_loss("vanila")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown policy loss 'vanila'; did you mean 'vanilla'? Registered: [...]
+    """
+    spec = _LOSSES.get(name) if isinstance(name, str) else None
+    if spec is None:
+        known = list(_LOSSES)
+        best = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+        hint = f"; did you mean {best[0]!r}?" if best else ";"
+        raise ValueError(f"unknown policy loss {name!r}{hint} Registered: {known}")
+    return spec
+
+
+def compute_policy_loss(
+    name: str,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    *,
+    behavior_logprobs: Tensor | None = None,
+    agg_mode: str = "token-mean",
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Call the registered policy loss ``name`` with the inputs it reads and its hyperparameters.
+
+    ``params`` are hyperparameters; names the loss does not take raise ``ValueError``
+    (with a did-you-mean). Inputs the loss does not read are not passed.
+
+    >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    >>> loss, _ = compute_policy_loss("vanilla", lp, lp.detach(), torch.tensor([[1.0, -2.0]]), params={"clip": 0.2})
+    >>> loss.item()  # -mean(1 * 1, 1 * -2)
+    0.5
+    """
+    spec = get_policy_loss(name)
+    params = dict(params or {})
+    _check_loss_names(spec, params)
+    given = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
+             "mask": torch.ones_like(logprobs) if mask is None else mask, "behavior_logprobs": behavior_logprobs,
+             "agg_mode": agg_mode, "global_tokens": global_tokens, "global_seqs": global_seqs}
+    args = {**spec.defaults, **params, **{k: v for k, v in given.items() if k in spec.inputs}}
+    missing = [k for k in spec.required if k not in args]
+    if missing:
+        raise ValueError(f"policy loss {name!r} needs hyperparameter(s) {missing}")
+    return spec.fn(**args)
+
+
+def _check_loss_names(spec: PolicyLoss, params: Mapping[str, Any]) -> None:
+    for key, value in params.items():
+        if key not in spec.hyperparameters:
+            best = difflib.get_close_matches(str(key), list(spec.hyperparameters), n=1, cutoff=0.5)
+            hint = f"; did you mean {best[0]!r}?" if best else ";"
+            raise ValueError(f"policy loss {spec.name!r} has no hyperparameter {key!r}{hint} It takes "
+                             f"{list(spec.hyperparameters)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be finite, got {value}")
+
+
+def check_policy_loss_hyperparameters(name: str, params: Mapping[str, Any]) -> None:
+    """Check hyperparameters of policy loss ``name`` by the loss's own rules (a probe call).
+
+    Unknown names raise ``ValueError`` with a did-you-mean; values are checked by
+    calling the loss once on a tiny batch, so its own checks speak.
+
+    >>> check_policy_loss_hyperparameters("vanilla", {"clip": 0.2, "dual_clip": 3.0})
+    >>> check_policy_loss_hyperparameters("vanilla", {"dual_clip": 1.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: dual_clip must be in (1.0, inf], got 1.0
+    """
+    spec = get_policy_loss(name)
+    _check_loss_names(spec, params)
+    if any(k not in params and k not in spec.defaults for k in spec.required):
+        return  # a probe cannot invent required hyperparameters; the first real call checks them
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]])
+    with torch.no_grad():
+        compute_policy_loss(name, lp, lp - 0.1, torch.tensor([[1.0, -1.0], [0.5, -0.5]]), torch.ones_like(lp),
+                            params=params)
+
+
+@register_policy_loss("vanilla")
+def vanilla_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    behavior_logprobs: Tensor | None = None,
+    agg_mode: str = "token-mean",
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+    clip: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    tis_cap: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``actor.loss_type=vanilla``: :func:`policy_loss` (PPO clipped surrogate, dual clip, clip-higher, TIS)."""
+    return policy_loss(logprobs, old_logprobs, advantages, mask, clip=clip, clip_high=clip_high, dual_clip=dual_clip,
+                       behavior_logprobs=behavior_logprobs, tis_cap=tis_cap, agg_mode=agg_mode,
+                       global_tokens=global_tokens, global_seqs=global_seqs)

@@ -72,9 +72,10 @@ def rollout(
     reproducible. The model is put in eval mode for generation and its previous
     mode restored.
 
-    >>> from rl2fx.tasks import build_tiny_lm
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> _ = torch.manual_seed(0)
-    >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
     >>> out = rollout(m, torch.tensor([[1, 5, 13]]), responses_per_prompt=4, max_new_tokens=3,
     ...               eos_token_id=2, pad_token_id=0)
     >>> out["input_ids"].shape[0], out["response_ids"].shape[1] <= 3, sorted(out)

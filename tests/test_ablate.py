@@ -1,4 +1,4 @@
-"""``rl2fx.ablate``: arms, outputs (table, JSON, plot), determinism, the process pool."""
+"""``rl2fx.trainer.ablate``: arms, outputs (table, JSON, plot), determinism, the process pool."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import re
 
 import pytest
 
-from rl2fx.ablate import (
+from rl2fx.returns import get_estimator, list_estimators
+from rl2fx.trainer.ablate import (
     ABLATIONS,
     DEFAULT_STEPS,
-    ESTIMATOR_ARMS,
     _run_overrides,
     ablation_arms,
     run_ablation,
     run_one,
 )
-from rl2fx.config import ESTIMATORS, load_config
+from rl2fx.trainer.config import load_config
 
 TINY = ["trainer.total_steps=2", "data.prompts_per_rollout=2", "data.responses_per_prompt=4"]
 
@@ -35,8 +35,12 @@ def test_every_arm_of_every_ablation_is_a_valid_config():
 
 
 def test_estimator_arms_cover_every_estimator_the_trainer_accepts():
-    assert set(ESTIMATOR_ARMS) == set(ESTIMATORS)
-    assert dict(ablation_arms("estimators", total_steps=10))["gae"]["critic.enabled"] is True
+    arms = dict(ablation_arms("estimators", total_steps=10))
+    assert list(arms) == list_estimators()
+    # the critic follows the registry: value-reading estimators (clipped_is included) get one by default
+    for name in ("gae", "clipped_is"):
+        cfg = load_config("demo", overrides=arms[name])
+        assert cfg.critic.enabled is None and get_estimator(name).needs_values
 
 
 def test_kl_arms_vary_the_controller():

@@ -79,12 +79,13 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
 
 def test_config_show_reflects_overrides(capsys):
     assert main(["config", "show", "--config", "demo", "adv.estimator=rloo", "actor.kl.adaptive_kl.target_kl=0.25",
-                 "multi_objective.objectives=[reward,entropy]", "multi_objective.objective_weights={reward: 1.0}"]) == 0
+                 "multi_objective.objectives=[reward,entropy]",
+                 "multi_objective.objective_weights={reward: 1.0, entropy: 0.1}"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["adv"]["estimator"] == "rloo"
     assert cfg["actor"]["kl"]["adaptive_kl"]["target_kl"] == 0.25
     assert cfg["multi_objective"]["objectives"] == ["reward", "entropy"]
-    assert cfg["multi_objective"]["objective_weights"] == {"reward": 1.0}
+    assert cfg["multi_objective"]["objective_weights"] == {"reward": 1.0, "entropy": 0.1}
     assert cfg["task"]["mode"] == "reverse" and cfg["actor"]["lr"] == 1e-3  # the demo file's values
     assert main(["config", "show"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["actor"]["lr"] == 1e-6  # the spec's default

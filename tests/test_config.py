@@ -6,7 +6,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from rl2fx.config import CONFIG_DIR, ConfigError, load_config, to_container
+from rl2fx.trainer.config import CONFIG_DIR, ConfigError, load_config, to_container
 
 # The spec's "Complete Configuration Schema", verbatim (enhanced-rl2-features.md).
 SPEC_YAML = """
@@ -118,9 +118,16 @@ def test_defaults_equal_spec_schema():
 
 
 def test_packaged_yaml_equals_dataclass_defaults():
-    from rl2fx.config import RL2Config
+    """ppo.yaml holds the schema's defaults, except that it writes out the spec's ``adv.retrace.lamda: 0.95``
+    where the registry-built schema says null (= the shared ``adv.lamda``, also 0.95)."""
+    from rl2fx.trainer.config import estimator_params, schema
 
-    assert to_container(load_config()) == OmegaConf.to_container(OmegaConf.structured(RL2Config))
+    loaded = to_container(load_config())
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema()))
+    assert loaded["adv"]["retrace"]["lamda"] == 0.95 and defaults["adv"]["retrace"]["lamda"] is None
+    assert estimator_params(load_config(), "retrace")["lamda"] == loaded["adv"]["lamda"] == 0.95
+    defaults["adv"]["retrace"]["lamda"] = 0.95
+    assert loaded == defaults
 
 
 def test_overrides_list_and_mapping():
@@ -148,12 +155,23 @@ def test_overrides_list_and_mapping():
     ("adv.multistep.bootstrap_method=xx", "'adv.multistep.bootstrap_method' must be one of"),
     ("memory_optimization.memory_threshold=0.95", "'memory_optimization.memory_threshold' must be in"),
     ("multi_objective.objective_weights.diversity=0.1", "objective_weights.diversity"),
+    # MultiObjectiveOptimizer needs a weight for every objective: the config says so, not the trainer
+    (("multi_objective.objectives=[reward,entropy]", "multi_objective.objective_weights={reward: 1.0}"),
+     "config key 'multi_objective.objective_weights' is missing objective(s) ['entropy']"),
     ("critic.enabled=false", "'critic.enabled' must be true"),
+    (("adv.estimator=clipped_is", "critic.enabled=false"), "'critic.enabled' must be true"),
+    ("actor.kl.adaptive_kl.linear_factor=0", "'actor.kl.adaptive_kl.linear_factor' must be in (0, 1]"),
+    ("actor.kl.adaptive_kl.linear_factor=2.0", "'actor.kl.adaptive_kl.linear_factor' must be in (0, 1]"),
+    ("adv.vtrace.rho_bar=-1.0", "config key 'adv.vtrace.rho_bar' must be in (0.0, inf], got -1.0"),
+    ("adv.vtrace.rho_barr=1.0", "did you mean 'adv.vtrace.rho_bar'?"),
+    ("trainer.dual_clip=1.0", "config key 'trainer.dual_clip' must be in (1.0, inf]"),
+    ("actor.loss_type=vanila", "did you mean 'vanilla'"),
+    ("hyperopt.grid.grid_size=1", "config key 'hyperopt.grid.grid_size' must be in [2, inf]"),
     ("actor.kl=3", "must be a mapping"),
 ])
 def test_validation_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=[override])
+        load_config(overrides=[override] if isinstance(override, str) else list(override))
     assert message in str(info.value)
 
 
@@ -184,7 +202,7 @@ def test_config_is_typed_after_loading():
 def test_hydra_compose_gives_same_config():
     from hydra import compose, initialize_config_dir
 
-    from rl2fx.config import structured_from_hydra
+    from rl2fx.trainer.config import structured_from_hydra
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         raw = compose(config_name="demo", overrides=["actor.kl.adaptive_kl.enabled=false"])

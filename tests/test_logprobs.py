@@ -62,7 +62,7 @@ def test_label_out_of_vocab_raises():
 
 
 def test_response_logits_match_full_forward():
-    from rl2fx.tasks import build_tiny_lm
+    from rl2fx.trainer.tasks import build_tiny_lm
 
     m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2, arch="gpt2")
     ids = torch.tensor([[1, 4, 5, 13, 6, 7, 2]])

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl2fx.config import load_config
-from rl2fx.control.kl import kl_init
-from rl2fx.control.lagrangian import lagrangian_init
+from rl2fx.control.kl import kl_init, kl_update
+from rl2fx.control.lagrangian import lagrangian_init, lagrangian_update
 from rl2fx.rollout import rollout
-from rl2fx.tasks import DigitCopyTask, build_tiny_lm
-from rl2fx.train import PPOTrainer, compute_logprobs, make_ppo_loss, train_step
+from rl2fx.step import compute_logprobs, make_ppo_loss, train_step
+from rl2fx.trainer.config import load_config
+from rl2fx.trainer.ppo import PPOTrainer
+from rl2fx.trainer.tasks import DigitCopyTask, build_tiny_lm
 
 
 def _batch(seed=0, n_prompts=4, group=4):
@@ -65,19 +66,21 @@ def test_grad_clipping_and_metrics():
         assert k in out
 
 
-def test_controllers_are_passed_in_and_returned():
+def test_controllers_are_the_callers_and_train_step_returns_metrics_only():
     model, batch = _batch(seed=3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     loss_fn = make_ppo_loss()
     kl_state = kl_init("exponential", initial_coef=0.2, target_kl=1e-6)
     lag = lagrangian_init(kl_constraint=1e-6, entropy_constraint=100.0, lagrangian_lr=1.0)
     for step in range(3):
-        out = train_step(model, opt, batch, loss_fn=loss_fn, kl_state=kl_state, lagrangian_state=lag, step=step)
-        assert out["kl_coef"] == kl_state.coef
-        kl_state, lag = out["kl_state"], out["lagrangian_state"]
+        out = train_step(model, opt, batch, loss_fn=loss_fn, kl_coef=kl_state.coef, lagrangian=lag, step=step)
+        assert out["kl_coef"] == kl_state.coef and "lagrangian_penalty" in out
+        assert all(isinstance(v, float) for v in out.values())  # metrics only, no controller state
+        kl_state = kl_update(kl_state, out["kl"], step)  # the caller steps its controllers
+        lag = lagrangian_update(lag, kl=out["kl"], entropy=out["entropy"])
     assert kl_state.coef > 0.2  # KL above a tiny target: the exponential controller raised the coefficient
     assert lag.entropy_multiplier > 0  # entropy below its floor: the multiplier grew
-    assert kl_init("exponential", initial_coef=0.2, target_kl=1e-6).count == 0  # inputs untouched
+    assert kl_state.count == 3 and lag.count == 3
 
 
 def test_autocast_bfloat16_runs():
@@ -137,9 +140,21 @@ def test_smoke_run_with_tracking_profile_and_checkpoint(tmp_path):
     assert [m.step for m in hist][:3] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("kl_type", ["loss", "reward"])
+def test_controllers_step_once_per_iteration_whatever_update_epochs(tmp_path, kl_type):
+    """update_epochs=2, 3 iterations: every controller has taken 3 steps, for both KL placements."""
+    cfg = _cfg(tmp_path, "trainer.total_steps=3", "trainer.update_epochs=2", f"trainer.kl_type={kl_type}",
+               "actor.kl.constraint_optimization.enabled=true")
+    trainer = PPOTrainer(cfg)
+    trainer.train()
+    assert trainer.kl_state.count == 3
+    assert trainer.lagrangian_state.count == 3
+
+
 @pytest.mark.parametrize("extra", [
     ["adv.estimator=gae"],
     ["adv.estimator=vtrace"],
+    ["adv.estimator=clipped_is"],  # critic.enabled: null -> on, from the registry's needs_values
     ["adv.estimator=rloo", "trainer.kl_type=reward", "actor.kl.adaptive_kl.enabled=false", "actor.kl.coef=0.05"],
     ["adv.estimator=reinforce", "trainer.kl_type=reward", "trainer.kl_estimator=k1"],
     ["multi_objective.enabled=true", "multi_objective.pareto_method=tchebycheff", "trainer.micro_batch_size=3"],
@@ -150,7 +165,7 @@ def test_trainer_variants_run(tmp_path, extra):
     res = trainer.train()
     assert res["steps"] == 2.0
     assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
-    if "adv.estimator=gae" in extra or "adv.estimator=vtrace" in extra:
+    if {"adv.estimator=gae", "adv.estimator=vtrace", "adv.estimator=clipped_is"} & set(extra):
         assert trainer.critic is not None and "critic/loss" in res
 
 

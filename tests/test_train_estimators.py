@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl2fx.config import ConfigError, load_config
-from rl2fx.train import PPOTrainer
+from rl2fx.trainer.config import ConfigError, load_config
+from rl2fx.trainer.ppo import PPOTrainer
 
 K = 4  # responses per prompt
 
@@ -78,5 +78,5 @@ def test_kl_in_reward_with_adaptive_coefficient_runs(tmp_path):
 
 
 def test_grpo_passk_needs_two_responses_per_prompt():
-    with pytest.raises(ConfigError, match="responses_per_prompt.*must be >= 2 for adv.estimator='grpo_passk'"):
+    with pytest.raises(ConfigError, match="config key 'data.responses_per_prompt' must be >= 2 for grpo_passk"):
         load_config("demo", overrides=["adv.estimator=grpo_passk", "data.responses_per_prompt=1"])

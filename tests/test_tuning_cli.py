@@ -1,4 +1,4 @@
-"""``rl2fx.tuning.cli``: the PPO search space fitted to a config, and tune_from_config."""
+"""``rl2fx.trainer.tune``: the PPO search space fitted to a config, and tune_from_config."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from rl2fx.config import ConfigError, load_config
-from rl2fx.tuning.cli import apply_params, ppo_search_space, tune_from_config
+from rl2fx.trainer.config import ConfigError, load_config
+from rl2fx.trainer.ppo import PPOTrainer
+from rl2fx.trainer.tune import apply_params, ppo_search_space, tune_from_config
 from rl2fx.tuning.space import (
     HyperparameterConfig,
     create_ppo_hyperparameter_configs,
@@ -59,8 +60,6 @@ def test_grid_search_objective_is_the_runs_final_reward(tmp_path):
     best = tune_from_config(cfg, param_configs=space, show_progress_bar=False, verbose=False)
     trials = [json.loads(t) for t in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert sorted(t["params"]["actor.clip"] for t in trials) == [0.1, 0.3]
-    from rl2fx.train import PPOTrainer
-
     for t in trials:  # each trial is exactly a training run of the config with its params
         again = PPOTrainer(apply_params(cfg, {"actor.clip": t["params"]["actor.clip"],
                                               "trainer.output_dir": str(tmp_path / "again")})).train()

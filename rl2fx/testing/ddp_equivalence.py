@@ -7,7 +7,7 @@ Run under ``torchrun`` (gloo on CPU)::
 Every rank builds the same global batch (same seeds), keeps its contiguous
 share of the rows, whitens its advantages with the *global* mean and variance
 (:func:`rl2fx.returns.whiten` with the process group), and runs
-:func:`rl2fx.train.train_step` on a DDP-wrapped copy of the model with
+:func:`rl2fx.step.train_step` on a DDP-wrapped copy of the model with
 micro-batches. Rank 0 saves the resulting parameters. :func:`single_process_update`
 does the same on one process with the whole batch; the two must agree to
 floating-point rounding.
@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from rl2fx.returns import whiten
 from rl2fx.rollout import rollout
-from rl2fx.tasks import DigitCopyTask, build_tiny_lm
-from rl2fx.train import compute_logprobs, make_ppo_loss, train_step
+from rl2fx.step import compute_logprobs, make_ppo_loss, train_step
+from rl2fx.trainer.tasks import DigitCopyTask, build_tiny_lm
 
 __all__ = ["global_batch", "single_process_update", "distributed_update", "STEPS"]
 

@@ -2,7 +2,7 @@
 
 An ablation is a list of *arms* (named sets of config overrides) run on the
 shipped demo configuration (GRPO on digit reversal with a tiny random Llama)
-for several seeds each. Every arm × seed is one :class:`~rl2fx.train.PPOTrainer`
+for several seeds each. Every arm × seed is one :class:`~rl2fx.trainer.ppo.PPOTrainer`
 run in its own process (``ProcessPoolExecutor``, one torch thread per run),
 with tracking, memory profiling and the per-run progress bar off. Seed ``s``
 sets ``trainer.seed=s`` and ``model.seed=s`` (prompts, samples and the initial
@@ -20,7 +20,7 @@ Written to ``out_dir``:
 >>> [a for a, _ in ablation_arms("kl", total_steps=100)][:3]
 ['no_kl', 'fixed', 'exponential']
 >>> dict(ablation_arms("estimators", total_steps=100))["clipped_is"]
-{'adv.estimator': 'clipped_is', 'critic.enabled': True}
+{'adv.estimator': 'clipped_is'}
 """
 
 from __future__ import annotations
@@ -39,39 +39,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rl2fx.ablate_names import ABLATIONS
+import matplotlib
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
-__all__ = ["ABLATIONS", "ESTIMATOR_ARMS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_ablation", "run_one"]
+from rl2fx.returns import list_estimators
+from rl2fx.trainer.ablate_names import ABLATIONS
+from rl2fx.trainer.config import load_config, parse_override
+from rl2fx.trainer.ppo import PPOTrainer
 
-#: Estimators compared by ``rl2fx ablate estimators`` (adding one is adding its name here).
-ESTIMATOR_ARMS: tuple[str, ...] = (
-    "gae",
-    "td_lambda",
-    "vtrace",
-    "retrace",
-    "multistep",
-    "clipped_is",
-    "reinforce",
-    "grpo",
-    "dr_grpo",
-    "rloo",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "remax",
-    "opo",
-    "gpg",
-    "grpo_passk",
-)
+matplotlib.use("Agg")  # files only; must precede pyplot's import
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["ABLATIONS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_ablation", "run_one"]
 
 #: Default ``trainer.total_steps`` per ablation, chosen so that each default run
 #: (3 seeds, 2 worker processes) takes about 10 minutes on 2 idle CPU cores.
 DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "pareto": 400}
 
 DEFAULT_CONFIG = "demo"
-
-# Estimators that read values, hence need the critic; clipped_is is not in
-# rl2fx.config.VALUE_ESTIMATORS (it does not switch the critic on by itself).
-_NEEDS_CRITIC = ("gae", "td_lambda", "vtrace", "retrace", "multistep", "clipped_is")
 
 # Every run: no tracking, no memory profile, no inner progress bar, one thread.
 _RUN_OVERRIDES = {
@@ -96,12 +84,13 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
     """The arms of ablation ``name``: ``(arm name, dotted overrides)`` in table order.
 
     ``total_steps`` is needed by the scheduled KL arm, whose schedule spans the run.
+    ``estimators``: every registered estimator (:func:`~rl2fx.returns.list_estimators`),
+    users' included; the trainer builds a critic for those that read values.
     """
     if name not in ABLATIONS:
         raise ValueError(f"ablation name must be one of {list(ABLATIONS)}, got {name!r}")
     if name == "estimators":
-        return [(e, {"adv.estimator": e, **({"critic.enabled": True} if e in _NEEDS_CRITIC else {})})
-                for e in ESTIMATOR_ARMS]
+        return [(e, {"adv.estimator": e}) for e in list_estimators()]
     if name == "kl":
         ctl = {f"{_AK}.enabled": True}
         return [
@@ -130,7 +119,7 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
 
 
 _ARM_NOTES = {
-    "estimators": "`adv.estimator` (value-based estimators with the critic on: `critic.enabled=true`).",
+    "estimators": "`adv.estimator`: every registered estimator (those that read values train a critic).",
     "kl": (f"the KL controller (`{_AK}.controller_type`; each controller starts from the demo's "
            f"`initial_coef`, bounds and `target_kl={_DEMO_TARGET_KL}`), no KL at all, and the Lagrangian "
            f"constraint `KL <= {_DEMO_TARGET_KL}` instead of a controller."),
@@ -138,15 +127,6 @@ _ARM_NOTES = {
                f"{_PARETO_WEIGHTS} (`weighted_sum_kl1`: kl_penalty weight 1.0); `ppo_loss` is the plain "
                "PPO loss (multi-objective off)."),
 }
-
-
-def _parse_override(o: str) -> tuple[str, Any]:
-    from rl2fx.config import ConfigError, _parse_value
-
-    if "=" not in o:
-        raise ConfigError(f"override {o!r} must look like 'dotted.key=value'")
-    k, v = o.split("=", 1)
-    return k.lstrip("+"), _parse_value(v)
 
 
 def _run_overrides(arm_overrides: dict[str, Any], user: dict[str, Any], seed: int, total_steps: int,
@@ -161,16 +141,9 @@ def run_one(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
     Checkpoints go to a temporary folder (``trainer.output_dir`` is replaced) that is deleted.
     """
-    import torch
-
-    from rl2fx.config import load_config
-    from rl2fx.train import PPOTrainer
-
     with tempfile.TemporaryDirectory(prefix="rl2fx-ablate-") as tmp:
         cfg = load_config(config, overrides={**overrides, "trainer.output_dir": tmp})
         # transformers' save_pretrained bar would interleave with the ablation's own
-        from transformers.utils import logging as hf_logging
-
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
@@ -215,8 +188,6 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import torch
-
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}; load average at start {load}")
@@ -264,10 +235,6 @@ def run_ablation(
     Every run's config is built and validated before anything runs, so a bad override
     fails at once. Returns the contents of ``<name>.json``.
     """
-    from tqdm.auto import tqdm
-
-    from rl2fx.config import load_config
-
     if name not in ABLATIONS:
         raise ValueError(f"ablation name must be one of {list(ABLATIONS)}, got {name!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -275,12 +242,13 @@ def run_ablation(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     base = str(config) if config is not None else DEFAULT_CONFIG
-    user = dict(_parse_override(o) for o in overrides)
+    user = dict(parse_override(o) for o in overrides)
     for key in ("trainer.seed", "model.seed", "trainer.output_dir"):
         if key in user:
             raise ValueError(f"override {key!r} is set by rl2fx ablate for every run (seeds: --seeds; "
                              f"checkpoints: a temporary folder); remove it")
     steps = int(user.get("trainer.total_steps", DEFAULT_STEPS[name]))
+    load_config(base, overrides=user)  # imports the config's `imports`: their estimators become arms
     all_arms = ablation_arms(name, total_steps=steps)
     if arms is not None:
         unknown = [a for a in arms if a not in dict(all_arms)]
@@ -410,12 +378,6 @@ def _smooth_window(out: dict[str, Any]) -> int:
 
 
 def _plot(out: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     k = _smooth_window(out)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     styles = ["-", "--", "-.", ":"]  # arms that coincide stay visible

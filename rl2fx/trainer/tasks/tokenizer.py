@@ -10,6 +10,7 @@ the ``tokenizers`` WordLevel model), so ``model.generate`` and the usual
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 __all__ = ["SPECIAL_TOKENS", "DIGITS", "SEPARATORS", "VOCAB", "build_tokenizer"]
@@ -30,8 +31,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     >>> tok.decode([6, 4, 2]), len(tok), tok.pad_token_id, tok.eos_token_id
     ('3 1 <eos>', 16, 0, 2)
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     core = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(

@@ -1,6 +1,6 @@
 """``rl2fx tune``: run a config's ``hyperopt`` section over PPO training runs.
 
-Each trial is a :class:`~rl2fx.train.PPOTrainer` run of the config with the trial's
+Each trial is a :class:`~rl2fx.trainer.ppo.PPOTrainer` run of the config with the trial's
 parameters applied as overrides (the search space's names are dotted config keys);
 its objective is ``reward_end``, the mean task reward over the last
 ``trainer.summary_window`` steps, maximised. The study lives in
@@ -9,7 +9,6 @@ the same command after an interruption continues where it stopped, and raising
 ``hyperopt.n_trials`` extends a finished study.
 
 >>> import tempfile
->>> from rl2fx.config import load_config
 >>> from rl2fx.tuning.space import HyperparameterConfig
 >>> cfg = load_config("demo", overrides={"trainer.total_steps": 1, "experiment_tracking.enabled": False,
 ...     "memory_optimization.profiling.enabled": False, "hyperopt.n_trials": 2,
@@ -31,7 +30,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rl2fx.trainer.config import ConfigError, load_config, validate_config
+from rl2fx.trainer.ppo import PPOTrainer
 from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
+from rl2fx.tuning.tuner import HyperparameterTuner
 
 __all__ = ["ppo_search_space", "apply_params", "tune_from_config", "format_best_trials"]
 
@@ -46,13 +48,10 @@ def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
     ``[min_coef, max_coef]`` (the config validation rejects it otherwise), so its
     range is intersected with those bounds; an empty intersection is an error.
 
-    >>> from rl2fx.config import load_config
     >>> space = {c.name: c for c in ppo_search_space(load_config("demo"))}
     >>> space["actor.kl.adaptive_kl.initial_coef"].low, space["actor.kl.adaptive_kl.initial_coef"].high
     (0.001, 0.02)
     """
-    from rl2fx.config import ConfigError
-
     out = []
     for c in create_ppo_hyperparameter_configs():
         if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
@@ -72,12 +71,9 @@ def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
 def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
     """A validated copy of ``cfg`` with each dotted ``params`` key set to its value.
 
-    >>> from rl2fx.config import load_config
     >>> apply_params(load_config(), {"actor.clip": 0.1}).actor.clip
     0.1
     """
-    from rl2fx.config import load_config, validate_config
-
     out = copy.deepcopy(cfg)
     for k, v in params.items():
         if OmegaConf.select(out, k, default="__missing__") == "__missing__":
@@ -87,8 +83,6 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
 
 
 def _objective(cfg: DictConfig):
-    from rl2fx.train import PPOTrainer
-
     def fn(params: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="rl2fx-tune-") as tmp:
             run_cfg = apply_params(cfg, {**params, "trainer.output_dir": tmp, "trainer.progress_bar": False,
@@ -138,14 +132,10 @@ def tune_from_config(
     ``show_progress_bar`` shows a tqdm bar over trials. A trial whose run raises is
     recorded as failed and the study goes on (the error is kept in ``trials.csv``).
     """
-    from rl2fx.tuning.tuner import HyperparameterTuner
-
     h = cfg.hyperopt
     space = list(param_configs) if param_configs is not None else ppo_search_space(cfg)
     for c in space:
         if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
-            from rl2fx.config import ConfigError
-
             raise ConfigError(f"search-space parameter {c.name!r} is not a config key")
     tuner = HyperparameterTuner(
         str(h.optimizer_type), space, objective_name="reward", maximize=True, n_trials=int(h.n_trials),

@@ -11,12 +11,42 @@ CPU. The weights come from the model's own initialiser under ``seed``.
 from __future__ import annotations
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rl2fx._typing import check_choice, check_range
 
-__all__ = ["build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES"]
+__all__ = ["check_model_args", "build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES"]
 
 ARCHITECTURES = ("llama", "gpt2")
+
+
+def check_model_args(
+    vocab_size: int,
+    *,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 64,
+) -> None:
+    """The checks of :func:`build_tiny_lm`'s settings, without building a model.
+
+    >>> check_model_args(16, hidden_size=30, num_heads=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: hidden_size (30) must be divisible by num_heads (4)
+    """
+    check_choice("arch", arch, ARCHITECTURES)
+    check_range("vocab_size", vocab_size, 1, None)
+    check_range("hidden_size", hidden_size, 1, None)
+    check_range("num_layers", num_layers, 1, None)
+    check_range("num_heads", num_heads, 1, None)
+    if intermediate_size is not None:
+        check_range("intermediate_size", intermediate_size, 1, None)
+    check_range("max_position_embeddings", max_position_embeddings, 1, None)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
 
 
 def build_tiny_lm(
@@ -46,18 +76,11 @@ def build_tiny_lm(
     >>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     True
     """
-    check_choice("arch", arch, ARCHITECTURES)
-    check_range("vocab_size", vocab_size, 1, None)
-    check_range("hidden_size", hidden_size, 1, None)
-    check_range("num_layers", num_layers, 1, None)
-    check_range("num_heads", num_heads, 1, None)
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    check_model_args(vocab_size, arch=arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                     intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings)
     inter = 2 * hidden_size if intermediate_size is None else intermediate_size
     special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     if arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         cfg = LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=inter,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
@@ -65,8 +88,6 @@ def build_tiny_lm(
         )
         cls = LlamaForCausalLM
     else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
         cfg = GPT2Config(
             vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inter,
             n_positions=max_position_embeddings, tie_word_embeddings=True, resid_pdrop=0.0, embd_pdrop=0.0,

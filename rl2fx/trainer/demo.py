@@ -1,13 +1,13 @@
-"""``make demo`` (interim main job): a short tour of every advantage estimator on a toy batch.
+"""A short tour of every registered advantage estimator on a toy batch: ``python -m rl2fx.trainer.demo``.
 
 Builds a small LLM-like batch (prompts x responses, 0/1 outcome reward on each
 response's last token, a critic's values, a prompt/padding mask, slightly stale
-behaviour log-probs), runs every method of :func:`rl2fx.returns.advantages` on
-it and prints one row per estimator: mean and std of the advantages over
-masked-in tokens and the wall time of the call. The training issue replaces
-this with a short PPO run.
-
-Run with ``python -m rl2fx.demo [--prompts N --group-size G --time T]``.
+behaviour log-probs), runs every estimator of the registry
+(:func:`rl2fx.returns.list_estimators`, users' included) through
+:func:`rl2fx.returns.advantages` with its registry defaults (``gamma = 1``) and
+prints one row per estimator: mean and std of the advantages over masked-in
+tokens and the wall time of the call. (``make demo`` is the training run,
+``python -m rl2fx.train --config-name demo``.)
 """
 
 from __future__ import annotations
@@ -17,25 +17,7 @@ import time
 
 import torch
 
-from rl2fx.returns import METHODS, advantages, masked_mean, masked_std
-
-_PARAMS = {
-    "gae": {"gamma": 1.0, "lamda": 0.95},
-    "td_lambda": {"gamma": 1.0, "lamda": 0.95},
-    "vtrace": {"gamma": 1.0, "rho_bar": 1.0, "c_bar": 1.0},
-    "retrace": {"gamma": 1.0, "lamda": 0.95},
-    "clipped_is": {"gamma": 1.0, "lamda": 0.95, "clip_ratio": 0.2},
-    "multistep": {"gamma": 1.0, "lamda": 0.95, "n_steps": 5, "bootstrap_method": "gae"},
-    "reinforce": {"norm_std": False},
-    "grpo": {},
-    "dr_grpo": {},
-    "rloo": {},
-    "reinforce_pp": {},
-    "opo": {},
-    "gpg": {},
-    "grpo_passk": {},
-    "reinforce_pp_baseline": {},
-}
+from rl2fx.returns import advantages, get_estimator, list_estimators, masked_mean, masked_std
 
 
 def toy_batch(prompts: int = 16, group_size: int = 4, time_steps: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -58,17 +40,21 @@ def toy_batch(prompts: int = 16, group_size: int = 4, time_steps: int = 256, see
 
 
 def tour(batch: dict[str, torch.Tensor], group_size: int) -> list[dict[str, float | str]]:
+    """One row per registered estimator: advantage mean/std over masked-in tokens and the call's time."""
+    n_prompts = batch["rewards"].shape[0] // group_size
+    inputs = {"rewards": batch["rewards"], "values": batch["values"], "mask": batch["mask"],
+              "log_rhos": batch["logps"] - batch["old_logps"], "group_size": group_size,
+              "greedy_rewards": torch.full((n_prompts,), 0.5)}
     rows = []
-    for method, params in _PARAMS.items():
-        accepted = METHODS[method][0]
-        kw = {k: v for k, v in batch.items() if k in accepted}
-        if "group_size" in accepted:
-            kw["group_size"] = group_size
-        advantages(method, **kw, **params)  # warm-up
+    for method in list_estimators():
+        params = {"gamma": 1.0} if "gamma" in get_estimator(method).hyperparameters else {}
+        advantages(method, **inputs, **params)  # warm-up
         t0 = time.perf_counter()
-        out = advantages(method, **kw, **params)
+        out = advantages(method, **inputs, **params)
         dt = time.perf_counter() - t0
         adv = out["advantages"]
+        if adv.ndim == 1:
+            adv = adv.unsqueeze(-1).expand_as(batch["rewards"])
         rows.append({
             "estimator": method,
             "adv_mean": float(masked_mean(adv, batch["mask"])),

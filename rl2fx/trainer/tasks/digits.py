@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from rl2fx._typing import Float, Int, Tensor, check_choice, check_range, typechecked
-from rl2fx.tasks.tokenizer import VOCAB
+from rl2fx.trainer.tasks.tokenizer import VOCAB
 
 __all__ = ["DigitCopyTask", "PromptBatch"]
 

@@ -1,0 +1,101 @@
+"""What the ``rl2fx`` sub-commands do (the parser and the lazy dispatch live in :mod:`rl2fx.cli`).
+
+Each ``cmd_*`` takes the parsed ``argparse.Namespace`` and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from rl2fx.losses import get_policy_loss, list_policy_losses
+from rl2fx.returns import get_estimator, list_estimators
+from rl2fx.trainer.ablate import run_ablation
+from rl2fx.trainer.config import load_config
+from rl2fx.trainer.ppo import run
+from rl2fx.trainer.tune import tune_from_config
+
+__all__ = ["BENCH_AREAS", "cmd_train", "cmd_tune", "cmd_ablate", "cmd_bench", "cmd_config_show",
+           "cmd_config_registry", "registry_table"]
+
+from rl2fx.cli import BENCH_AREAS
+
+
+def _load(args: argparse.Namespace) -> DictConfig:
+    return load_config(args.config, overrides=tuple(args.overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run(_load(args))  # prints the end-of-run summary
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    best = tune_from_config(_load(args))
+    print("best parameters:")
+    for k, v in sorted(best.items()):
+        print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    arms = [a for a in args.arms.split(",") if a] if args.arms is not None else None
+    out = run_ablation(args.name, seeds=args.seeds, out_dir=args.out, overrides=tuple(args.overrides),
+                       config=args.config, arms=arms, workers=args.workers)
+    print(Path(args.out, f"{args.name}.md").read_text(), end="")
+    print(f"wrote {args.out}/{args.name}.md, .json and .png ({out['total_wall_time_s'] / 60:.1f} min)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    root = Path.cwd()
+    areas = [args.area] if args.area else list(BENCH_AREAS)
+    for area in areas:
+        script = root / "benchmarks" / f"{area}.py"
+        if not script.is_file():
+            raise ValueError(f"no benchmark script {script}: run 'rl2fx bench' from the repository root")
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        print(f"== {area}: {' '.join(cmd)}", flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            return rc
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(OmegaConf.to_yaml(_load(args)), end="")
+    return 0
+
+
+def registry_table() -> str:
+    """The registered estimators and policy losses with their hyperparameters' defaults.
+
+    >>> print(registry_table())  # doctest: +ELLIPSIS
+    estimators (adv.estimator; hyperparameters under adv.<name>, gamma/lamda shared as adv.gamma/adv.lamda):
+      gae                     critic  gamma=0.99 lamda=0.95
+    ...
+    policy losses (actor.loss_type; clip, clip_high, dual_clip from actor.clip, trainer.clip_high, trainer.dual_clip; others under actor.loss_params):
+      vanilla  clip=0.2 clip_high=None dual_clip=None tis_cap=None
+    """
+    lines = ["estimators (adv.estimator; hyperparameters under adv.<name>, gamma/lamda shared as "
+             "adv.gamma/adv.lamda):"]
+    for name in list_estimators():
+        e = get_estimator(name)
+        params = " ".join(f"{k}={e.defaults.get(k)}" for k in e.hyperparameters)
+        lines.append(f"  {name:<22}  {'critic' if e.needs_values else '      '}  {params}".rstrip())
+    lines.append("policy losses (actor.loss_type; clip, clip_high, dual_clip from actor.clip, trainer.clip_high, "
+                 "trainer.dual_clip; others under actor.loss_params):")
+    for name in list_policy_losses():
+        loss = get_policy_loss(name)
+        lines.append(f"  {name}  " + " ".join(f"{k}={loss.defaults.get(k)}" for k in loss.hyperparameters))
+    return "\n".join(lines)
+
+
+def cmd_config_registry(args: argparse.Namespace) -> int:
+    load_config(args.config, overrides=tuple(args.overrides))  # imports the config's `imports` modules
+    print(registry_table())
+    return 0
