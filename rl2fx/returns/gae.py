@@ -158,7 +158,8 @@ def _td_lambda_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """TD(λ) as an estimator: the λ-returns as targets, ``returns - values`` as advantages."""
+    """TD(λ) (Sutton 1988) as an estimator: the λ-returns as targets, ``returns - values`` as advantages
+    (see :func:`td_lambda`)."""
     ret = td_lambda(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
                     terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
     return C.masked_out(ret - values, C.as_bool("mask", mask)).to(ret.dtype), ret

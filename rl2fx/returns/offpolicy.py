@@ -200,7 +200,8 @@ def _vtrace_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
-    """V-trace as an estimator: the policy-gradient advantages, with the targets ``vs`` as returns."""
+    """V-trace (Espeholt et al. 2018, IMPALA) as an estimator: the policy-gradient advantages, with the
+    targets ``vs`` as returns (see :func:`vtrace`)."""
     vs, pg = vtrace(rewards, values, log_rhos, gamma=gamma, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar,
                     lamda=lamda, bootstrap_value=bootstrap_value, mask=mask, terminated=terminated, done=done,
                     backend=backend, allow_nonfinite=allow_nonfinite)
@@ -222,8 +223,8 @@ def _retrace_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Retrace as an estimator for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to the
-    next masked-in step's value; advantages are ``targets - values``."""
+    """Retrace(λ) (Munos et al. 2016) for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to
+    the next masked-in step's value; advantages are ``targets - values`` (see :func:`retrace`)."""
     m = C.as_bool("mask", mask)
     q = values if q_values is None else q_values
     if v_next is None:
@@ -251,7 +252,8 @@ def _clipped_is_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """GAE advantages re-weighted by :func:`clipped_is`; the λ-returns as targets."""
+    """Clipped importance sampling: GAE advantages re-weighted by ``clip(ρ, 1 - clip_ratio, 1 + clip_ratio)``
+    (:func:`clipped_is`); the λ-returns as targets."""
     adv, ret = gae(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
                    terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
     return clipped_is(adv, log_rhos, clip_ratio=clip_ratio, mask=mask, allow_nonfinite=allow_nonfinite), ret
