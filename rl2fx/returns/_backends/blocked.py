@@ -97,7 +97,7 @@ def _tm_scan_(xs: Tensor, cs: Tensor | float, blk: int | None = None) -> Tensor:
 def _to_time_major(x2: Tensor, *, rows: int, slot: int) -> Tensor:
     """``x2 [N, T]`` copied once into a zero-padded, time-major ``[rows, N]`` scratch buffer."""
     n_t = x2.shape[1]
-    buf = scratch(f"time-major-{slot}", (rows, x2.shape[0]), x2.dtype, x2.device)
+    buf = scratch(f"time-major-{slot}", (rows, x2.shape[0]), dtype=x2.dtype, device=x2.device)
     buf[:n_t].copy_(x2.t())
     buf[n_t:].zero_()  # x = 0, c = 0 after the end leave y unchanged
     return buf

@@ -43,7 +43,7 @@ __all__ = ["unmasked", "k_form", "packed"]
 def unmasked(r2: Tensor, v2: Tensor, *, boot: Tensor, gamma: float, lamda: float, c: float) -> tuple[Tensor, Tensor]:
     """``(A, G)`` for ``r2, v2 [N, T]``, ``boot [N]``; ``c`` is ``gamma * lamda`` rounded to the dtype."""
     N, T = r2.shape
-    x = scratch("gae-x", (N, T), r2.dtype, r2.device)
+    x = scratch("gae-x", (N, T), dtype=r2.dtype, device=r2.device)
     torch.add(r2[:, :-1], v2[:, 1:], alpha=gamma * (1.0 - lamda), out=x[:, :-1])
     torch.add(r2[:, -1], boot, alpha=gamma, out=x[:, -1])  # G_T = V_T = bootstrap
     ret = scan_const(x, c=c)
@@ -57,7 +57,7 @@ def k_form(
     (a non-finite input, or an overflow, possibly at a masked-out step)."""
     N, T = r2.shape
     a = (1.0 - lamda) / lamda
-    x = torch.add(r2, v2, alpha=a, out=scratch("gae-x", (N, T), r2.dtype, r2.device))
+    x = torch.add(r2, v2, alpha=a, out=scratch("gae-x", (N, T), dtype=r2.dtype, device=r2.device))
     mf = mask_floats(mask, r2.dtype)
     k, finite = masked_const_scan_(x, mf, c=c, tail=boot / lamda)
     if not finite:
@@ -81,6 +81,6 @@ def packed(
     full = (plan.count > 0).nonzero().squeeze(1)
     last = plan.count[full] - 1
     x[full, last] += c * boot[full]
-    ret = scan_const(x, c=c, out=scratch("gae-ret", (N, T), r2.dtype, r2.device))
+    ret = scan_const(x, c=c, out=scratch("gae-ret", (N, T), dtype=r2.dtype, device=r2.device))
     adv = torch.sub(ret, vp[:, :T], out=vp[:, :T])  # G - V, in place of the packed values
     return P.unpack(adv, plan), P.unpack(ret, plan)

@@ -43,12 +43,12 @@ def pack_plan(mask: Tensor) -> Packing:
     """
     N, T = mask.shape
     it = torch.int32 if T < 2**31 - 1 else torch.int64
-    pos = scratch("pack-pos", (N, T), it, mask.device)
+    pos = scratch("pack-pos", (N, T), dtype=it, device=mask.device)
     torch.cumsum(mask, -1, dtype=it, out=pos)
     count = pos[:, -1].long()
     pos.sub_(1)
     torch.where(mask, pos, count.clamp(max=T - 1).to(it)[:, None], out=pos)
-    idx = scratch("pack-index", (N, T), torch.int64, mask.device).copy_(pos)
+    idx = scratch("pack-index", (N, T), dtype=torch.int64, device=mask.device).copy_(pos)
     rows = (count < T).nonzero().squeeze(1)
     return Packing(idx, count, rows, count[rows])
 
@@ -56,7 +56,7 @@ def pack_plan(mask: Tensor) -> Packing:
 def pack(x: Tensor, plan: Packing, *, width: int, slot: str) -> Tensor:
     """``x [N, T]`` with each row's masked-in steps left-aligned in a zero ``[N, width]``
     tensor (this thread's scratch buffer ``slot``)."""
-    out = scratch(slot, (x.shape[0], width), x.dtype, x.device).zero_()
+    out = scratch(slot, (x.shape[0], width), dtype=x.dtype, device=x.device).zero_()
     # masked-out steps all land on the first empty slot, which is then cleared
     out.scatter_(-1, plan.index, x)
     out[plan.rows, plan.first_empty] = 0

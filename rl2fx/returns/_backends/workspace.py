@@ -28,7 +28,7 @@ _LOCAL = threading.local()
 MAX_BYTES = 64 * 1024**2
 
 
-def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def scratch(slot: str, shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised tensor of ``shape`` from this thread's buffer ``slot`` (CPU only).
 
     The contents are whatever the previous user of the slot left. A slot must not
