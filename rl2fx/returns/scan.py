@@ -84,8 +84,9 @@ _CONST_OK = ("auto", "chunked")
 _MASKED_MIN_LAMDA = 0.5
 
 
-def _needs_grad(*ts: Tensor | float) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+def _needs_grad(x: Tensor, c: Tensor | float = 0.0) -> bool:
+    """Whether autograd will track a result of ``x`` (and ``c``): the in-place paths must not run."""
+    return torch.is_grad_enabled() and (x.requires_grad or (isinstance(c, Tensor) and c.requires_grad))
 
 
 def _auto_backend(x: Tensor, c: Tensor | float) -> str:
