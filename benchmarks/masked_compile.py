@@ -4,8 +4,8 @@
     PYTHONPATH=. python benchmarks/masked_compile.py --quick    # 64x1024, 2 rounds (own JSON)
 
 Measures whether compiling the elementwise parts of the masked constant path
-(:func:`rl2fx.returns.scan.masked_const_scan_` and the K-form of
-:func:`rl2fx.returns.gae`) with ``torch.compile`` brings masked GAE under 10x the
+(:func:`rl2fx.returns._backends.masked.masked_const_scan_` and the K-form of
+:func:`rl2fx.returns._backends.gae_const.k_form`) with ``torch.compile`` brings masked GAE under 10x the
 elementwise floor, and what it costs. The 16-wide block products stay in BLAS
 (Inductor does not vectorise 16-long reductions; see docs/performance.md):
 
@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from returns import keep_freed_memory  # noqa: E402
 
 from rl2fx.returns import gae  # noqa: E402
-from rl2fx.returns.scan import _masked_carries, _tri  # noqa: E402
+from rl2fx.returns._backends.masked import masked_carries, tri  # noqa: E402
 
 GAMMA, LAMDA, L = 0.99, 0.95, 16
 C = GAMMA * LAMDA
-A_K = (1.0 - LAMDA) / LAMDA  # K_t = G_t + a V_t (see rl2fx.returns.gae._gae_const)
+A_K = (1.0 - LAMDA) / LAMDA  # K_t = G_t + a V_t (see rl2fx.returns._backends.gae_const)
 LOG_C = math.log(C)
 
 
@@ -62,7 +62,7 @@ def epilogue(s, bk, e, mu8, v):
 def carries(ys, lb, y_end):
     """The shipped carry stage on a copy of ``ys``: compiled, a function that overwrites
     its input pays for writing it back (measured no faster than eager that way)."""
-    return _masked_carries(ys.clone(), lb, y_end)
+    return masked_carries(ys.clone(), lb=lb, y_end=y_end)
 
 
 def masked_gae(r, v, boot, mask, pro, epi, car):
@@ -70,10 +70,10 @@ def masked_gae(r, v, boot, mask, pro, epi, car):
     k = t_len // L
     mu8 = mask.view(torch.uint8)
     mf = mu8.to(torch.float32)
-    e = torch.mm(mf.view(-1, L), _tri(L, torch.float32, False).t() * LOG_C).view(n, t_len)
+    e = torch.mm(mf.view(-1, L), tri(L, torch.float32, strict=False).t() * LOG_C).view(n, t_len)
     lb = e.view(n, k, L)[:, :, -1].to(torch.float64)
     z = pro(e, mu8, r, v)
-    s = torch.mm(z.view(-1, L), _tri(L, torch.float32, False))
+    s = torch.mm(z.view(-1, L), tri(L, torch.float32, strict=False))
     ys = s.view(n, k, L)[:, :, 0].to(torch.float64)
     ys, bk = car(ys, lb, C * (boot / LAMDA).double())
     if not bool(torch.isfinite(ys.sum())):  # the shipped path's check, paid here too

@@ -18,9 +18,8 @@ from _returns_helpers import assert_close, assert_unchanged, cast, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rl2fx.returns import gae, td_lambda
-from rl2fx.returns._common import pack, pack_plan, unpack
-from rl2fx.returns._workspace import release_workspace
+from rl2fx.returns import gae, release_workspace, td_lambda
+from rl2fx.returns._backends.packed import pack, pack_plan, unpack
 from rl2fx.testing import reference as ref
 from rl2fx.testing.strategies import dtypes, float_tensors, masks, shapes
 
@@ -142,7 +141,7 @@ def test_pack_plan_and_round_trip():
     x = torch.arange(15.0).view(3, 5) + 1
     plan = pack_plan(m)
     assert plan.count.tolist() == [3, 0, 5]
-    packed = pack(x, plan, 5, "test-pack")
+    packed = pack(x, plan, width=5, slot="test-pack")
     assert packed.tolist() == [[2, 3, 5, 0, 0], [0] * 5, [11, 12, 13, 14, 15]]
     back = unpack(packed.clone(), plan)
     assert torch.equal(back, torch.where(m, x, 0.0))

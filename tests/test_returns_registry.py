@@ -84,3 +84,28 @@ def test_registration_errors():
         register_estimator("gae", needs_values=False)(lambda rewards: rewards)
     with pytest.raises(ValueError, match="unknown estimator 'gea'; did you mean 'gae'"):
         get_estimator("gea")
+
+
+def test_docs_estimator_table_is_generated_from_the_registry(tmp_path):
+    import difflib
+    import shutil
+    from pathlib import Path
+
+    from rl2fx.returns.registry import write_estimator_table
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "returns.md"
+    copy = tmp_path / "returns.md"
+    shutil.copy(docs, copy)
+    if write_estimator_table(copy):
+        diff = "".join(difflib.unified_diff(docs.read_text().splitlines(True), copy.read_text().splitlines(True),
+                                            "docs/returns.md", "generated"))
+        pytest.fail("docs/returns.md's estimator table differs from the registry's; regenerate it from the "
+                    "repository root with\n  python -c \"from rl2fx.returns.registry import write_estimator_table "
+                    f"as w; w()\"\n{diff}")
+
+
+def test_estimator_table_lists_a_user_estimator(user_estimator):
+    from rl2fx.returns.registry import estimator_table
+
+    row = estimator_table(["scaled_baseline"]).splitlines()[2]
+    assert row.startswith("| `scaled_baseline` | no | `rewards` | `mask` | `scale=2.0`, `shift=0.0` |")

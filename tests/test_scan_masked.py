@@ -4,8 +4,8 @@ The contract (DESIGN.md): a masked-out step is not a decision, so the result equ
 packing each row's masked-in steps, scanning them and scattering back, with zeros
 at masked-out steps. With a float ``c`` on CPU the engine never packs: every
 coefficient is ``c**m_t`` and each 16-step block is solved by weighted suffix sums
-(``scan.masked_const_scan_``), the block carries in float64 on log-coefficients
-(``scan._scan_logc_``). These tests hold both against the packed loop reference.
+(``_backends.masked.masked_const_scan_``), the block carries in float64 on log-coefficients
+(``_backends.masked.scan_logc_``). These tests hold both against the packed loop reference.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 from rl2fx._typing import ShapeError
 from rl2fx.returns import discounted, gae
-from rl2fx.returns.scan import (
-    _scan_logc_,
+from rl2fx.returns._backends.masked import (
     masked_const_ok,
     masked_const_scan_,
-    reverse_scan,
+    scan_logc_,
     scan_masked_const,
 )
+from rl2fx.returns.scan import reverse_scan
 from rl2fx.testing.scan_strategies import scan_inputs
 
 
@@ -89,7 +89,7 @@ def test_constant_path_with_tail(n, T, c, p_on, with_tail, dtype, seed):
     tail = torch.randn(n, generator=g, dtype=torch.float64) if with_tail else None
     c = float(torch.tensor(c, dtype=dtype))
     assert masked_const_ok(c)
-    y = scan_masked_const(x.to(dtype), mask.to(dtype), c, None if tail is None else tail.to(dtype))
+    y = scan_masked_const(x.to(dtype), mask.to(dtype), c=c, tail=None if tail is None else tail.to(dtype))
     ref = _packed_reference(x.to(dtype), c, mask, tail)
     assert _rel_err(y, ref) <= TOL[dtype]
     assert (y[~mask] == 0).all()
@@ -99,7 +99,7 @@ def test_hand_example():
     # decisions at t = 0, 2, 3: y3 = 4 + 0.5 * 10 (the end value), y2 = 3 + 0.5 y3, y0 = 1 + 0.5 y2
     x = torch.tensor([[1.0, 100.0, 3.0, 4.0, 100.0]])
     m = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]])
-    y = scan_masked_const(x, m, 0.5, torch.tensor([10.0]))
+    y = scan_masked_const(x, m, c=0.5, tail=torch.tensor([10.0]))
     y3 = 4 + 0.5 * 10
     y2 = 3 + 0.5 * y3
     torch.testing.assert_close(y, torch.tensor([[1 + 0.5 * y2, 0.0, y2, y3, 0.0]]))
@@ -123,7 +123,7 @@ def test_log_coefficient_carries(K, depth, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, K, generator=g, dtype=torch.float64)
     logc = -torch.rand(2, K, generator=g, dtype=torch.float64) * depth
-    y = _scan_logc_(x.clone(), logc)
+    y = scan_logc_(x.clone(), logc)
     ref = reverse_scan(x, logc.clamp(min=-40.0).exp(), backend="loop")
     assert float((y - ref).abs().max()) <= 1e-12 * float(ref.abs().max().clamp_min(1.0))
 
@@ -132,7 +132,7 @@ def test_floor_changes_results_by_less_than_float64_resolution():
     # a coefficient of exp(-100) raised to exp(-40) moves the answer by < 1e-17 of a carry
     x = torch.ones(1, 40, dtype=torch.float64)
     logc = torch.full((1, 40), -100.0, dtype=torch.float64)
-    y = _scan_logc_(x.clone(), logc)
+    y = scan_logc_(x.clone(), logc)
     assert float((y - 1.0).abs().max()) < 1e-17
 
 
@@ -141,9 +141,9 @@ def test_finiteness_flag_sees_masked_out_steps():
     m = torch.ones(2, 64)
     m[1, 10] = 0.0
     x[1, 10] = float("nan")  # masked out, but it still reaches its block's sum
-    _, finite = masked_const_scan_(x.clone(), m, 0.9)
+    _, finite = masked_const_scan_(x.clone(), m, c=0.9)
     assert not finite
-    _, finite = masked_const_scan_(torch.zeros(2, 64), m, 0.9)
+    _, finite = masked_const_scan_(torch.zeros(2, 64), m, c=0.9)
     assert finite
 
 

@@ -22,6 +22,7 @@ from rl2fx.returns.group import (
     rloo,
 )
 # isort: on
+from rl2fx.returns._backends.workspace import release_workspace
 from rl2fx.returns.registry import (
     Estimator,
     check_hyperparameters,
@@ -67,4 +68,5 @@ __all__ = [
     "list_estimators",
     "get_estimator",
     "check_hyperparameters",
+    "release_workspace",
 ]

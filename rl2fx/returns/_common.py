@@ -1,4 +1,5 @@
-"""Shared plumbing for the estimators: dtype promotion, masks, per-step parameters, next-step lookup.
+"""Shared plumbing for the estimators: dtype promotion, masks, trace cuts, per-step
+parameters, next-step lookup.
 
 The mask convention (DESIGN.md) is implemented here once. A masked-out step is
 not a decision: the recurrence must pass straight through it. With the scan
@@ -9,13 +10,10 @@ step, found with a reverse ``cummin`` over step indices (no per-row packing).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 from rl2fx._typing import check_finite, check_range
-from rl2fx.returns._workspace import scratch
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -47,14 +45,33 @@ def as_bool(name: str, flag: Tensor | None) -> Tensor | None:
     return flag != 0
 
 
+def resolve_cuts(*, terminated: Tensor | None, done: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """``(terminated, cut)`` as bool tensors, following TorchRL's split: ``terminated``
+    zeroes the bootstrap, ``cut`` ends the trace. ``terminated`` defaults to ``done``,
+    and a terminated episode is over, so its trace is cut too: ``cut = done | terminated``.
+
+    >>> resolve_cuts(terminated=None, done=torch.tensor([0, 1]))
+    (tensor([False,  True]), tensor([False,  True]))
+    >>> resolve_cuts(terminated=torch.tensor([1, 0]), done=torch.tensor([0, 1]))
+    (tensor([ True, False]), tensor([True, True]))
+    """
+    d = as_bool("done", done)
+    term = as_bool("terminated", terminated)
+    if term is None:
+        return d, d
+    if d is None:
+        return term, term
+    return term, d | term
+
+
 def per_step(
     name: str,
     value: float | Tensor,
+    *,
     like: Tensor,
     dtype: torch.dtype,
     low: float | None = 0.0,
     high: float | None = 1.0,
-    *,
     low_inclusive: bool = True,
 ) -> Tensor:
     """A hyper-parameter given as a float or a per-step tensor, range-checked, expanded to ``like``."""
@@ -70,7 +87,7 @@ def per_step(
 
 
 def per_step_or_float(
-    name: str, value: float | Tensor, like: Tensor, dtype: torch.dtype, low: float | None = 0.0,
+    name: str, value: float | Tensor, *, like: Tensor, dtype: torch.dtype, low: float | None = 0.0,
     high: float | None = 1.0,
 ) -> float | Tensor:
     """Like :func:`per_step`, but a number stays a Python ``float`` (range-checked).
@@ -79,7 +96,7 @@ def per_step_or_float(
     scalar operands and the scan its constant-coefficient path.
     """
     if isinstance(value, Tensor):
-        return per_step(name, value, like, dtype, low, high)
+        return per_step(name, value, like=like, dtype=dtype, low=low, high=high)
     check_range(name, value, low, high)
     # rounded to the accumulation dtype once, as reverse_scan does with a float c
     return float(torch.tensor(float(value), dtype=dtype))
@@ -97,7 +114,7 @@ def check_all_finite(allow_nonfinite: bool, **tensors: Tensor | None) -> None:
         check_finite(name, t, allow_nonfinite=allow_nonfinite)
 
 
-def bootstrap(value: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
+def bootstrap(value: Tensor | None, *, like: Tensor, dtype: torch.dtype) -> Tensor:
     """The value after the last step, ``[*batch]``; ``None`` means 0 (the episode ended)."""
     if value is None:
         return torch.zeros(like.shape[:-1], dtype=dtype, device=like.device)
@@ -111,8 +128,8 @@ def next_index(mask: Tensor) -> Tensor:
     tensor([2, 2, 4, 4])
     """
     T = mask.shape[-1]
-    # int32 while scanning (cummin over int64 measured 12x slower on CPU), int64
-    # at the end for gather
+    # int32 while scanning (cummin over int64 is an order of magnitude slower on
+    # CPU), int64 at the end for gather
     it = torch.int32 if T < 2**31 - 1 else torch.int64
     steps = torch.arange(T, device=mask.device, dtype=it).expand(mask.shape)
     idx = torch.where(mask, steps, T)
@@ -120,61 +137,7 @@ def next_index(mask: Tensor) -> Tensor:
     return later.flip(-1).cummin(dim=-1).values.flip(-1).long()
 
 
-class Packing(NamedTuple):
-    """Where each step of a masked ``[N, T]`` batch goes when its masked-in steps are
-    left-aligned per row (the row's packed sequence), built once by :func:`pack_plan`.
-
-    ``index[n, t]`` is the packed slot of a masked-in step; masked-out steps point at
-    the row's first empty slot ``count[n]`` (kept zero in packed outputs, so a gather
-    returns 0 there) or, in a row with no masked-out step, anywhere.
-    """
-
-    index: Tensor  # [N, T] int64
-    count: Tensor  # [N] int64, masked-in steps per row
-    rows: Tensor  # rows with at least one masked-out step
-    first_empty: Tensor  # count[rows]
-
-
-def pack_plan(mask: Tensor) -> Packing:
-    """The :class:`Packing` of a boolean ``[N, T]`` mask: one cumulative count, no loop over rows.
-
-    ``index`` lives in this thread's scratch space (valid until the next plan).
-
-    >>> p = pack_plan(torch.tensor([[False, True, True, False]]))
-    >>> p.index, p.count
-    (tensor([[2, 0, 1, 2]]), tensor([2]))
-    """
-    N, T = mask.shape
-    it = torch.int32 if T < 2**31 - 1 else torch.int64
-    pos = scratch("pack-pos", (N, T), it, mask.device)
-    torch.cumsum(mask, -1, dtype=it, out=pos)
-    count = pos[:, -1].long()
-    pos.sub_(1)
-    torch.where(mask, pos, count.clamp(max=T - 1).to(it)[:, None], out=pos)
-    idx = scratch("pack-index", (N, T), torch.int64, mask.device).copy_(pos)
-    rows = (count < T).nonzero().squeeze(1)
-    return Packing(idx, count, rows, count[rows])
-
-
-def pack(x: Tensor, plan: Packing, width: int, slot: str) -> Tensor:
-    """``x [N, T]`` with each row's masked-in steps left-aligned in a zero ``[N, width]``
-    tensor (this thread's scratch buffer ``slot``)."""
-    out = scratch(slot, (x.shape[0], width), x.dtype, x.device).zero_()
-    # masked-out steps all land on the first empty slot, which is then cleared
-    out.scatter_(-1, plan.index, x)
-    out[plan.rows, plan.first_empty] = 0
-    return out
-
-
-def unpack(y: Tensor, plan: Packing) -> Tensor:
-    """The inverse of :func:`pack` for a packed result ``y [N, >=T]``: a new tensor, zeros
-    at masked-out steps. Clears ``y``'s first empty slots in place (masked-out steps read them).
-    """
-    y[plan.rows, plan.first_empty] = 0
-    return y.gather(-1, plan.index)
-
-
-def next_along(x: Tensor, tail: Tensor, nxt: Tensor | None) -> Tensor:
+def next_along(x: Tensor, *, tail: Tensor, nxt: Tensor | None) -> Tensor:
     """``x`` at the next (masked-in) step, ``tail`` ``[*batch]`` after the last one.
 
     ``nxt`` is :func:`next_index` of the mask, or ``None`` for "every step is masked in".
@@ -185,8 +148,8 @@ def next_along(x: Tensor, tail: Tensor, nxt: Tensor | None) -> Tensor:
     return padded.gather(-1, nxt)
 
 
-def is_last(mask: Tensor | None, like: Tensor, nxt: Tensor | None) -> Tensor:
-    """True at each row's last masked-in step."""
+def is_last(mask: Tensor | None, *, like: Tensor, nxt: Tensor | None) -> Tensor:
+    """True at each row's last masked-in step (``nxt`` is :func:`next_index` of ``mask``)."""
     T = like.shape[-1]
     if mask is None:
         last = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
@@ -201,7 +164,7 @@ def masked_out(x: Tensor, mask: Tensor | None) -> Tensor:
     return x if mask is None else torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def through(x: Tensor, c: Tensor | float, mask: Tensor | None) -> tuple[Tensor, Tensor | float]:
+def through(x: Tensor, c: Tensor | float, *, mask: Tensor | None) -> tuple[Tensor, Tensor | float]:
     """Make masked-out steps transparent to the scan: ``x = 0``, ``c = 1`` there."""
     if mask is None:
         return x, c

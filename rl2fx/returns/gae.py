@@ -23,33 +23,10 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
-from rl2fx.returns._workspace import scratch
+from rl2fx.returns import scan as S
 from rl2fx.returns.registry import register_estimator
-from rl2fx.returns.scan import (
-    _scan,
-    mask_floats,
-    masked_const_applies,
-    masked_const_ok,
-    masked_const_scan_,
-    round_coef,
-    scan_const,
-)
 
 __all__ = ["gae", "td_lambda", "discounted", "n_step"]
-
-# Below this lamda the masked constant-discount path would lose more than ~3 float32
-# roundings of |V| to the final subtraction K - V / lamda; it packs instead.
-# Masked GAE, float32, LLM-style mask, 2 threads of the 2-core Xeon (ms, medians):
-#
-#   batch x T   masked scan (K form)   packing   loop backend
-#   1 x 8             0.17              0.25        0.20
-#   256 x 16          0.35              0.60        0.33
-#   256 x 256         0.46              0.86        3.04
-#   256 x 1024        1.22              1.94       10.5
-#   256 x 4096        4.6               7.4        72
-#
-# so it is taken at every T (the loop ties only at T = 16).
-_MASKED_MIN_LAMDA = 0.5
 
 
 @register_estimator("gae", needs_values=True, defaults={"gamma": 0.99, "lamda": 0.95})
@@ -85,133 +62,51 @@ def gae(
     >>> adv, ret
     (tensor([0.5000, 0.5000]), tensor([1., 1.]))
     """
-    dt = C.acc_dtype(rewards.dtype, values.dtype)
+    adv, ret = _gae(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
+                    terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
     out = C.out_dtype(rewards.dtype, values.dtype)
-    adv, ret = _gae(
-        rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt,
-        allow_nonfinite,
-    )
     return adv.to(out), ret.to(out)
 
 
 def _gae(
-    rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt,
-    allow_nonfinite,
-):
-    r = rewards.to(dt)
-    v = values.to(dt)
-    g = C.per_step_or_float("gamma", gamma, r, dt)
-    lam = C.per_step_or_float("lamda", lamda, r, dt)
+    rewards: Tensor,
+    values: Tensor,
+    *,
+    gamma: float | Tensor,
+    lamda: float | Tensor,
+    bootstrap_value: Tensor | None,
+    mask: Tensor | None,
+    terminated: Tensor | None,
+    done: Tensor | None,
+    backend: str,
+    allow_nonfinite: bool,
+) -> tuple[Tensor, Tensor]:
+    """GAE's ``(advantages, returns)`` in the accumulation dtype: :func:`gae` without the checks."""
+    dt = C.acc_dtype(rewards.dtype, values.dtype)
+    r, v = rewards.to(dt), values.to(dt)
+    g = C.per_step_or_float("gamma", gamma, like=r, dtype=dt)
+    lam = C.per_step_or_float("lamda", lamda, like=r, dtype=dt)
     m = C.as_bool("mask", mask)
-    d = C.as_bool("done", done)
-    term = C.as_bool("terminated", terminated)
-    boot = C.bootstrap(bootstrap_value, r, dt)
+    term, cut = C.resolve_cuts(terminated=terminated, done=done)
+    boot = C.bootstrap(bootstrap_value, like=r, dtype=dt)
     inputs = dict(rewards=rewards, values=values, bootstrap_value=bootstrap_value)
-    if (
-        d is None
-        and term is None
-        and isinstance(g, float)
-        and isinstance(lam, float)
-        and r.device.type == "cpu"
-        and backend in ("auto", "chunked")
-        and r.shape[-1] > 0
-        and not (torch.is_grad_enabled() and (r.requires_grad or v.requires_grad))
-    ):
-        return _gae_const(r, v, boot, g, lam, m, backend, allow_nonfinite, inputs)
+    fast = S.gae_fast_path(r, v, boot=boot, gamma=g, lamda=lam, mask=m, cut=cut, backend=backend,
+                           allow_nonfinite=allow_nonfinite, inputs=inputs)
+    if fast is not None:
+        return fast
     C.check_all_finite(allow_nonfinite, **inputs)
-    if term is None:
-        term = d  # TorchRL: terminated defaults to done
-    elif d is not None:
-        d = d | term  # a terminated episode is over: its trace is cut too
-    else:
-        d = term
-    nxt = None if m is None else C.next_index(m)
-    v_next = C.next_along(v, boot, nxt)
+    # delta_t = r_t + gamma_t (1 - term_t) V_next(t) - V_t
+    v_next = C.next_along(v, tail=boot, nxt=None if m is None else C.next_index(m))
     g_boot = g if term is None else torch.where(term, 0.0, C.as_tensor(g, r))
-    # float discounts stay Python floats: one fused add, and the scan's
-    # constant-coefficient path (no c tensor at all) when nothing cuts the trace
+    # a float discount stays a Python float: one fused add
     delta = torch.add(r, v_next, alpha=g_boot) if isinstance(g_boot, float) else r + g_boot * v_next
     delta.sub_(v)
+    # A_t = delta_t + gamma_t lamda_t (1 - cut_t) A_next(t)
     c = g * lam
-    if d is not None:
-        c = torch.where(d, 0.0, C.as_tensor(c, r))
-    x, c = C.through(delta, c, m)
-    adv = _scan(x, c, backend)
-    ret = adv + v
-    return C.masked_out(adv, m), C.masked_out(ret, m)
-
-
-def _gae_const(r, v, boot, g: float, lam: float, m, backend, allow_nonfinite, inputs):
-    r"""GAE with constant ``gamma``, ``lamda`` and no trace cuts, on CPU: the scan's
-    constant-coefficient path (one BLAS product per level) with or without a mask.
-
-    Solved in the λ-return form (Sutton & Barto 2018, eq. 12.18),
-
-    .. math::  G_t = r_t + \gamma (1 - \lambda) V_{t+1} + \gamma\lambda G_{t+1},
-               \qquad A_t = G_t - V_t,
-
-    which needs one pass to form the scan's input instead of two for
-    :math:`\delta_t`; float32 errors against float64 were measured equal or
-    smaller (e.g. 1.7e-7 vs 3.4e-7 of max|A| at 64 x 4096).
-
-    With a mask and :math:`\lambda \ge 1/2`, the value of the next decision is never
-    looked up: :math:`K_t = G_t + a V_t` with :math:`a = (1 - \lambda)/\lambda` obeys
-
-    .. math::  K_t = (r_t + a V_t) + \gamma\lambda K_{\text{next}(t)}, \qquad
-               K_T = V_T / \lambda,
-
-    so :math:`A_t = K_t - V_t/\lambda` and :math:`G_t = K_t - a V_t` come from one masked
-    scan with a constant coefficient (:func:`~rl2fx.returns.scan.scan_masked_const`).
-    Subtracting :math:`V_t/\lambda` costs about :math:`(1 + 1/\lambda)` float32 roundings
-    of :math:`|V|`, hence the bound on :math:`\lambda`. Otherwise (and to redo a result
-    that overflowed) each row's masked-in steps are packed to the left (one
-    cumulative count, one scatter per input, one gather per output; no loop over
-    rows), which is exactly the definition "pack, run, scatter back".
-    """
-    shape = r.shape
-    T = shape[-1]
-    c = round_coef(g * lam, r.dtype)
-    g_v = g * (1.0 - lam)
-    r2, v2, b1 = r.reshape(-1, T), v.reshape(-1, T), boot.reshape(-1)
-    N = r2.shape[0]
-    if m is None:
-        x = scratch("gae-x", (N, T), r.dtype, r.device)
-        torch.add(r2[:, :-1], v2[:, 1:], alpha=g_v, out=x[:, :-1])
-        torch.add(r2[:, -1], b1, alpha=g, out=x[:, -1])  # G_T = V_T = bootstrap
-        ret = scan_const(x, c)
-        adv = ret - v2
-        if not allow_nonfinite and not bool(torch.isfinite(adv.sum())):
-            # every input reaches A, so a finite A proves them finite; else find (and
-            # name) the culprit, or go on if a sum of finite numbers merely overflowed
-            C.check_all_finite(False, **inputs)
-        return adv.view(shape), ret.view(shape)
-    m2 = m.reshape(-1, T)
-    if lam >= _MASKED_MIN_LAMDA and masked_const_ok(c):
-        a = (1.0 - lam) / lam
-        # K_t = G_t + a V_t obeys K_t = (r_t + a V_t) + c K_{t+1} along the decisions,
-        # with K_T = V_T / lamda: no "value at the next decision" to look up
-        x = torch.add(r2, v2, alpha=a, out=scratch("gae-x", (N, T), r.dtype, r.device))
-        mf = mask_floats(m2, r.dtype)
-        k, finite = masked_const_scan_(x, mf, c, b1 / lam)
-        if finite:
-            adv = torch.addcmul(k, v2, mf, value=-1.0 / lam)  # A = K - V / lamda
-            ret = torch.addcmul(k, v2, mf, value=-a)  # G = K - a V
-            return adv.view(shape), ret.view(shape)
-        # non-finite: the check below names a non-finite input, or (all finite: an
-        # overflow somewhere, possibly at a masked-out step) it is redone exactly packed
-    C.check_all_finite(allow_nonfinite, **inputs)
-    plan = C.pack_plan(m2)
-    x = C.pack(r2, plan, T, "gae-r")
-    vp = C.pack(v2, plan, T + 1, "gae-v")
-    vp[torch.arange(N), plan.count] = b1  # V after each row's last step
-    x.add_(vp[:, 1:], alpha=g_v)
-    # G after the last step is the bootstrap: its share g*lam*V_T enters the last step
-    full = (plan.count > 0).nonzero().squeeze(1)
-    last = plan.count[full] - 1
-    x[full, last] += c * b1[full]
-    ret = scan_const(x, c, out=scratch("gae-ret", (N, T), r.dtype, r.device))
-    adv = torch.sub(ret, vp[:, :T], out=vp[:, :T])  # G - V, in place of the packed values
-    return C.unpack(adv, plan).view(shape), C.unpack(ret, plan).view(shape)
+    if cut is not None:
+        c = torch.where(cut, 0.0, C.as_tensor(c, r))
+    adv = S.scan(delta, c, mask=m, backend=backend)
+    return adv, C.masked_out(adv + v, m)
 
 
 @typechecked
@@ -244,11 +139,8 @@ def td_lambda(
     >>> td_lambda(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 4.0]), gamma=0.5, lamda=0.5)
     tensor([2.2500, 1.0000])
     """
-    dt = C.acc_dtype(rewards.dtype, values.dtype)
-    _, ret = _gae(
-        rewards, values, gamma, lamda, bootstrap_value, mask, terminated, done, backend, dt,
-        allow_nonfinite,
-    )
+    _, ret = _gae(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
+                  terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
     return ret.to(C.out_dtype(rewards.dtype, values.dtype))
 
 
@@ -266,7 +158,8 @@ def _td_lambda_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """TD(λ) as an estimator: the λ-returns as targets, ``returns - values`` as advantages."""
+    """TD(λ) (Sutton 1988) as an estimator: the λ-returns as targets, ``returns - values`` as advantages
+    (see :func:`td_lambda`)."""
     ret = td_lambda(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
                     terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
     return C.masked_out(ret - values, C.as_bool("mask", mask)).to(ret.dtype), ret
@@ -293,35 +186,15 @@ def discounted(
     >>> discounted(torch.tensor([1.0, 0.0, 2.0]), gamma=0.5)
     tensor([1.5000, 1.0000, 2.0000])
     """
-    dt = C.acc_dtype(rewards.dtype)
     C.check_all_finite(allow_nonfinite, rewards=rewards, bootstrap_value=bootstrap_value)
-    ret = _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt)
-    return ret.to(rewards.dtype)
-
-
-def _discounted(rewards, gamma, bootstrap_value, mask, done, backend, dt):
+    dt = C.acc_dtype(rewards.dtype)
     r = rewards.to(dt)
-    g = C.per_step_or_float("gamma", gamma, r, dt)
+    g = C.per_step_or_float("gamma", gamma, like=r, dtype=dt)
     m = C.as_bool("mask", mask)
-    d = C.as_bool("done", done)
-    boot = C.bootstrap(bootstrap_value, r, dt)
-    if m is not None and d is None and masked_const_applies(r, g, backend):
-        # one constant discount along the decisions: the masked constant-c scan,
-        # with G_T = bootstrap as its end value
-        T = r.shape[-1]
-        x = r.reshape(-1, T).clone(memory_format=torch.contiguous_format)
-        mf = mask_floats(m.reshape(-1, T), dt)
-        y, finite = masked_const_scan_(x, mf, g, boot.reshape(-1))
-        if finite:
-            return y.view(r.shape)
-        # non-finite (allowed) input, possibly at a skipped step: the exact general path
-    nxt = None if m is None else C.next_index(m)
-    c = g if d is None else torch.where(d, 0.0, C.as_tensor(g, r))
-    # the scan ends with y_T = 0, so the bootstrap enters as extra reward at each row's last step
-    last = C.is_last(m, r, nxt)
-    x = r + torch.where(last, c * boot.unsqueeze(-1), 0.0)
-    x, c = C.through(x, c, m)
-    return C.masked_out(_scan(x, c, backend), m)
+    cut = C.as_bool("done", done)
+    c = g if cut is None else torch.where(cut, 0.0, C.as_tensor(g, r))
+    ret = S.scan(r, c, mask=m, tail=C.bootstrap(bootstrap_value, like=r, dtype=dt), backend=backend)
+    return ret.to(rewards.dtype)
 
 
 @typechecked
@@ -353,20 +226,24 @@ def n_step(
     check_range("n_steps", n_steps, 1, None)
     dt = C.acc_dtype(rewards.dtype, values.dtype)
     C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
-    out = _n_step(rewards.to(dt), values.to(dt), gamma, n_steps, bootstrap_value, mask, dt)
+    out = _n_step(rewards.to(dt), values.to(dt), gamma=gamma, n_steps=n_steps, bootstrap_value=bootstrap_value,
+                  mask=mask)
     return out.to(C.out_dtype(rewards.dtype, values.dtype))
 
 
-def _n_step(r: Tensor, tail: Tensor, gamma, n_steps: int, bootstrap_value, mask, dt) -> Tensor:
+def _n_step(
+    r: Tensor, tail: Tensor, *, gamma: float | Tensor, n_steps: int, bootstrap_value: Tensor | None,
+    mask: Tensor | None,
+) -> Tensor:
     """Sum ``n`` rewards along the masked-in chain, then bootstrap with ``tail`` (``V`` or another estimate).
 
     The loop runs over the ``n`` offsets (at most ``T``), never over sequences:
     ``idx`` walks every start position one masked-in step forward at a time.
     """
-    T = r.shape[-1]
-    g = C.per_step("gamma", gamma, r, dt)
+    T, dt = r.shape[-1], r.dtype
+    g = C.per_step("gamma", gamma, like=r, dtype=dt)
     m = C.as_bool("mask", mask)
-    boot = C.bootstrap(bootstrap_value, r, dt)
+    boot = C.bootstrap(bootstrap_value, like=r, dtype=dt)
     steps = torch.arange(T, device=r.device).expand(r.shape)
     nxt = steps + 1 if m is None else C.next_index(m)
     sink = torch.full_like(nxt[..., :1], T)

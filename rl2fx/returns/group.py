@@ -28,7 +28,7 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
-from rl2fx.returns.gae import _discounted
+from rl2fx.returns.gae import discounted
 from rl2fx.returns.registry import register_estimator
 from rl2fx.returns.whiten import whiten
 
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-def _layout(rewards: Tensor, group_size: int, mask: Tensor | None, allow_nonfinite: bool):
+def _layout(rewards: Tensor, group_size: int, *, mask: Tensor | None, allow_nonfinite: bool):
     check_range("group_size", group_size, 1, None)
     if rewards.ndim not in (1, 2):
         raise ValueError(
@@ -91,7 +91,7 @@ def _same(grouped: Tensor) -> Tensor:
     return (grouped == grouped[:, :1]).all(-1, keepdim=True)
 
 
-def _centred(scores: Tensor, group_size: int, norm_std: bool, eps: float | int, global_norm: bool = False) -> Tensor:
+def _centred(scores: Tensor, group_size: int, *, norm_std: bool, eps: float | int, global_norm: bool = False) -> Tensor:
     # global statistics are one group spanning the batch
     grouped = scores.view(1, -1) if global_norm else scores.view(-1, group_size)
     adv = grouped - grouped.mean(-1, keepdim=True)
@@ -128,8 +128,8 @@ def reinforce(
     tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
     """
     check_range("eps", eps, 0.0, None)
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
-    return _spread(_centred(scores, group_size, norm_std, eps, global_norm), rewards, m)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
+    return _spread(_centred(scores, group_size, norm_std=norm_std, eps=eps, global_norm=global_norm), rewards, m)
 
 
 @register_estimator("grpo", needs_values=False)
@@ -154,8 +154,8 @@ def grpo(
     tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
     check_range("eps", eps, 0.0, None)
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
-    return _spread(_centred(scores, group_size, norm_std, eps), rewards, m)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
+    return _spread(_centred(scores, group_size, norm_std=norm_std, eps=eps), rewards, m)
 
 
 @register_estimator("dr_grpo", needs_values=False)
@@ -179,8 +179,8 @@ def dr_grpo(
     >>> dr_grpo(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2)
     tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
     """
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
-    return _spread(_centred(scores, group_size, False, 0.0), rewards, m)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
+    return _spread(_centred(scores, group_size, norm_std=False, eps=0.0), rewards, m)
 
 
 @register_estimator("rloo", needs_values=False)
@@ -204,8 +204,8 @@ def rloo(
     """
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for rloo (leave-one-out needs another sample), got {group_size}")
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
-    centred = _centred(scores, group_size, False, 0.0)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
+    centred = _centred(scores, group_size, norm_std=False, eps=0.0)
     return _spread(centred * (group_size / (group_size - 1)), rewards, m)
 
 
@@ -243,17 +243,17 @@ def reinforce_pp(
     """
     check_range("gamma", gamma, 0.0, 1.0)
     check_range("eps", eps, 0.0, None)
-    scores, m, dt = _layout(rewards, group_size, mask, allow_nonfinite)
+    scores, m, dt = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
     r = rewards.to(dt)
     if r.ndim == 1:
         if m is None:
             tok = r.unsqueeze(-1)
         else:
-            last = C.is_last(m, m, C.next_index(m))
+            last = C.is_last(m, like=m, nxt=C.next_index(m))
             tok = torch.where(last, r.unsqueeze(-1), 0.0)
     else:
         tok = r
-    G = _discounted(tok, gamma, None, m, None, backend, dt)
+    G = discounted(tok, gamma=gamma, mask=m, backend=backend, allow_nonfinite=True)  # rewards checked above
     if group_size > 1:
         G = G - scores.view(-1, group_size).mean(-1, keepdim=True).expand(-1, group_size).reshape(-1, 1)
     adv = whiten(G, m, group=group, eps=eps)
@@ -294,7 +294,7 @@ def remax(
     >>> remax(torch.tensor([1.0, 0.0, 1.0, 1.0]), greedy_rewards=torch.tensor([1.0, 0.0]), group_size=2)
     tensor([ 0., -1.,  1.,  1.])
     """
-    scores, m, dt = _layout(rewards, group_size, mask, allow_nonfinite)
+    scores, m, dt = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
     n_prompts = scores.shape[0] // group_size
     if greedy_rewards.shape != (n_prompts,):
         raise ValueError(
@@ -337,7 +337,7 @@ def opo(
     >>> opo(torch.tensor([1.0, 0.0]), group_size=2, lengths=torch.tensor([1, 3]))
     tensor([ 0.7500, -0.2500])
     """
-    scores, m, dt = _layout(rewards, group_size, mask, allow_nonfinite)
+    scores, m, dt = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
     B = scores.shape[0]
     if lengths is not None:
         if lengths.shape != (B,):
@@ -401,7 +401,7 @@ def gpg(
     tensor([ 1., -1.,  0.,  0.])
     """
     check_range("eps", eps, 0.0, None)
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
     g = scores.view(-1, group_size)
     same = _same(g)
     B = scores.shape[0]
@@ -448,7 +448,7 @@ def grpo_passk(
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for grpo_passk (it needs a runner-up), got {group_size}")
     check_range("eps", eps, 0.0, None)
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
     g = scores.view(-1, group_size)
     top2 = g.topk(2, dim=-1).values  # values only: which tied index topk picks does not matter
     gap = (top2[:, 0] - top2[:, 1]).unsqueeze(-1)
@@ -494,7 +494,7 @@ def reinforce_pp_baseline(
     tensor([ 1.2247, -1.2247,  0.0000,  0.0000])
     """
     check_range("eps", eps, 0.0, None)
-    scores, m, _ = _layout(rewards, group_size, mask, allow_nonfinite)
+    scores, m, _ = _layout(rewards, group_size, mask=mask, allow_nonfinite=allow_nonfinite)
     if group_size > 1:
         g = scores.view(-1, group_size)
         centred = torch.where(_same(g), 0.0, g - g.mean(-1, keepdim=True)).reshape(-1)

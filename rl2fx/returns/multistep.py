@@ -24,7 +24,7 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_choice, check_range, typechecked
 from rl2fx.returns import _common as C
-from rl2fx.returns.gae import _discounted, _gae, _n_step
+from rl2fx.returns.gae import _n_step, discounted, td_lambda
 from rl2fx.returns.registry import register_estimator
 
 __all__ = ["multistep", "BOOTSTRAP_METHODS"]
@@ -47,7 +47,9 @@ def multistep(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Float[Tensor, "*batch time"], Float[Tensor, "*batch time"]]:
-    r"""``n_steps`` discounted rewards plus a ``bootstrap_method`` tail (see the module docstring).
+    r"""Multi-step returns: ``n_steps`` discounted rewards plus a ``bootstrap_method`` tail (``gae``, ``td``, ``mc``).
+
+    See the module docstring for the formula and the tails.
 
     Returns ``(advantages, returns)``.
 
@@ -63,13 +65,16 @@ def multistep(
     C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, bootstrap_value=bootstrap_value)
     dt = C.acc_dtype(rewards.dtype, values.dtype)
     r, v = rewards.to(dt), values.to(dt)
+    # the inputs were checked above: the tails skip the check
     if bootstrap_method == "td":
         tail = v
     elif bootstrap_method == "gae":
-        tail = _gae(r, v, gamma, lamda, bootstrap_value, mask, None, None, backend, dt, True)[1]
+        tail = td_lambda(r, v, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask, backend=backend,
+                         allow_nonfinite=True)
     else:
-        tail = _discounted(r, gamma, bootstrap_value, mask, None, backend, dt)
-    ret = _n_step(r, tail, gamma, n_steps, bootstrap_value, mask, dt)
+        tail = discounted(r, gamma=gamma, bootstrap_value=bootstrap_value, mask=mask, backend=backend,
+                          allow_nonfinite=True)
+    ret = _n_step(r, tail, gamma=gamma, n_steps=n_steps, bootstrap_value=bootstrap_value, mask=mask)
     adv = C.masked_out(ret - v, C.as_bool("mask", mask))
     out = C.out_dtype(rewards.dtype, values.dtype)
     return adv.to(out), ret.to(out)

@@ -13,9 +13,9 @@ from torch import Tensor
 
 from rl2fx._typing import Float, Shaped, check_range, typechecked
 from rl2fx.returns import _common as C
+from rl2fx.returns import scan as S
 from rl2fx.returns.gae import gae
 from rl2fx.returns.registry import register_estimator
-from rl2fx.returns.scan import _scan
 
 __all__ = ["vtrace", "retrace", "clipped_is"]
 
@@ -69,35 +69,27 @@ def vtrace(
     )
     dt = C.acc_dtype(rewards.dtype, values.dtype)
     r, v = rewards.to(dt), values.to(dt)
-    g = C.per_step("gamma", gamma, r, dt)
-    lam = C.per_step("lamda", lamda, r, dt)
+    g = C.per_step("gamma", gamma, like=r, dtype=dt)
+    lam = C.per_step("lamda", lamda, like=r, dtype=dt)
     m = C.as_bool("mask", mask)
-    d = C.as_bool("done", done)
-    term = C.as_bool("terminated", terminated)
-    if term is None:
-        term = d
-    elif d is not None:
-        d = d | term
-    else:
-        d = term
-    boot = C.bootstrap(bootstrap_value, r, dt)
+    term, cut = C.resolve_cuts(terminated=terminated, done=done)
+    boot = C.bootstrap(bootstrap_value, like=r, dtype=dt)
     nxt = None if m is None else C.next_index(m)
 
     ratio = log_rhos.to(dt).exp()
     rho = ratio.clamp(max=rho_bar)
     cs = lam * ratio.clamp(max=c_bar)
     g_boot = g if term is None else torch.where(term, 0.0, g)
-    v_next = C.next_along(v, boot, nxt)
+    v_next = C.next_along(v, tail=boot, nxt=nxt)
     delta = rho * (r + g_boot * v_next - v)
     c = g * cs
-    if d is not None:
-        c = torch.where(d, 0.0, c)
-    x, c = C.through(delta, c, m)
-    vs = _scan(x, c, backend) + v
-    vs_next = C.next_along(vs, boot, nxt)
-    if d is not None:
+    if cut is not None:
+        c = torch.where(cut, 0.0, c)
+    vs = S.scan(delta, c, mask=m, backend=backend) + v
+    vs_next = C.next_along(vs, tail=boot, nxt=nxt)
+    if cut is not None:
         # past a trace cut the next target belongs to another episode: fall back to V (as TorchRL)
-        vs_next = torch.where(d, v_next, vs_next)
+        vs_next = torch.where(cut, v_next, vs_next)
     pg = ratio.clamp(max=pg_bar) * (r + g_boot * vs_next - v)
     out = C.out_dtype(rewards.dtype, values.dtype)
     return C.masked_out(vs, m).to(out), C.masked_out(pg, m).to(out)
@@ -143,18 +135,17 @@ def retrace(
     )
     dt = C.acc_dtype(rewards.dtype, q_values.dtype, v_next.dtype)
     r, q, vn = rewards.to(dt), q_values.to(dt), v_next.to(dt)
-    g = C.per_step("gamma", gamma, r, dt)
-    lam = C.per_step("lamda", lamda, r, dt)
+    g = C.per_step("gamma", gamma, like=r, dtype=dt)
+    lam = C.per_step("lamda", lamda, like=r, dtype=dt)
     m = C.as_bool("mask", mask)
     nxt = None if m is None else C.next_index(m)
     if bootstrap_value is not None:
-        vn = torch.where(C.is_last(m, r, nxt), bootstrap_value.to(dt).unsqueeze(-1), vn)
+        vn = torch.where(C.is_last(m, like=r, nxt=nxt), bootstrap_value.to(dt).unsqueeze(-1), vn)
     cs = lam * log_rhos.to(dt).exp().clamp(max=1.0)
     # Z_t = Q^ret_t - Q_t satisfies Z_t = (r_t + γ_t v_next_t - Q_t) + γ_t c_{t+1} Z_{t+1}:
     # the trace coefficient at t is the *next* masked-in step's c (0 past the end, where Z = 0 anyway).
-    c_next = C.next_along(cs, torch.zeros_like(cs[..., 0]), nxt)
-    x, c = C.through(r + g * vn - q, g * c_next, m)
-    out = _scan(x, c, backend) + q
+    c_next = C.next_along(cs, tail=torch.zeros_like(cs[..., 0]), nxt=nxt)
+    out = S.scan(r + g * vn - q, g * c_next, mask=m, backend=backend) + q
     return C.masked_out(out, m).to(C.out_dtype(rewards.dtype, q_values.dtype, v_next.dtype))
 
 
@@ -209,7 +200,8 @@ def _vtrace_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
-    """V-trace as an estimator: the policy-gradient advantages, with the targets ``vs`` as returns."""
+    """V-trace (Espeholt et al. 2018, IMPALA) as an estimator: the policy-gradient advantages, with the
+    targets ``vs`` as returns (see :func:`vtrace`)."""
     vs, pg = vtrace(rewards, values, log_rhos, gamma=gamma, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=pg_rho_bar,
                     lamda=lamda, bootstrap_value=bootstrap_value, mask=mask, terminated=terminated, done=done,
                     backend=backend, allow_nonfinite=allow_nonfinite)
@@ -231,14 +223,14 @@ def _retrace_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Retrace as an estimator for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to the
-    next masked-in step's value; advantages are ``targets - values``."""
+    """Retrace(λ) (Munos et al. 2016) for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to
+    the next masked-in step's value; advantages are ``targets - values`` (see :func:`retrace`)."""
     m = C.as_bool("mask", mask)
     q = values if q_values is None else q_values
     if v_next is None:
         boot = (torch.zeros(values.shape[:-1], dtype=values.dtype, device=values.device)
                 if bootstrap_value is None else bootstrap_value.to(values.dtype))
-        v_next = C.next_along(values, boot, None if m is None else C.next_index(m))
+        v_next = C.next_along(values, tail=boot, nxt=None if m is None else C.next_index(m))
     ret = retrace(rewards, q, v_next, log_rhos, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value,
                   mask=mask, backend=backend, allow_nonfinite=allow_nonfinite)
     return C.masked_out(ret - values, m).to(ret.dtype), ret
@@ -260,7 +252,8 @@ def _clipped_is_estimator(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """GAE advantages re-weighted by :func:`clipped_is`; the λ-returns as targets."""
+    """Clipped importance sampling: GAE advantages re-weighted by ``clip(ρ, 1 - clip_ratio, 1 + clip_ratio)``
+    (:func:`clipped_is`); the λ-returns as targets."""
     adv, ret = gae(rewards, values, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value, mask=mask,
                    terminated=terminated, done=done, backend=backend, allow_nonfinite=allow_nonfinite)
     return clipped_is(adv, log_rhos, clip_ratio=clip_ratio, mask=mask, allow_nonfinite=allow_nonfinite), ret
