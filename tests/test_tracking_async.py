@@ -87,7 +87,8 @@ def test_backend_failing_mid_run_buffers_in_order_then_background_replay(store):
     buffer holds those records in order, training never sees an exception; once the
     backend works again the writer thread replays the buffer by itself (no replay() call).
     Read back: all 40 steps, in order, with their values."""
-    t = ExperimentTracker(_cfg(store, "mid_run", flush_interval=0.0, retry_interval=0.05))
+    t = ExperimentTracker(_cfg(store, "mid_run", flush_interval=0.0, retry_interval=0.05,
+                               metrics_process=False))  # the outage is injected in this process
     client = t._backend("mlflow").client
     real = client.log_batch
     outage = {"on": False}
@@ -282,3 +283,47 @@ def test_invalid_new_config_fields():
         ExperimentConfig(flush_interval=-1.0)
     with pytest.raises(ValueError, match="run_id"):
         ExperimentConfig(run_id="")
+
+
+def _child_ready(t, n_steps=150):
+    """Log enough metrics for the tracker to start its writer process, then wait until it is ready."""
+    for step in range(n_steps):
+        t.log_metrics({k: float(step) for k in KEYS}, step=step)
+    t.flush()
+    t._writer_pass()  # the pass that notices the count starts the child
+    mlf = t._backend("mlflow")
+    assert mlf._child is not None
+    assert mlf._child.ready.wait(300), "writer process did not start"
+    return mlf
+
+
+def test_writer_process_takes_over_metrics(store):
+    """After 1000 metrics the MLflow share moves to a child process. Read back: every step,
+    the later ones written by the child (the parent's own count of written metrics stops)."""
+    with ExperimentTracker(_cfg(store, "child", flush_interval=0.0, metrics_process=True)) as t:
+        mlf = _child_ready(t)
+        written_here = mlf.metrics_sent
+        for step in range(150, 250):
+            t.log_metrics({k: float(step) for k in KEYS}, step=step)
+        t.flush()
+        assert mlf.metrics_sent == written_here
+        run_id = t.mlflow_run_id
+    assert mlf._child is None  # closed by finish
+    client = MlflowClient(store[1])
+    for k in KEYS:
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, k)] == [
+            (s, float(s)) for s in range(250)]
+
+
+def test_writer_process_killed_falls_back_in_process(store):
+    """The child is killed mid-run: the tracker writes in-process again. Read back: every step."""
+    with ExperimentTracker(_cfg(store, "child_killed", flush_interval=0.0, metrics_process=True)) as t:
+        mlf = _child_ready(t)
+        mlf._child._proc.kill()
+        mlf._child._proc.wait()
+        for step in range(150, 200):
+            t.log_metrics({k: float(step) for k in KEYS}, step=step)
+        t.flush()
+        run_id = t.mlflow_run_id
+    hist = MlflowClient(store[1]).get_metric_history(run_id, "m3")
+    assert [m.step for m in hist] == list(range(200))

@@ -8,7 +8,8 @@ apply, so the rest can be buffered without losing or repeating any.
 
 - :class:`MlflowBackend` talks to one :class:`mlflow.MlflowClient`. Consecutive
   metric records go out together in ``log_batch`` calls of at most 1000 metrics,
-  split on record boundaries. A SQLite store is checked with :func:`check_sqlite_store`
+  split on record boundaries; once started (:meth:`MlflowBackend.start_metrics_process`)
+  a child process writes them (:mod:`rl2fx.tracking.writer_process`). A SQLite store is checked with :func:`check_sqlite_store`
   before MLflow opens it, so a store that cannot be opened or written fails in
   milliseconds (MLflow itself retries opening for about 100 s). For server URIs the
   HTTP timeout and retry settings MLflow reads from the environment are set only for
@@ -41,6 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from rl2fx.tracking.config import ExperimentConfig
 from rl2fx.tracking.records import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, Record, safe_name
+from rl2fx.tracking.writer_process import ChildError, ChildFailed, MetricsProcess, chunks
 
 __all__ = [
     "Backend",
@@ -288,6 +290,8 @@ class MlflowBackend:
         self.experiment_id: str | None = None
         self.logged_models: list[dict[str, Any]] = []
         self.resumed_params: dict[str, str] = {}
+        self.metrics_sent = 0  # metrics this process wrote itself (not through the child)
+        self._child: MetricsProcess | None = None
         self._env_values: dict[str, str] = {}
         self._env_defaults: dict[str, str] = {}
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -319,6 +323,19 @@ class MlflowBackend:
             return client
         return _EnvScopedClient(client, self.env)
 
+    def start_metrics_process(self) -> None:
+        """Start the child process that will write metric batches once it is ready."""
+        if self._child is None and self.run_id is not None:
+            env = dict(self._env_values)
+            env.update({k: v for k, v in self._env_defaults.items() if k not in os.environ})
+            self._child = MetricsProcess(self.tracking_uri, self.registry_uri, env)
+
+    def close(self) -> None:
+        """Stop the metrics child process, if any."""
+        if self._child is not None:
+            self._child.close()
+            self._child = None
+
     # -- applying records ------------------------------------------------------------------
     def apply(self, rec: Record) -> None:
         """Apply one record (see :mod:`rl2fx.tracking.records`)."""
@@ -339,15 +356,15 @@ class MlflowBackend:
                         continue
                     if self.client is None and recs[done].get("run_id"):
                         self._adopt(recs[done]["run_id"])
-                    end, n = done, 0
-                    # whole records per call, so a failure leaves a clean record boundary
-                    while end < len(recs) and recs[end]["op"] == "metrics" and (
-                            end == done or n + len(recs[end]["metrics"]) <= MAX_METRICS_PER_BATCH):
-                        n += len(recs[end]["metrics"])
+                    end = done
+                    while end < len(recs) and recs[end]["op"] == "metrics":
                         end += 1
-                    self._log_metric_records(recs[done:end])
+                    try:
+                        self._log_metric_records(recs[done:end])
+                    except BatchFailed as e:
+                        raise BatchFailed(done + e.applied, e.cause) from e.cause
                     done = end
-        except InvalidRecord:
+        except (InvalidRecord, BatchFailed):
             raise
         except Exception as e:
             raise BatchFailed(done, e) from e
@@ -398,11 +415,29 @@ class MlflowBackend:
         self.client, self.experiment_id, self.run_id = client, run.info.experiment_id, run_id
 
     def _log_metric_records(self, recs: Sequence[Record]) -> None:
+        """Write metric records (through the child process when it is ready); raise :class:`BatchFailed`."""
         from mlflow.entities import Metric
 
-        items = [Metric(k, v, r["time_ms"], r["step"]) for r in recs for k, v in r["metrics"].items()]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+        if self._child is not None and self._child.usable:
+            try:
+                self._child.log(self.run_id, recs)
+                return
+            except ChildError as e:  # MLflow itself refused: the same outage in-process
+                raise BatchFailed(e.applied, e) from e
+            except ChildFailed as e:
+                # The child is gone; write the batch here (a half-written batch is harmless:
+                # MLflow's SQL store skips metrics identical to ones it already holds).
+                log.info("rl2fx tracking: metrics writer process stopped (%s); writing in-process", e)
+        done = 0
+        try:
+            for run in chunks(recs):
+                items = [Metric(k, v, r["time_ms"], r["step"]) for r in run for k, v in r["metrics"].items()]
+                for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+                    self.client.log_batch(self.run_id, metrics=items[i : i + MAX_METRICS_PER_BATCH])
+                done += len(run)
+                self.metrics_sent += len(items)
+        except Exception as e:
+            raise BatchFailed(done, e) from e
 
     def _op_metrics(self, rec: Record) -> None:
         self._log_metric_records([rec])

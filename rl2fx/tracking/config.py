@@ -81,6 +81,14 @@ class ExperimentConfig:
         flush_interval: The background writer sends queued metrics at most once per
             this many seconds, each backend's share in one batch; 0 sends as soon as
             anything is queued. :meth:`ExperimentTracker.flush` sends at once.
+        metrics_process: Once a run has logged a thousand metrics, write MLflow metric
+            batches from a child process (``python -m rl2fx.tracking.writer_process``)
+            instead of the writer thread: MLflow's store does tens of microseconds of
+            pure-Python work per metric, which in-process competes with training for
+            the GIL. Costs a second interpreter importing MLflow (a few CPU-seconds),
+            so it pays only on long runs with spare cores; off by default (see
+            docs/performance.md, Tracking). Falls back to in-process writing if the
+            child dies.
         system_metrics_interval: Seconds between system-metric samples.
         http_timeout: MLflow HTTP request timeout in seconds for server URIs;
             ``None``: ``$MLFLOW_HTTP_REQUEST_TIMEOUT`` or 10.
@@ -112,6 +120,7 @@ class ExperimentConfig:
     buffer_dir: str = ".rl2fx_tracking_buffer"
     retry_interval: float = 60.0
     flush_interval: float = 1.0
+    metrics_process: bool = False
     system_metrics_interval: float = 10.0
     http_timeout: int | None = None
     http_max_retries: int | None = None

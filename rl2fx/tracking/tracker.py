@@ -7,7 +7,10 @@ and hands it to each enabled backend (:mod:`rl2fx.tracking.backends`).
 Metrics are sent off the training thread: :meth:`ExperimentTracker.log_metrics`
 validates, queues and returns; a writer thread drains the queue and sends each
 backend everything queued since its last send in one go (MLflow ``log_batch`` calls
-of up to 1000 metrics), at most once per ``flush_interval`` seconds. Every other
+of up to 1000 metrics), as soon as a couple of hundred metrics are queued or
+``flush_interval`` seconds after the first one. With ``metrics_process=True``, once a
+run has logged a thousand metrics MLflow's share is written by a child process, so
+MLflow's pure-Python store work stops competing with training for the GIL. Every other
 call (params, tags, artifacts, models, finish) first sends what is queued, then
 goes out itself, so each backend sees the calls in the order they were made.
 :meth:`ExperimentTracker.flush` sends what is queued now; :meth:`ExperimentTracker.finish`
@@ -142,20 +145,32 @@ def _finish_live_trackers() -> None:
             pass
 
 
+# The writer sends as soon as this many metrics are queued (else every flush_interval).
+# MLflow's SQLite log_batch costs a few ms per call plus tens of microseconds per metric,
+# and grows faster than linearly past about a thousand metrics; a couple of hundred per
+# call keeps both the per-call cost and what finish() has left to send small.
+_BATCH_METRICS = 200
+# Metrics written in-process before MLflow's share moves to a child process: a short run
+# never pays for starting one (a Python interpreter importing MLflow, a few CPU-seconds).
+_CHILD_AFTER_METRICS = 1000
+
+
 def _writer_main(ref: weakref.ReferenceType[ExperimentTracker], wake: threading.Event,
-                 closing: threading.Event) -> None:
+                 full: threading.Event, closing: threading.Event) -> None:
     # Holds the tracker only weakly between passes, so a tracker dropped without finish()
     # can still be collected (its thread then ends).
     while not closing.is_set():
         t = ref()
         if t is None:
             return
-        timeout = t._writer_timeout()
+        timeout, interval = t._writer_timeout(), t.config.flush_interval
         del t
-        wake.wait(timeout)
+        if wake.wait(timeout):
+            full.wait(interval)  # let a batch build up, unless it is already full
         if closing.is_set():
-            return
+            return  # finish() sends the rest itself
         wake.clear()
+        full.clear()
         t = ref()
         if t is None:
             return
@@ -163,10 +178,7 @@ def _writer_main(ref: weakref.ReferenceType[ExperimentTracker], wake: threading.
             t._writer_pass()
         except Exception as e:  # the writer must outlive any one failure
             log.error("rl2fx tracking: background writer pass failed: %s", e)
-        interval = t.config.flush_interval
         del t
-        if closing.wait(interval):
-            return
 
 
 class ExperimentTracker:
@@ -222,7 +234,9 @@ class ExperimentTracker:
         self._lock = threading.RLock()
         self._qlock = threading.Lock()
         self._queue: collections.deque[Record] = collections.deque()
-        self._wake = threading.Event()
+        self._queued_metrics = 0
+        self._wake = threading.Event()  # something is queued (or a retry may be due)
+        self._full = threading.Event()  # _BATCH_METRICS are queued: send now
         self._closing = threading.Event()
         self._writer: threading.Thread | None = None
         self._backends: list[Backend] = []
@@ -252,7 +266,7 @@ class ExperimentTracker:
             atexit.register(_finish_live_trackers)
             _ATEXIT_REGISTERED = True
         self._writer = threading.Thread(
-            target=_writer_main, args=(weakref.ref(self), self._wake, self._closing),
+            target=_writer_main, args=(weakref.ref(self), self._wake, self._full, self._closing),
             name=f"rl2fx-tracking-writer-{self.id}", daemon=True,
         )
         self._writer.start()
@@ -326,7 +340,10 @@ class ExperimentTracker:
             self.latest_metrics.update(clean)
             if not self.finished:
                 self._queue.append(rec)
+                self._queued_metrics += len(clean)
                 self._wake.set()
+                if self._queued_metrics >= _BATCH_METRICS:
+                    self._full.set()
                 return
         with self._lock:  # after finish there is no writer thread: send now, as other calls do
             self._send([rec])
@@ -484,6 +501,7 @@ class ExperimentTracker:
             self._sampler_thread.join(timeout=30)
         self._closing.set()
         self._wake.set()
+        self._full.set()
         if self._writer is not None and self._writer is not threading.current_thread():
             self._writer.join()  # a pass in progress finishes first: records stay in order
         with self._lock:
@@ -493,6 +511,9 @@ class ExperimentTracker:
             if self._down:
                 self._replay_locked()
             self._send([{"time_ms": now_ms(), "op": "finish", "status": status}])
+            mlf = self._backend("mlflow")
+            if isinstance(mlf, MlflowBackend):
+                mlf.close()
             _LIVE.discard(self)
             if self._down:
                 warnings.warn(
@@ -527,7 +548,7 @@ class ExperimentTracker:
         if not self._down:
             return 5.0
         due = min(self._down.values()) + self.config.retry_interval - time.monotonic()
-        return min(5.0, max(due, 0.0))
+        return min(5.0, max(due, 0.05))  # retry_interval=0 must not spin
 
     def _writer_pass(self) -> None:
         with self._lock:
@@ -537,6 +558,10 @@ class ExperimentTracker:
             now = time.monotonic()
             if self._down and any(now - t >= self.config.retry_interval for t in self._down.values()):
                 self._replay_locked()
+            mlf = self._backend("mlflow")
+            if (self.config.metrics_process and isinstance(mlf, MlflowBackend) and not self._down
+                    and mlf.metrics_sent >= _CHILD_AFTER_METRICS):
+                mlf.start_metrics_process()
 
     def _dispatch(self, rec: Record) -> None:
         """Send one non-metric call now, after everything queued before it."""
@@ -548,6 +573,7 @@ class ExperimentTracker:
         with self._qlock:
             batch = list(self._queue)
             self._queue.clear()
+            self._queued_metrics = 0
         if batch:
             self._send(batch)
 
