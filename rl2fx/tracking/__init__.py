@@ -9,6 +9,7 @@
 - ``backends.py``: MLflow and W&B behind one ``Backend`` protocol; :func:`end_run`
   and :func:`running_runs` for runs a killed process left ``RUNNING``.
 - ``system.py``: CPU, memory and GPU sampling.
+- ``writer_process.py``: the optional child process that writes MLflow metric batches.
 - :class:`ModelVersioning` (``versioning.py``): semantic versions and
   development/staging/production aliases on the MLflow model registry.
 
