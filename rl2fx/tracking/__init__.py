@@ -2,7 +2,14 @@
 
 - :class:`ExperimentConfig` (``config.py``): which backends, where they store.
 - :class:`ExperimentTracker` (``tracker.py``): one logging API fanned out to both
-  backends, rank-0 only, with a local JSON-lines buffer that survives outages.
+  backends, rank-0 only; metrics are sent in batches by a background thread.
+- ``records.py``: validation and flattening of metrics, params and names.
+- ``buffer.py``: the fsync'd JSON-lines outage buffer and its batched replay
+  (:func:`replay_buffer` for buffers left behind by other processes).
+- ``backends.py``: MLflow and W&B behind one ``Backend`` protocol; :func:`end_run`
+  and :func:`running_runs` for runs a killed process left ``RUNNING``.
+- ``system.py``: CPU, memory and GPU sampling.
+- ``writer_process.py``: the optional child process that writes MLflow metric batches.
 - :class:`ModelVersioning` (``versioning.py``): semantic versions and
   development/staging/production aliases on the MLflow model registry.
 
@@ -21,10 +28,12 @@ _LAZY = {
     "ExperimentConfig": "rl2fx.tracking.config",
     "ExperimentTracker": "rl2fx.tracking.tracker",
     "TrackingWarning": "rl2fx.tracking.tracker",
-    "flatten_params": "rl2fx.tracking.tracker",
-    "read_buffer": "rl2fx.tracking.tracker",
-    "replay_buffer": "rl2fx.tracking.tracker",
-    "save_model_locally": "rl2fx.tracking.tracker",
+    "flatten_params": "rl2fx.tracking.records",
+    "read_buffer": "rl2fx.tracking.buffer",
+    "replay_buffer": "rl2fx.tracking.buffer",
+    "save_model_locally": "rl2fx.tracking.backends",
+    "end_run": "rl2fx.tracking.backends",
+    "running_runs": "rl2fx.tracking.backends",
     "ModelVersioning": "rl2fx.tracking.versioning",
     "ModelVersionInfo": "rl2fx.tracking.versioning",
     "STAGES": "rl2fx.tracking.versioning",

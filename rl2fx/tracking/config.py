@@ -70,9 +70,25 @@ class ExperimentConfig:
         tags: Tags set on the run in both backends (a mapping for MLflow key/value
             tags; W&B receives ``key:value`` strings).
         run_name: Run name in both backends; ``None`` lets each backend pick one.
+        run_id: MLflow run id of an earlier run to continue (a training job resumed
+            from a checkpoint): metrics, params and models go to that run, which is
+            set back to ``RUNNING``; ``None`` creates a new run. W&B starts a new run.
         buffer_dir: Where failed calls are buffered as JSON lines (plus copies of
-            files and models) until :meth:`ExperimentTracker.replay` pushes them.
-        retry_interval: Seconds between automatic attempts to reach a failed backend.
+            files and models) until :meth:`ExperimentTracker.replay` pushes them
+            (a trainer can point it under its output directory).
+        retry_interval: Seconds between automatic attempts to reach a failed backend
+            (made by the background writer thread, not by the training thread).
+        flush_interval: The background writer sends queued metrics at most once per
+            this many seconds, each backend's share in one batch; 0 sends as soon as
+            anything is queued. :meth:`ExperimentTracker.flush` sends at once.
+        metrics_process: Once a run has logged a thousand metrics, write MLflow metric
+            batches from a child process (``python -m rl2fx.tracking.writer_process``)
+            instead of the writer thread: MLflow's store does tens of microseconds of
+            pure-Python work per metric, which in-process competes with training for
+            the GIL. Costs a second interpreter importing MLflow (a few CPU-seconds),
+            so it pays only on long runs with spare cores; off by default (see
+            docs/performance.md, Tracking). Falls back to in-process writing if the
+            child dies.
         system_metrics_interval: Seconds between system-metric samples.
         http_timeout: MLflow HTTP request timeout in seconds for server URIs;
             ``None``: ``$MLFLOW_HTTP_REQUEST_TIMEOUT`` or 10.
@@ -100,8 +116,11 @@ class ExperimentConfig:
     wandb_dir: str | None = None
     tags: Mapping[str, Any] | list[str] | None = None
     run_name: str | None = None
+    run_id: str | None = None
     buffer_dir: str = ".rl2fx_tracking_buffer"
     retry_interval: float = 60.0
+    flush_interval: float = 1.0
+    metrics_process: bool = False
     system_metrics_interval: float = 10.0
     http_timeout: int | None = None
     http_max_retries: int | None = None
@@ -117,6 +136,11 @@ class ExperimentConfig:
         if self.wandb_mode is not None:
             check_choice("wandb_mode", self.wandb_mode, WANDB_MODES)
         check_range("retry_interval", self.retry_interval, 0.0, float("inf"))
+        check_range("flush_interval", self.flush_interval, 0.0, 3600.0)
+        if self.run_id is not None and (not isinstance(self.run_id, str) or not self.run_id.strip()):
+            raise ValueError(f"run_id={self.run_id!r} is invalid; expected an MLflow run id string or None")
+        if not isinstance(self.buffer_dir, str | os.PathLike) or not str(self.buffer_dir):
+            raise ValueError(f"buffer_dir={self.buffer_dir!r} is invalid; expected a directory path")
         check_range("system_metrics_interval", self.system_metrics_interval, 1e-3, float("inf"))
         if self.http_timeout is not None:
             check_range("http_timeout", self.http_timeout, 1, 3600)

@@ -184,9 +184,7 @@ class ModelVersioning:
             raise ValueError("ModelVersioning needs an active tracker with MLflow enabled (rank 0)")
         if b.client is None:
             # the run start is still buffered (server down at start): the registry needs a client
-            from mlflow import MlflowClient
-
-            return MlflowClient(b.tracking_uri, b.registry_uri)
+            return b.make_client()
         return b.client
 
     def _check_name(self, name: str) -> None:
@@ -354,7 +352,8 @@ class ModelVersioning:
 
         mv = self._resolve(name, version)
         b = self.tracker._backend("mlflow")
-        local = download_artifacts(artifact_uri=mv.source, tracking_uri=b.tracking_uri)
+        with b.env():  # the tracker's HTTP timeout/retry settings, for this call only
+            local = download_artifacts(artifact_uri=mv.source, tracking_uri=b.tracking_uri)
         flavors = Model.load(os.path.join(local, "MLmodel")).flavors
         if "pytorch" in flavors:
             import mlflow.pytorch
