@@ -331,6 +331,7 @@ class BayesianSampler:
     refit_every: int = 1
     local_starts: int = 0
     maxiter: int = 100
+    xi_scale: str = "observed"
     name: str = field(default="bayesian", init=False)
     multi_objective: bool = field(default=True, init=False, repr=False)
 
@@ -344,6 +345,7 @@ class BayesianSampler:
         check_range("refit_every", self.refit_every, 1, None)
         check_range("local_starts", self.local_starts, 0, None)
         check_range("maxiter", self.maxiter, 1, None)
+        check_choice("xi_scale", self.xi_scale, ("observed", "posterior"))
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -360,6 +362,7 @@ class BayesianSampler:
             "refit_every": self.refit_every,
             "local_starts": self.local_starts,
             "maxiter": self.maxiter,
+            "xi_scale": self.xi_scale,
         }
 
     def n_initial_for(self, configs: Sequence[HyperparameterConfig]) -> int:
@@ -451,6 +454,9 @@ class BayesianSampler:
         elif self.acquisition == "logei" or (self.acquisition == "auto" and X_pending is None):
             mean_obs = mean_obs.squeeze(-1)
             incumbent = X[int(mean_obs.argmax())]
+            if self.xi_scale == "posterior":
+                with torch.no_grad():
+                    xi = self.exploration_weight * float(model.posterior(incumbent.unsqueeze(0)).variance.sqrt())
             acq = LogExpectedImprovement(model=model, best_f=float(mean_obs.max()) + xi)
         else:
             incumbent = X[int(mean_obs.squeeze(-1).argmax())]

@@ -132,11 +132,11 @@ def study_ask(state: StudyState, configs: Sequence[HyperparameterConfig], sample
     return dataclasses.replace(state, pending=(*state.pending, trial), next_number=number + 1), trial
 
 
-def _running_index(state: StudyState, trial: Trial) -> int:
+def _running_index(state: StudyState, trial: Trial, hint: str = "tell each asked trial exactly once") -> int:
     idx = next((i for i, t in enumerate(state.pending) if t.number == trial.number), None)
     if idx is None:
         done = any(t.number == trial.number for t in state.finished)
-        raise ValueError(f"trial {trial.number} is {'already finished' if done else 'not a running trial of this study'}; tell each asked trial exactly once")
+        raise ValueError(f"trial {trial.number} is {'already finished' if done else 'not a running trial of this study'}; {hint}")
     return idx
 
 
@@ -155,7 +155,7 @@ def study_report(state: StudyState, trial: Trial, value: float, step: int) -> St
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
     val = _as_number(value, "report value must be a number")
-    idx = _running_index(state, trial)
+    idx = _running_index(state, trial, "report only while a trial runs, before tell")
     t = state.pending[idx]
     if str(step) in t.intermediate:
         return state
