@@ -206,3 +206,25 @@ def test_pruned_without_reports_has_no_value():
     t = study.ask()
     done = study.tell(t, TrialPruned())
     assert done.state == "pruned" and done.value is None
+
+
+def test_tuner_passes_the_trial_to_a_two_argument_objective():
+    from rl2fx import HyperparameterTuner
+
+    def train(params, trial):
+        for step in range(6):
+            trial.report(_curve(params["x"], step), step)
+            if trial.should_prune():
+                raise TrialPruned()
+        return {"reward": _curve(params["x"], 5)}
+
+    tuner = HyperparameterTuner("random", X, n_trials=12, seed=0, save_dir=None, show_progress_bar=False,
+                                pruner=MedianPruner(n_startup_trials=3))
+    best = tuner.optimize(train)
+    s = tuner.results_summary()
+    assert s["n_pruned"] > 0 and s["n_complete"] + s["n_pruned"] == 12 and s["n_failed"] == 0
+    assert abs(best["x"] - 0.3) < 0.3
+    # a one-argument objective is called as before
+    plain = HyperparameterTuner("random", X, n_trials=3, seed=0, save_dir=None, show_progress_bar=False)
+    plain.optimize(lambda p: p["x"])
+    assert len(plain.study.trials) == 3

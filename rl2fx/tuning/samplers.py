@@ -310,8 +310,9 @@ class BayesianSampler:
     $$\\alpha(x) = \\log \\mathbb{E}\\big[\\max(f(x) - f^* - \\xi\\sigma_y, 0)\\big].$$
 
     Larger $\\xi$ discounts small, likely improvements near the incumbent relative to
-    uncertain regions that could improve a lot (more exploration); $\\xi = 0$ is plain
-    (q)LogEI.
+    uncertain regions that could improve a lot (more exploration); $\\xi = 0$, the
+    default, is plain (q)LogEI, which had the lowest regret on every benchmark problem
+    (docs/tuning.md, "Levers").
 
     Failed trials are left out of the model. A candidate that rounds onto a point
     already tried or running (possible only with int/categorical parameters) is
@@ -319,7 +320,7 @@ class BayesianSampler:
     """
 
     seed: int | None = None
-    exploration_weight: float = 0.1
+    exploration_weight: float = 0.0
     n_initial: int | None = None
     num_restarts: int = 4
     raw_samples: int = 256
@@ -408,9 +409,25 @@ class BayesianSampler:
         age = int(prev["gp"].get("age", 0)) + 1 if warm else 0
         refit = not warm or age >= self.refit_every
         if refit:
+            mll = ExactMarginalLogLikelihood(model.likelihood, model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+                if warm:
+                    # One adding a point moves the optimum a little: a single L-BFGS-B run
+                    # from the previous optimum with ftol 1e-6 reaches it (docs/tuning.md,
+                    # "Levers": 10x faster than fit_gpytorch_mll, same lengthscales to 2
+                    # digits); fit_gpytorch_mll's tight default tolerance ends warm starts
+                    # in an "ABNORMAL" line-search warning, which it answers by restarting
+                    # from prior samples, i.e. by paying for a cold fit.
+                    from botorch.optim.fit import fit_gpytorch_mll_scipy
+
+                    mll.train()
+                    try:
+                        fit_gpytorch_mll_scipy(mll, options={"ftol": 1e-6, "maxiter": 200})
+                    except Exception:  # noqa: BLE001 - a failed warm fit falls back to the full fit
+                        fit_gpytorch_mll(mll)
+                else:
+                    fit_gpytorch_mll(mll)
             age = 0
         model.eval()
         hypers = {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()}
@@ -680,7 +697,7 @@ def make_sampler(
     *,
     seed: int | None = None,
     grid_size: int = 10,
-    exploration_weight: float = 0.1,
+    exploration_weight: float | None = None,
     **options: Any,
 ):
     """Build a sampler by name (``"random"``, ``"grid"``, ``"bayesian"``, ``"skopt"``).
@@ -697,6 +714,8 @@ def make_sampler(
         return RandomSampler(seed=seed, **options)
     if optimizer_type == "grid":
         return GridSampler(grid_size=grid_size, seed=seed, **options)
+    # None: the sampler's own default (0.0 for "bayesian", 0.1 for "skopt")
+    xi = {} if exploration_weight is None else {"exploration_weight": exploration_weight}
     if optimizer_type == "bayesian":
-        return BayesianSampler(seed=seed, exploration_weight=exploration_weight, **options)
-    return SkoptSampler(seed=seed, exploration_weight=exploration_weight, **options)
+        return BayesianSampler(seed=seed, **xi, **options)
+    return SkoptSampler(seed=seed, **xi, **options)
