@@ -9,7 +9,14 @@ import pytest
 from rl2fx import HyperparameterConfig
 from rl2fx.tuning import Study
 from rl2fx.tuning.samplers import GridSampler
-from rl2fx.tuning.space import active_params, as_configs, decode, default_params, encode, validate_params
+from rl2fx.tuning.space import (
+    active_params,
+    as_configs,
+    decode,
+    default_params,
+    encode,
+    validate_params,
+)
 
 SPACE = [
     HyperparameterConfig("estimator", "categorical", choices=["svm", "tree", "linear"]),

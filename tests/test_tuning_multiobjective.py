@@ -28,7 +28,7 @@ def test_pareto_set_matches_rl2fx_pareto_and_the_hypervolume():
     study = _run(Study(BOX, "random", maximize=[True, False], seed=0), 30)
     pts = np.array([[t.values[0], -t.values[1]] for t in study.complete_trials])
     mask = P.pareto_front_mask(pts)
-    assert [t.number for t in study.best_trials] == [t.number for t, m in zip(study.complete_trials, mask) if m]
+    assert [t.number for t in study.best_trials] == [t.number for t, m in zip(study.complete_trials, mask, strict=True) if m]
     ref = [-1.0, 3.0]  # reward above -1, KL below 3
     assert study.hypervolume(ref) == pytest.approx(P.hypervolume(pts, np.array([-1.0, -3.0])))
     # default reference: the nadir pushed out by 10 % of the range

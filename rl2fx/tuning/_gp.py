@@ -125,6 +125,7 @@ def fit(
     *,
     ftol: float = 1e-6,
     maxiter: int = 200,
+    zero_mean: bool = False,
 ) -> ExactGP:
     """Maximise the marginal likelihood with L-BFGS-B from ``init`` (lengthscales, noise,
     constant; default: the priors' modes and 0, BoTorch's initial values)."""
@@ -139,6 +140,8 @@ def fit(
     x0 = np.array([*init[0], init[1], init[2]], dtype=np.float64)
     x0[:d] = np.maximum(x0[:d], LS_MIN)
     x0[d] = max(x0[d], NOISE_MIN)
+    if zero_mean:
+        x0[d + 1] = 0.0
 
     def f(theta: np.ndarray) -> tuple[float, np.ndarray]:
         t = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
@@ -151,7 +154,7 @@ def fit(
 
     theta = x0
     if maxiter > 0:  # maxiter=0: condition on the data with the given hyperparameters
-        bounds = [(LS_MIN, None)] * d + [(NOISE_MIN, None), (None, None)]
+        bounds = [(LS_MIN, None)] * d + [(NOISE_MIN, None), (0.0, 0.0) if zero_mean else (None, None)]
         res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds, options={"ftol": ftol, "maxiter": maxiter})
         if np.isfinite(res.fun) and res.fun < 1e9:
             theta = res.x
