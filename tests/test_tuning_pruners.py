@@ -68,19 +68,20 @@ def test_nan_reports_are_the_worst_value():
 
 # ----------------------------------------------------------------------------- ASHA
 def test_successive_halving_rungs_and_promotion():
-    # min_resource=1, eta=2: rungs after 1, 2, 4, 8 steps (steps 0, 1, 3, 7)
+    # min_resource=1, eta=2: rungs once the step reaches 1, 2, 4, 8 (Optuna's convention)
     p = SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    assert not p.prune([], _running(0, [9.0]), True)  # step 0: no rung reached
     # the first trial to reach a rung is the best there: it continues
-    assert not p.prune([], _running(0, [1.0]), True)
-    others = [_done(i, [v, v, v, v]) for i, v in enumerate([1.0, 2.0, 3.0])]
+    assert not p.prune([], _running(0, [0.0, 1.0]), True)
+    others = [_done(i, [v] * 4) for i, v in enumerate([1.0, 2.0, 3.0])]
     # 4 at rung 0 -> top 2 continue: 2.5 is 2nd of [3, 2.5, 2, 1]
-    assert not p.prune(others, _running(9, [2.5]), True)
-    assert p.prune(others, _running(9, [1.5]), True)
-    # rung 1 is reached at step 1: a value of 0 there is last of [3, 2, 1, 0]
-    assert p.prune(others, _running(9, [2.5, 0.0]), True)
-    assert not p.prune(others, _running(9, [2.5, 2.5]), True)
+    assert not p.prune(others, _running(9, [0.0, 2.5]), True)
+    assert p.prune(others, _running(9, [0.0, 1.5]), True)
+    # rung 1 at step 2: a value of 0 there is last of [3, 2, 1, 0]
+    assert p.prune(others, _running(9, [0.0, 2.5, 0.0]), True)
+    assert not p.prune(others, _running(9, [0.0, 2.5, 2.5]), True)
     # a rung's value is the one reported when the trial reached it, not a later one
-    assert p.prune(others, _running(9, [2.5, 0.0, 9.0]), True)
+    assert p.prune(others, _running(9, [0.0, 2.5, 0.0, 9.0]), True)
 
 
 def test_successive_halving_auto_min_resource_waits_for_a_complete_trial():
@@ -108,8 +109,46 @@ def test_hyperband_competes_within_its_bracket_only():
     me = nums[0][-1]
     strong_same = [_done(n, [10.0] * 9) for n in nums[0][:6]]
     strong_other = [_done(n, [10.0] * 9) for n in nums[1][:6]]
-    assert p.prune(strong_same, _running(me, [0.0]), True)
-    assert not p.prune(strong_other, _running(me, [0.0]), True)
+    assert p.prune(strong_same, _running(me, [0.0, 0.0]), True)
+    assert not p.prune(strong_other, _running(me, [0.0, 0.0]), True)
+
+
+def test_median_and_successive_halving_decide_as_optuna_does():
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    rng = np.random.default_rng(0)
+    decisions = 0
+    for _ in range(60):
+        maximize = bool(rng.integers(2))
+        curves = [rng.normal(size=int(rng.integers(1, 12))).cumsum().tolist() for _ in range(int(rng.integers(0, 7)))]
+        current = rng.normal(size=int(rng.integers(1, 12))).cumsum().tolist()
+        for kind in ("median", "sha"):
+            if kind == "median":
+                kw = dict(n_startup_trials=int(rng.integers(0, 4)), n_warmup_steps=int(rng.integers(0, 3)),
+                          interval_steps=int(rng.integers(1, 3)))
+                theirs, mine = optuna.pruners.MedianPruner(**kw), MedianPruner(**kw)
+            else:
+                kw = dict(min_resource=int(rng.integers(1, 3)), reduction_factor=int(rng.integers(2, 4)),
+                          min_early_stopping_rate=int(rng.integers(0, 2)))
+                theirs, mine = optuna.pruners.SuccessiveHalvingPruner(**kw), SuccessiveHalvingPruner(**kw)
+            study = optuna.create_study(direction="maximize" if maximize else "minimize", pruner=theirs)
+            finished = []
+            for i, c in enumerate(curves):
+                t = study.ask()
+                for s, v in enumerate(c):
+                    t.report(v, s)
+                    t.should_prune()  # Optuna records rung values when asked
+                study.tell(t, c[-1])
+                finished.append(_done(i, c))
+            t = study.ask()
+            for s, v in enumerate(current):
+                t.report(v, s)
+                expected = t.should_prune()
+                assert mine.prune(finished, _running(len(curves), current[: s + 1]), maximize) == expected
+                decisions += 1
+                if expected:
+                    break
+    assert decisions > 300
 
 
 def test_bad_pruner_arguments():

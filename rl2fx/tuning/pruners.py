@@ -162,17 +162,17 @@ class MedianPruner:
 
 
 def _auto_min_resource(finished: Sequence[Trial]) -> int | None:
-    # the heuristic Optuna documents for min_resource="auto": 1 % of the steps the
-    # first completed trial took, at least 1
+    # the heuristic Optuna documents for min_resource="auto": 1 % of the last step
+    # of the first completed trial, at least 1
     for t in finished:
         if t.state == "complete" and t.intermediate:
-            return max(1, (max(intermediate_values(t)) + 1) // 100)
+            return max(1, max(intermediate_values(t)) // 100)
     return None
 
 
 def _rung_value(values: Mapping[int, float], resource: int) -> float | None:
-    """The value a trial reported when it first reached ``resource`` steps."""
-    steps = sorted(s for s in values if s + 1 >= resource)
+    """The value a trial reported when its step first reached ``resource``."""
+    steps = sorted(s for s in values if s >= resource)
     return values[steps[0]] if steps else None
 
 
@@ -190,7 +190,7 @@ def _asha_prune(
     rung = 0
     while True:
         resource = min_resource * reduction_factor ** (min_early_stopping_rate + rung)
-        if last + 1 < resource:
+        if last < resource:
             return False
         mine = _rung_value(values, resource)
         if mine is None or math.isnan(mine):
@@ -210,8 +210,8 @@ class SuccessiveHalvingPruner:
     """Asynchronous successive halving (ASHA; Li et al., 2020), Optuna's ``SuccessiveHalvingPruner``.
 
     Rung $k$ is reached after $r\\,\\eta^{s+k}$ steps ($r$ = ``min_resource``,
-    $\\eta$ = ``reduction_factor``, $s$ = ``min_early_stopping_rate``); a step $t$
-    (0-based) counts as $t + 1$ resource units. A trial that reaches a rung continues
+    $\\eta$ = ``reduction_factor``, $s$ = ``min_early_stopping_rate``), i.e. once the
+    reported ``step`` is at least that (Optuna's convention). A trial that reaches a rung continues
     only when its value there ranks among the top $\\lfloor n/\\eta \\rfloor$ (at least
     one) of the $n$ trials that have reached the rung so far, itself included.
     ``min_resource="auto"`` takes 1 % of the steps of the first completed trial (no
