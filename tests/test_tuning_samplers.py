@@ -247,3 +247,17 @@ def test_make_sampler_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"optimizer_type must be one of \['random', 'grid', 'bayesian', 'skopt'\], got 'cmaes'"):
         make_sampler("cmaes")
     assert isinstance(make_sampler("skopt", seed=1), SkoptSampler)
+
+
+def test_value_transforms_are_monotone_and_tame_outliers():
+    from rl2fx.tuning.samplers import _transform_values
+
+    ys = [0.1, 0.2, 0.4, 0.5, -300.0]
+    for how in ("bilog", "log_worse"):
+        t = _transform_values(ys, how)
+        assert np.argsort(t).tolist() == np.argsort(ys).tolist()
+        assert max(t) - min(t) < max(ys) - min(ys)
+    # the fast path and the BoTorch path see the same transformed values; settings record it
+    assert BayesianSampler().settings()["y_transform"] == "bilog"
+    with pytest.raises(ValueError, match="y_transform must be one of"):
+        BayesianSampler(y_transform="log")

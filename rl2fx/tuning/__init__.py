@@ -1,10 +1,19 @@
-"""Hyperparameter tuning: search spaces, samplers (random, grid, BoTorch, skopt), ask/tell studies.
+"""Hyperparameter tuning: search spaces, samplers (random, grid, BoTorch, skopt), ask/tell studies, pruners.
 
 >>> from rl2fx import tuning as T
 >>> T.Study.__name__, T.HyperparameterTuner.__name__
 ('Study', 'HyperparameterTuner')
 """
 
+from rl2fx.tuning.plot import plot_pareto_front
+from rl2fx.tuning.pruners import (
+    HyperbandPruner,
+    MedianPruner,
+    NopPruner,
+    SuccessiveHalvingPruner,
+    TrialPruned,
+    make_pruner,
+)
 from rl2fx.tuning.samplers import (
     BayesianSampler,
     GridSampler,
@@ -14,11 +23,19 @@ from rl2fx.tuning.samplers import (
     make_sampler,
 )
 from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
-from rl2fx.tuning.study import Study, StudyState, Trial, study_ask, study_tell
+from rl2fx.tuning.study import Study, StudyState, Trial, study_ask, study_report, study_tell
 from rl2fx.tuning.tuner import HyperparameterTuner
 
 __all__ = [
     "BayesianSampler",
+    "HyperbandPruner",
+    "MedianPruner",
+    "NopPruner",
+    "SuccessiveHalvingPruner",
+    "TrialPruned",
+    "make_pruner",
+    "plot_pareto_front",
+    "study_report",
     "GridSampler",
     "HyperparameterConfig",
     "HyperparameterTuner",

@@ -12,6 +12,14 @@ BoTorch's and Ax's defaults; Garrido-Merchán & Hernández-Lobato, 2020), and a
 categorical or bool parameter with ``k`` values becomes ``k`` one-hot
 coordinates.
 
+A parameter may be *conditional*: ``condition={"estimator": "svm"}`` (or a list of
+values) makes it present only when the categorical or bool parameter ``estimator``
+takes one of those values, like a hyperparameter that only one estimator has. An
+inactive parameter is absent from the trial's params; in the encoding it sits at its
+default, so a model sees one fixed value there and learns its effect through the
+parent's one-hot coordinates (the imputation of Lévesque et al., 2017, "Bayesian
+optimization for conditional hyperparameter spaces", IJCNN).
+
 >>> from rl2fx import HyperparameterConfig
 >>> lr = HyperparameterConfig("lr", "float", low=1e-5, high=1e-3, log=True)
 >>> round(lr.to_unit(1e-4), 6)
@@ -38,6 +46,8 @@ __all__ = [
     "encoded_dim",
     "encode",
     "decode",
+    "is_active",
+    "active_params",
 ]
 
 PARAM_TYPES = ("float", "int", "categorical", "bool")
@@ -78,11 +88,26 @@ class HyperparameterConfig:
     default: Any = None
     choices: Sequence[Any] | None = None
     log: bool = False
+    condition: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         where = f"HyperparameterConfig {self.name!r}"
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"HyperparameterConfig name must be a non-empty string, got {self.name!r}")
+        if self.condition is not None:
+            cond = self.condition
+            if not isinstance(cond, Mapping) or len(cond) != 1:
+                raise ValueError(
+                    f"{where}: condition must be a one-entry dict {{parent_name: value or list of values}}, got {cond!r}"
+                )
+            (parent, vals), = cond.items()
+            if not isinstance(parent, str) or parent == self.name:
+                raise ValueError(f"{where}: condition must name another parameter, got {parent!r}")
+            vals = tuple(vals) if isinstance(vals, list | tuple) else (vals,)
+            if not vals:
+                raise ValueError(f"{where}: condition on {parent!r} needs at least one value, got []")
+            # stored as a tuple pair so the config stays hashable and immutable
+            object.__setattr__(self, "condition", (parent, vals))
         check_choice(f"{where}: type", self.type, PARAM_TYPES)
         if self.type in ("float", "int"):
             if self.choices is not None:
@@ -171,10 +196,20 @@ class HyperparameterConfig:
                 return i
         raise ValueError(f"parameter {self.name!r}: {value!r} is not one of {list(self.choices)!r}")
 
+    @property
+    def parent(self) -> str | None:
+        """Name of the parameter this one is conditional on (``None``: always present)."""
+        return None if self.condition is None else self.condition[0]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["choices"] is not None:
             d["choices"] = list(d["choices"])
+        # omitted when unset, so studies stored before conditions existed still resume
+        if self.condition is None:
+            d.pop("condition")
+        else:
+            d["condition"] = {self.condition[0]: list(self.condition[1])}
         return d
 
 
@@ -200,23 +235,58 @@ def as_configs(param_configs: Sequence[HyperparameterConfig | Mapping[str, Any]]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"param_configs has duplicate names {dup}")
+    by_name = {c.name: c for c in out}
+    for c in out:
+        if c.condition is None:
+            continue
+        parent, vals = c.condition
+        where = f"param_configs: {c.name!r} has condition={{{parent!r}: {list(vals)!r}}}"
+        if parent not in by_name:
+            raise ValueError(f"{where}, but there is no parameter {parent!r}; names are {names}")
+        p = by_name[parent]
+        if p.is_numeric:
+            raise ValueError(f"{where}, but {parent!r} is {p.type!r}; a condition's parent must be categorical or bool")
+        if p.condition is not None:
+            raise ValueError(f"{where}, but {parent!r} is itself conditional; conditions are one level deep")
+        bad = [v for v in vals if not p.contains(v)]
+        if bad:
+            raise ValueError(f"{where}, but {bad!r} are not choices of {parent!r}, which are {list(p.choices)!r}")
     return out
 
 
+def is_active(c: HyperparameterConfig, params: Mapping[str, Any]) -> bool:
+    """Whether ``c`` is present given the parent values in ``params`` (always, without a condition)."""
+    if c.condition is None:
+        return True
+    parent, vals = c.condition
+    return parent in params and any(_same(params[parent], v) for v in vals)
+
+
+def active_params(configs: Sequence[HyperparameterConfig], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` without the conditional parameters whose condition does not hold.
+
+    >>> cs = as_configs([{"name": "est", "type": "categorical", "choices": ["svm", "tree"]},
+    ...                  {"name": "C", "type": "float", "low": 0.1, "high": 10.0, "condition": {"est": "svm"}}])
+    >>> active_params(cs, {"est": "tree", "C": 1.0})
+    {'est': 'tree'}
+    """
+    return {c.name: params[c.name] for c in configs if c.name in params and is_active(c, params)}
+
+
 def validate_params(configs: Sequence[HyperparameterConfig], params: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``params`` has exactly the configs' names with legal values."""
-    names = [c.name for c in configs]
+    """Raise ``ValueError`` unless ``params`` has exactly the active configs' names with legal values."""
+    names = [c.name for c in configs if is_active(c, params)]
     if set(params) != set(names):
         raise ValueError(f"params must have exactly the keys {names}, got {sorted(params)}")
     for c in configs:
-        if not c.contains(params[c.name]):
+        if c.name in params and not c.contains(params[c.name]):
             rng = list(c.choices) if c.choices is not None else f"[{c.low}, {c.high}]"
             raise ValueError(f"parameter {c.name!r} must be in {rng}, got {params[c.name]!r}")
 
 
 def default_params(configs: Sequence[HyperparameterConfig]) -> dict[str, Any]:
-    """The ``default`` of every config, as a params dict."""
-    return {c.name: c.default for c in configs}
+    """The ``default`` of every config active at the defaults, as a params dict."""
+    return active_params(configs, {c.name: c.default for c in configs})
 
 
 def encoded_dim(configs: Sequence[HyperparameterConfig]) -> int:
@@ -225,7 +295,8 @@ def encoded_dim(configs: Sequence[HyperparameterConfig]) -> int:
 
 
 def encode(configs: Sequence[HyperparameterConfig], params: Mapping[str, Any]) -> list[float]:
-    """Encode a params dict as a point of $[0,1]^D$ (numeric: unit scale, categorical: one-hot).
+    """Encode a params dict as a point of $[0,1]^D$ (numeric: unit scale, categorical: one-hot;
+    an absent conditional parameter at its default).
 
     >>> cs = [HyperparameterConfig("x", "float", low=0, high=10), HyperparameterConfig("c", "categorical", choices=["a", "b"])]
     >>> encode(cs, {"x": 2.5, "c": "b"})
@@ -233,7 +304,7 @@ def encode(configs: Sequence[HyperparameterConfig], params: Mapping[str, Any]) -
     """
     out: list[float] = []
     for c in configs:
-        v = params[c.name]
+        v = params[c.name] if c.name in params else c.default
         if c.is_numeric:
             out.append(c.to_unit(v))
         else:
@@ -244,7 +315,8 @@ def encode(configs: Sequence[HyperparameterConfig], params: Mapping[str, Any]) -
 
 
 def decode(configs: Sequence[HyperparameterConfig], u: Sequence[float]) -> dict[str, Any]:
-    """Inverse of :func:`encode`; a relaxed one-hot block decodes to its arg-max.
+    """Inverse of :func:`encode`; a relaxed one-hot block decodes to its arg-max, and
+    conditional parameters whose condition fails are dropped.
 
     >>> cs = [HyperparameterConfig("x", "float", low=0, high=10), HyperparameterConfig("c", "categorical", choices=["a", "b"])]
     >>> decode(cs, [0.25, 0.3, 0.6])
@@ -264,7 +336,7 @@ def decode(configs: Sequence[HyperparameterConfig], u: Sequence[float]) -> dict[
             block = u[i : i + k]
             out[c.name] = c.choices[max(range(k), key=block.__getitem__)]
             i += k
-    return out
+    return active_params(configs, out)
 
 
 def create_ppo_hyperparameter_configs() -> list[HyperparameterConfig]:

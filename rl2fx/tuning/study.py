@@ -36,27 +36,35 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rl2fx.tuning.pruners import NopPruner, TrialPruned, make_pruner
 from rl2fx.tuning.samplers import StudyExhausted, make_sampler
 from rl2fx.tuning.space import HyperparameterConfig, as_configs, validate_params
 
-__all__ = ["Trial", "StudyState", "study_ask", "study_tell", "Study", "StudyExhausted"]
+__all__ = ["Trial", "StudyState", "study_ask", "study_tell", "study_report", "Study", "StudyExhausted", "TrialPruned"]
 
-TRIAL_STATES = ("running", "complete", "failed")
+TRIAL_STATES = ("running", "complete", "failed", "pruned")
 
 
 @dataclass(frozen=True)
 class Trial:
     """One evaluation: its number, parameters, and once told, its state and value.
 
-    ``state`` is ``"running"`` (asked, not told), ``"complete"`` (finite value) or
-    ``"failed"`` (an exception, or a NaN/inf value; ``error`` says which).
-    ``metrics`` keeps the other numbers an objective returned; ``info`` what the
-    sampler recorded (grid index, design phase).
+    ``state`` is ``"running"`` (asked, not told), ``"complete"`` (finite value),
+    ``"failed"`` (an exception, or a NaN/inf value; ``error`` says which) or
+    ``"pruned"`` (stopped early by a pruner; ``value`` is its last reported value).
+    ``values`` holds the objective vector of a multi-objective study (``value`` is then
+    ``None``). ``intermediate`` maps each reported step (as a string, the JSON key) to
+    its value. ``metrics`` keeps the other numbers an objective returned; ``info`` what
+    the sampler recorded (grid index, design phase, GP hyperparameters).
+
+    A trial returned by ``Study.ask`` is bound to its study: ``trial.report(value,
+    step)`` and ``trial.should_prune()`` go to it.
     """
 
     number: int
@@ -68,10 +76,32 @@ class Trial:
     info: dict[str, Any] = field(default_factory=dict)
     started_at: float = 0.0
     finished_at: float | None = None
+    values: list[float] | None = None
+    intermediate: dict[str, float] = field(default_factory=dict)
 
     @property
     def duration(self) -> float | None:
         return None if self.finished_at is None else self.finished_at - self.started_at
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the bound study holds a lock and a sampler: a trial sent to another process travels without it
+        state = dict(self.__dict__)
+        state.pop("_bound_study", None)
+        return state
+
+    def _study(self) -> Study:
+        study = self.__dict__.get("_bound_study")
+        if study is None:
+            raise ValueError(f"trial {self.number} is not bound to a study; use the trial returned by Study.ask()")
+        return study
+
+    def report(self, value: float, step: int) -> None:
+        """Report the objective's value after ``step`` units of resource (for pruning)."""
+        self._study().report(self, value, step)
+
+    def should_prune(self) -> bool:
+        """Whether the study's pruner says to stop this trial now (after at least one report)."""
+        return self._study().should_prune(self)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), allow_nan=True, default=str)
@@ -102,35 +132,82 @@ def study_ask(state: StudyState, configs: Sequence[HyperparameterConfig], sample
     return dataclasses.replace(state, pending=(*state.pending, trial), next_number=number + 1), trial
 
 
-def study_tell(
-    state: StudyState,
-    trial: Trial,
-    value: float | BaseException,
-    metrics: Mapping[str, Any] | None = None,
-) -> tuple[StudyState, Trial]:
-    """Record the outcome of a running trial.
-
-    A finite number completes it; an exception, NaN or ±inf marks it failed (kept in
-    the history, never shown to the model). Telling a trial that is not running raises.
-    """
+def _running_index(state: StudyState, trial: Trial, hint: str = "tell each asked trial exactly once") -> int:
     idx = next((i for i, t in enumerate(state.pending) if t.number == trial.number), None)
     if idx is None:
         done = any(t.number == trial.number for t in state.finished)
-        raise ValueError(f"trial {trial.number} is {'already finished' if done else 'not a running trial of this study'}; tell each asked trial exactly once")
+        raise ValueError(f"trial {trial.number} is {'already finished' if done else 'not a running trial of this study'}; {hint}")
+    return idx
+
+
+def _as_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) and not hasattr(value, "__float__"):
+        raise ValueError(f"{what}, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def study_report(state: StudyState, trial: Trial, value: float, step: int) -> StudyState:
+    """Record an intermediate ``value`` of a running trial at ``step`` (a non-negative int).
+
+    A step already reported keeps its first value (as Optuna does), so a retried
+    evaluation cannot rewrite history the pruner has already acted on.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    val = _as_number(value, "report value must be a number")
+    idx = _running_index(state, trial, "report only while a trial runs, before tell")
+    t = state.pending[idx]
+    if str(step) in t.intermediate:
+        return state
+    t = dataclasses.replace(t, intermediate={**t.intermediate, str(step): val})
+    return dataclasses.replace(state, pending=(*state.pending[:idx], t, *state.pending[idx + 1 :]))
+
+
+def study_tell(
+    state: StudyState,
+    trial: Trial,
+    value: float | Sequence[float] | BaseException,
+    metrics: Mapping[str, Any] | None = None,
+    n_objectives: int = 1,
+) -> tuple[StudyState, Trial]:
+    """Record the outcome of a running trial.
+
+    A finite number completes it (a sequence of ``n_objectives`` finite numbers in a
+    multi-objective study); an exception, NaN or ±inf marks it failed (kept in the
+    history, never shown to the model); a :class:`TrialPruned` exception marks it
+    pruned, with its last reported value. Telling a trial that is not running, or a
+    value of the wrong type or length, raises ``ValueError`` and leaves it running.
+    """
+    idx = _running_index(state, trial)
+    running = state.pending[idx]
     error = None
-    val: float | None
-    if isinstance(value, BaseException):
-        val, error = None, "".join(traceback.format_exception_only(type(value), value)).strip()
-    else:
-        if isinstance(value, bool) or not isinstance(value, int | float) and not hasattr(value, "__float__"):
-            raise ValueError(f"tell value must be a number or an exception, got {type(value).__name__}: {value!r}")
-        val = float(value)
+    val: float | None = None
+    vals: list[float] | None = None
+    status = "complete"
+    if isinstance(value, TrialPruned):
+        status = "pruned"
+        if running.intermediate:
+            val = float(running.intermediate[str(max(int(k) for k in running.intermediate))])
+    elif isinstance(value, BaseException):
+        status, error = "failed", "".join(traceback.format_exception_only(type(value), value)).strip()
+    elif n_objectives == 1:
+        val = _as_number(value, "tell value must be a number or an exception")
         if not math.isfinite(val):
-            error = f"objective value is not finite: {val}"
+            status, error = "failed", f"objective value is not finite: {val}"
+    else:
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | tuple) and not hasattr(value, "tolist"):
+            raise ValueError(f"tell value must be a sequence of {n_objectives} numbers (one per objective) or an exception, got {value!r}")
+        seq = value.tolist() if hasattr(value, "tolist") else list(value)
+        if len(seq) != n_objectives:
+            raise ValueError(f"tell value must have {n_objectives} entries (one per objective), got {len(seq)}: {seq!r}")
+        vals = [_as_number(v, "each tell value must be a number") for v in seq]
+        if not all(math.isfinite(v) for v in vals):
+            status, error = "failed", f"objective values are not all finite: {vals}"
     done = dataclasses.replace(
-        state.pending[idx],
-        state="failed" if error else "complete",
+        running,
+        state=status,
         value=val,
+        values=vals,
         error=error,
         metrics=dict(metrics or {}),
         finished_at=time.time(),
@@ -166,7 +243,13 @@ class Study:
 
     ``sampler`` is a sampler object from :mod:`rl2fx.tuning.samplers` or its name
     (``"random"``, ``"grid"``, ``"bayesian"``, ``"skopt"``; ``sampler_options`` are
-    passed to it). ``maximize`` sets the direction. ``storage`` is a directory; if it
+    passed to it). ``maximize`` sets the direction; a list of bools (one per objective,
+    e.g. ``[True, False]`` for reward up and KL down) makes a multi-objective study
+    whose ``tell`` takes one value per objective and whose result is its Pareto set
+    (:attr:`best_trials`, :meth:`hypervolume`, :func:`plot_pareto_front`; the
+    ``bayesian`` sampler then uses qLogNEHVI). ``pruner`` (an object from
+    :mod:`rl2fx.tuning.pruners` or a name) decides ``trial.should_prune()`` from the
+    values trials ``report``. ``storage`` is a directory; if it
     already holds a study, that study is resumed (its search space, direction and
     sampler must match, otherwise ``ValueError`` explains the difference). A sampler
     without a seed gets a random one, stored so that a resume continues identically.
@@ -178,22 +261,42 @@ class Study:
         self,
         param_configs: Sequence[HyperparameterConfig | Mapping[str, Any]],
         sampler: Any = "random",
-        maximize: bool = True,
+        maximize: bool | Sequence[bool] = True,
         storage: str | os.PathLike[str] | None = None,
         *,
         seed: int | None = None,
+        pruner: Any = None,
         **sampler_options: Any,
     ) -> None:
         self.configs = as_configs(param_configs)
-        if not isinstance(maximize, bool):
+        if isinstance(maximize, list | tuple):
+            if len(maximize) < 2 or not all(isinstance(m, bool) for m in maximize):
+                raise ValueError(
+                    f"maximize must be True, False, or a list of at least two bools (one per objective), got {maximize!r}"
+                )
+            maximize = list(maximize)
+        elif not isinstance(maximize, bool):
             raise ValueError(f"maximize must be True or False, got {maximize!r}")
         self.maximize = maximize
+        if isinstance(pruner, str):
+            pruner = make_pruner(pruner)
+        self.pruner = NopPruner() if pruner is None else pruner
+        if not hasattr(self.pruner, "prune"):
+            raise ValueError(f"pruner must be a pruner name or object with .prune(), got {pruner!r}")
+        if self.n_objectives > 1 and not isinstance(self.pruner, NopPruner):
+            raise ValueError(f"pruner={self.pruner.name!r}: pruning needs a single objective, got maximize={maximize!r}")
+        self._warned_no_reports = False
         if isinstance(sampler, str):
             sampler = make_sampler(sampler, seed=seed, **sampler_options)
         elif sampler_options or seed is not None:
             raise ValueError("seed and sampler options go to the sampler object when one is passed, not to Study")
         if not hasattr(sampler, "sample") or not hasattr(sampler, "name"):
             raise ValueError(f"sampler must be a sampler name or object with .sample(), got {sampler!r}")
+        if self.n_objectives > 1 and not getattr(sampler, "multi_objective", False):
+            raise ValueError(
+                f"sampler {sampler.name!r} optimises one objective, got maximize={maximize!r}; "
+                f"multi-objective studies use 'bayesian', 'random' or 'grid'"
+            )
         self.storage = Path(storage) if storage is not None else None
         self._lock = threading.RLock()
         self._state = StudyState()
@@ -213,14 +316,21 @@ class Study:
                 self.storage.mkdir(parents=True, exist_ok=True)
                 _atomic_write(meta_path, json.dumps(self._meta(), indent=2))
 
+    @property
+    def n_objectives(self) -> int:
+        return len(self.maximize) if isinstance(self.maximize, list) else 1
+
     # -- persistence -------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format": 1,
             "param_configs": [c.to_dict() for c in self.configs],
             "maximize": self.maximize,
             "sampler": {"name": self.sampler.name, "settings": self.sampler.settings()},
         }
+        if not isinstance(self.pruner, NopPruner):
+            meta["pruner"] = {"name": self.pruner.name, "settings": self.pruner.settings()}
+        return meta
 
     def _check_compatible(self, meta: dict[str, Any], sampler: Any) -> None:
         where = f"storage {str(self.storage)!r} holds a different study"
@@ -235,6 +345,8 @@ class Study:
         given = json.loads(json.dumps(sampler.settings()))
         if "seed" in given and given["seed"] is None:
             given["seed"] = stored.get("seed")
+        # settings added in later versions are absent from older studies
+        given = {k: v for k, v in given.items() if k in stored}
         if stored != given:
             raise ValueError(f"{where}: sampler settings {stored}, got {given}")
 
@@ -260,14 +372,49 @@ class Study:
         """Start a new trial (``StudyExhausted`` when the sampler has nothing left)."""
         with self._lock:
             self._state, trial = study_ask(self._state, self.configs, self.sampler, self.maximize)
+            object.__setattr__(trial, "_bound_study", self)
             return trial
 
-    def tell(self, trial: Trial, value: float | BaseException, metrics: Mapping[str, Any] | None = None) -> Trial:
-        """Finish ``trial`` with a value or an exception, persist, and return the finished trial."""
+    def tell(
+        self,
+        trial: Trial,
+        value: float | Sequence[float] | BaseException,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> Trial:
+        """Finish ``trial`` with a value (one per objective in a multi-objective study), an
+        exception, or :class:`TrialPruned`; persist, and return the finished trial."""
         with self._lock:
-            self._state, done = study_tell(self._state, trial, value, metrics)
+            self._state, done = study_tell(self._state, trial, value, metrics, self.n_objectives)
+            if not isinstance(self.pruner, NopPruner) and not done.intermediate and not self._warned_no_reports:
+                self._warned_no_reports = True
+                warnings.warn(
+                    f"pruner={self.pruner.name!r} is set but trial {done.number} finished without any "
+                    f"trial.report(value, step); nothing can be pruned until trials report",
+                    stacklevel=2,
+                )
             self._save()
             return done
+
+    def report(self, trial: Trial, value: float, step: int) -> None:
+        """Record ``value`` of running ``trial`` after ``step`` units of resource."""
+        if self.n_objectives > 1:
+            raise ValueError(f"report() needs a single-objective study, this one has maximize={self.maximize!r}")
+        with self._lock:
+            self._state = study_report(self._state, trial, value, step)
+
+    def should_prune(self, trial: Trial) -> bool:
+        """Ask the pruner whether running ``trial`` should stop, given its reports so far."""
+        with self._lock:
+            idx = next((i for i, t in enumerate(self._state.pending) if t.number == trial.number), None)
+            if idx is None:
+                raise ValueError(f"trial {trial.number} is not a running trial of this study")
+            current = self._state.pending[idx]
+            if not current.intermediate:
+                raise ValueError(
+                    f"should_prune() on trial {trial.number} needs at least one trial.report(value, step) first"
+                )
+            others = [t for t in self._state.pending if t.number != trial.number]
+            return bool(self.pruner.prune(self._state.finished, current, self.maximize, others))
 
     def forget_pending(self) -> list[Trial]:
         """Drop running trials that will never be told (e.g. after an interrupted loop);
@@ -302,6 +449,10 @@ class Study:
 
     @property
     def best_trial(self) -> Trial:
+        if self.n_objectives > 1:
+            raise ValueError(
+                f"a study with maximize={self.maximize!r} has no single best trial; use best_trials (its Pareto set)"
+            )
         done = self.complete_trials
         if not done:
             n = len(self._state.finished)
@@ -318,6 +469,52 @@ class Study:
     def best_value(self) -> float:
         return float(self.best_trial.value)
 
+    # -- multi-objective results -------------------------------------------------------------
+    def objective_matrix(self, trials: Sequence[Trial] | None = None):
+        """Objective values of complete trials as an ``[n, m]`` float64 array, signed so
+        that every column is maximised (the convention of :mod:`rl2fx.pareto`)."""
+        import numpy as np
+
+        trials = self.complete_trials if trials is None else trials
+        dirs = self.maximize if isinstance(self.maximize, list) else [self.maximize]
+        sign = np.array([1.0 if d else -1.0 for d in dirs])
+        vals = [t.values if t.values is not None else [t.value] for t in trials]
+        return np.asarray(vals, dtype=np.float64).reshape(len(trials), len(dirs)) * sign
+
+    @property
+    def best_trials(self) -> list[Trial]:
+        """The Pareto set: complete trials not dominated by another (the best trial, for one objective)."""
+        from rl2fx.pareto import pareto_front_mask
+
+        done = self.complete_trials
+        if not done:
+            return []
+        mask = pareto_front_mask(self.objective_matrix(done))
+        return [t for t, keep in zip(done, mask.tolist(), strict=True) if keep]
+
+    def hypervolume(self, ref_point: Sequence[float] | None = None) -> float:
+        """Hypervolume of the Pareto set (:func:`rl2fx.pareto.hypervolume`, pymoo/moocore).
+
+        ``ref_point`` is in the objectives' own units and directions (a value to beat
+        in each); by default the nadir of the complete trials pushed 10 % of the range
+        outward (:func:`rl2fx.pareto.nadir_reference_point`).
+        """
+        import numpy as np
+
+        from rl2fx.pareto import hypervolume, nadir_reference_point
+
+        pts = self.objective_matrix()
+        if pts.shape[0] == 0:
+            return 0.0
+        if ref_point is None:
+            ref = np.asarray(nadir_reference_point(pts), dtype=np.float64)
+        else:
+            dirs = self.maximize if isinstance(self.maximize, list) else [self.maximize]
+            if len(ref_point) != len(dirs):
+                raise ValueError(f"ref_point must have {len(dirs)} entries (one per objective), got {list(ref_point)!r}")
+            ref = np.asarray(ref_point, dtype=np.float64) * np.array([1.0 if d else -1.0 for d in dirs])
+        return float(hypervolume(pts, ref))
+
     def trials_dataframe(self):
         """All finished trials as a pandas DataFrame: number, state, value, ``params.*``,
         ``metrics.*``, error, duration (seconds)."""
@@ -326,6 +523,8 @@ class Study:
         rows = []
         for t in self._state.finished:
             row: dict[str, Any] = {"number": t.number, "state": t.state, "value": t.value}
+            if t.values is not None:
+                row.update({f"values_{i}": v for i, v in enumerate(t.values)})
             row.update({f"params.{k}": v for k, v in t.params.items()})
             row.update({f"metrics.{k}": v for k, v in t.metrics.items()})
             row["error"] = t.error

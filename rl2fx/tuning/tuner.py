@@ -20,6 +20,7 @@ True
 from __future__ import annotations
 
 import concurrent.futures as cf
+import inspect
 import json
 import numbers
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rl2fx._typing import check_range
+from rl2fx.tuning.pruners import TrialPruned
 from rl2fx.tuning.samplers import StudyExhausted, make_sampler
 from rl2fx.tuning.space import HyperparameterConfig, as_configs, create_ppo_hyperparameter_configs
 from rl2fx.tuning.study import Study, Trial
@@ -66,6 +68,16 @@ def _to_float(v: Any, objective_name: str) -> float:
     return float(v)
 
 
+def _takes_trial(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a second positional argument (the trial)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+    pos = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(pos) >= 2
+
+
 class HyperparameterTuner:
     """Tune ``param_configs`` by calling a training function repeatedly (the spec's tuner).
 
@@ -93,6 +105,8 @@ class HyperparameterTuner:
         catch: exception types from ``fn`` recorded as failed trials; others propagate and
             leave the trial unrecorded (asked again when the study is resumed).
         sampler_options: extra settings for the sampler (e.g. ``n_initial``, ``raw_samples``).
+        pruner: a pruner from :mod:`rl2fx.tuning.pruners` (or its name) for ``fn``s that
+            take the trial as a second argument and report intermediate values.
     """
 
     def __init__(
@@ -112,6 +126,7 @@ class HyperparameterTuner:
         show_progress_bar: bool = True,
         catch: tuple[type[BaseException], ...] = (Exception,),
         sampler_options: Mapping[str, Any] | None = None,
+        pruner: Any = None,
     ) -> None:
         if isinstance(n_trials, bool) or not isinstance(n_trials, int):
             raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
@@ -136,7 +151,7 @@ class HyperparameterTuner:
         sampler = make_sampler(
             optimizer_type, seed=seed, grid_size=grid_size, exploration_weight=exploration_weight, **dict(sampler_options or {})
         )
-        self.study = Study(self.param_configs, sampler, maximize=maximize, storage=self.save_dir)
+        self.study = Study(self.param_configs, sampler, maximize=maximize, storage=self.save_dir, pruner=pruner)
         self.exhausted_message: str | None = None
 
     # -- the loop ----------------------------------------------------------------------------
@@ -147,10 +162,17 @@ class HyperparameterTuner:
         entries are kept as trial metrics). An exception from ``fn`` (of a type in
         ``catch``) or a NaN/inf value marks that trial failed and the study goes on; a dict
         missing ``objective_name`` raises at once, naming the key and the keys present.
+
+        A ``fn`` with two positional parameters is called as ``fn(params, trial)``: it may
+        ``trial.report(value, step)`` while training and raise
+        :class:`~rl2fx.tuning.pruners.TrialPruned` when ``trial.should_prune()``; the
+        trial is then recorded as pruned. (Reporting needs the study in the same process:
+        inline or thread executors.)
         """
         from tqdm.auto import tqdm
 
         self.study.forget_pending()  # left over from an interrupted earlier call
+        self._pass_trial = _takes_trial(fn)
         own_pool = None
         executor = self.executor
         if executor is not None and not isinstance(executor, cf.Executor):
@@ -184,7 +206,9 @@ class HyperparameterTuner:
             return None
 
     def _finish(self, trial: Trial, outcome: Any, failed: BaseException | None, bar) -> None:
-        if failed is not None:
+        if isinstance(failed, TrialPruned):
+            self.study.tell(trial, failed)
+        elif failed is not None:
             if not isinstance(failed, self.catch):
                 # not a failure of the configuration (e.g. KeyboardInterrupt): leave the trial
                 # untold, like one lost in a crash, so a resumed study asks it again
@@ -204,13 +228,16 @@ class HyperparameterTuner:
         if self.study.complete_trials:
             bar.set_postfix(best=f"{self.study.best_value:.6g}", failed=sum(t.state == "failed" for t in self.study.trials))
 
+    def _args(self, trial: Trial) -> tuple[Any, ...]:
+        return (dict(trial.params), trial) if self._pass_trial else (dict(trial.params),)
+
     def _run_serial(self, fn, bar) -> None:
         while self._remaining() > 0:
             trial = self._ask()
             if trial is None:
                 return
             try:
-                out, err = fn(dict(trial.params)), None
+                out, err = fn(*self._args(trial)), None
             except BaseException as e:  # noqa: BLE001 - sorted by self.catch in _finish
                 out, err = None, e
             self._finish(trial, out, err, bar)
@@ -225,7 +252,7 @@ class HyperparameterTuner:
                     if trial is None:
                         exhausted = True
                         break
-                    running[executor.submit(fn, dict(trial.params))] = trial
+                    running[executor.submit(fn, *self._args(trial))] = trial
                 if not running:
                     return
                 done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
@@ -272,6 +299,7 @@ class HyperparameterTuner:
             "best_trial": self.best_trial.number if has_best else None,
             "n_complete": sum(t.state == "complete" for t in trials),
             "n_failed": sum(t.state == "failed" for t in trials),
+            "n_pruned": sum(t.state == "pruned" for t in trials),
             "exhausted": self.exhausted_message,
             "trials": self.trials_dataframe(),
         }
