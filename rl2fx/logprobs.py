@@ -24,17 +24,27 @@ The same trick underlies the fused/chunked cross-entropy kernels of Liger
 Kernel (Hsu et al., 2024) and the chunked log-prob paths of verl and OpenRLHF;
 this version is plain PyTorch. Extra memory is two ``[chunk_size, vocab]``
 float32 buffers in either pass instead of several ``[batch * time, vocab]`` ones.
+
+Every forward pass on padded input gets ``position_ids`` derived from the
+attention mask (:func:`position_ids_from_mask`), as ``generate`` does when it
+samples: a model with absolute position embeddings (GPT-2) otherwise scores a
+left-padded prompt at shifted positions, and its log-probs disagree with the
+sampler's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import inspect
+import weakref
+
 import torch
 
-from rl2fx._typing import Float, Int, Tensor, check_range, typechecked
+from rl2fx._typing import Float, Int, Shaped, Tensor, check_range, typechecked
 
-__all__ = ["token_logprobs", "token_logprobs_and_entropy", "naive_logprobs_and_entropy", "response_logits"]
+__all__ = ["token_logprobs", "token_logprobs_and_entropy", "naive_logprobs_and_entropy", "response_logits",
+           "position_ids_from_mask", "forward_accepts"]
 
 
 def _chunks(t: int, size: int) -> list[tuple[int, int]]:
@@ -174,6 +184,76 @@ def naive_logprobs_and_entropy(
     return lp, ent
 
 
+@typechecked
+def position_ids_from_mask(attention_mask: Shaped[Tensor, "*batch seq"]) -> Int[Tensor, "*batch seq"]:
+    """Position of each token among the unmasked tokens of its row; 0 on masked-out tokens.
+
+    :math:`\\mathrm{pos}_t = \\sum_{s \\le t} m_s - 1` where :math:`m_t = 1`, else 0: the rule of
+    transformers' ``GenerationMixin._prepare_position_ids_for_generation``, so a forward
+    pass over a left-padded batch sees each token at the position it had while
+    ``generate`` sampled it. ``attention_mask`` may be bool, integer or 0/1 float.
+
+    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])).tolist()
+    [[0, 0, 0, 1, 2], [0, 1, 2, 3, 0]]
+    """
+    on = attention_mask != 0
+    pos = on.long().cumsum(-1) - 1
+    return torch.where(on, pos, torch.zeros_like(pos))
+
+
+def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``forward`` defines the arguments: through DDP/FSDP1 (``.module``) and PEFT."""
+    m: Any = model
+    for _ in range(4):  # wrappers nest (DDP around a PEFT model) but never deeply
+        if isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        elif callable(getattr(m, "get_base_model", None)):
+            m = m.get_base_model()
+        else:
+            break
+    return m
+
+
+_ACCEPTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
+
+
+def forward_accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward (through DDP/PEFT wrappers) names the argument ``name``.
+
+    A forward that only takes ``**kwargs`` does not count: such a model may drop
+    the argument silently. Answers are cached per module.
+
+    >>> from rl2fx.tasks import build_tiny_lm
+    >>> forward_accepts(build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2), "position_ids")
+    True
+    """
+    inner = _inner_model(model)
+    cache = _ACCEPTS.setdefault(inner, {})
+    if name not in cache:
+        try:
+            params = inspect.signature(inner.forward).parameters
+        except (TypeError, ValueError):  # builtins or C-implemented forwards have no signature
+            params = {}  # type: ignore[assignment]
+        p = params.get(name)
+        cache[name] = p is not None and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    return cache[name]
+
+
+def _forward_kwargs(model: torch.nn.Module, attention_mask: Tensor | None, keep: int | None,
+                    forward_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``use_cache=False``, ``position_ids`` from the mask and ``logits_to_keep`` where the model takes them."""
+    kw: dict[str, Any] = {"use_cache": False}
+    if attention_mask is not None and "position_ids" not in forward_kwargs and forward_accepts(model, "position_ids"):
+        kw["position_ids"] = position_ids_from_mask(attention_mask)
+    if keep is not None:
+        for name in ("logits_to_keep", "num_logits_to_keep"):  # the older transformers spelling second
+            if forward_accepts(model, name):
+                kw[name] = keep
+                break
+    kw.update(forward_kwargs)
+    return kw
+
+
 def response_logits(
     model: torch.nn.Module,
     input_ids: Int[Tensor, "batch seq"],
@@ -186,7 +266,10 @@ def response_logits(
     Position ``t`` of the output predicts ``input_ids[:, -response_len + t]``. Only
     ``response_len + 1`` positions of the LM head are computed when the model
     supports transformers' ``logits_to_keep`` (saving the prompt's share of the
-    largest activation).
+    largest activation). With an ``attention_mask``, ``position_ids`` derived from
+    it (:func:`position_ids_from_mask`) are passed when the model's forward takes
+    them and ``forward_kwargs`` does not set them, so left-padded rows are scored
+    at the positions ``generate`` sampled them at.
 
     >>> from rl2fx.tasks import build_tiny_lm
     >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
@@ -196,10 +279,7 @@ def response_logits(
     True
     """
     check_range("response_len", response_len, 1, input_ids.shape[-1] - 1)
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=response_len + 1,
-                    use_cache=False, **forward_kwargs)
-    except TypeError:  # models without logits_to_keep
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    kw = _forward_kwargs(model, attention_mask, response_len + 1, forward_kwargs)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kw)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits[:, -response_len - 1:-1]
