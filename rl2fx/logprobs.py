@@ -37,14 +37,15 @@ from __future__ import annotations
 from typing import Any
 
 import inspect
+import warnings
 import weakref
 
 import torch
 
-from rl2fx._typing import Float, Int, Shaped, Tensor, check_range, typechecked
+from rl2fx._typing import Float, Int, Shaped, Tensor, check_choice, check_range, typechecked
 
 __all__ = ["token_logprobs", "token_logprobs_and_entropy", "naive_logprobs_and_entropy", "response_logits",
-           "position_ids_from_mask", "forward_accepts"]
+           "position_ids_from_mask", "forward_accepts", "linear_logprobs_and_entropy", "response_logprobs"]
 
 
 def _chunks(t: int, size: int) -> list[tuple[int, int]]:
@@ -283,3 +284,314 @@ def response_logits(
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kw)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits[:, -response_len - 1:-1]
+
+
+# --- Log-probs from hidden states: the LM head applied chunk by chunk ------------------------------------------
+
+
+def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtype) -> Tensor:
+    """``h @ weight.T + bias`` in the inputs' dtype (as the model's own head computes it), then in ``acc``."""
+    return torch.nn.functional.linear(h, weight, bias).to(acc)
+
+
+class _FusedLinearLogProbEntropy(torch.autograd.Function):
+    """``log softmax(c·tanh((hW^T + b)/c)/τ)`` at the labels (and the entropy) without the ``[n, vocab]`` logits.
+
+    Forward keeps the hidden states and per-token LSE and entropy; backward
+    recomputes each chunk's logits and turns the logit gradient straight into
+    ``grad_hidden = G W`` and ``grad_W += G^T h`` (``grad_b += Σ G``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                softcap: float | None, chunk_size: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        lp = hidden.new_empty(n, dtype=acc)
+        lse = torch.empty_like(lp)
+        ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
+        for s, e in _chunks(n, chunk_size):
+            z = _head_logits(hidden[s:e], weight, bias, acc)  # the one [chunk, vocab] buffer, reused in place
+            if softcap is not None:
+                z.div_(softcap).tanh_().mul_(softcap)
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[s:e] = lse_c
+            logp = z.sub_(lse_c.unsqueeze(-1))
+            lp[s:e] = logp.gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                ent[s:e] = -(logp.exp().mul_(logp)).sum(-1)
+            del z, logp
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.temperature, ctx.softcap, ctx.chunk_size, ctx.with_entropy = temperature, softcap, chunk_size, with_entropy
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        tau, cap = ctx.temperature, ctx.softcap
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g_h = torch.empty_like(hidden) if need_h else None
+        # grad_W accumulates in the weight's dtype: a float32 copy of a bf16 [vocab, hidden]
+        # weight would outweigh the logits this function exists to avoid.
+        g_w = torch.zeros_like(weight) if need_w else None
+        g_b = torch.zeros(weight.shape[0], dtype=lse.dtype, device=lse.device) if need_b else None
+        for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
+            h = hidden[s:e]
+            logp = _head_logits(h, weight, bias, lse.dtype)
+            dcap = None
+            if cap is not None:
+                # d(c tanh(x/c))/dx = 1 - tanh(x/c)^2, from the same tanh as the forward pass
+                logp.div_(cap).tanh_()
+                dcap = torch.mul(logp, logp).neg_().add_(1.0)
+                logp.mul_(cap)
+            if tau != 1.0:
+                logp.div_(tau)
+            logp.sub_(lse[s:e].unsqueeze(-1))
+            p = logp.exp()
+            # dH/dz = -p (log p + H) / tau, built in the log-prob buffer
+            term = None
+            if ctx.with_entropy and g_ent is not None:
+                term = logp.add_(ent[s:e].unsqueeze(-1)).mul_(p).mul_(g_ent[s:e].unsqueeze(-1))
+            # d log pi(a)/dz = (onehot(a) - p) / tau, built in the probability buffer
+            if g_lp is not None:
+                gl = g_lp[s:e].unsqueeze(-1)
+                g = p.mul_(-gl)
+                g.scatter_add_(-1, labels[s:e].unsqueeze(-1), gl)
+            else:
+                g = p.zero_()
+            if term is not None:
+                g.sub_(term)
+            del logp, term
+            if tau != 1.0:
+                g.div_(tau)
+            if dcap is not None:
+                g.mul_(dcap)
+                del dcap
+            if g_b is not None:
+                g_b += g.sum(0)
+            gc = g.to(hidden.dtype)
+            del g, p
+            if g_h is not None:
+                g_h[s:e] = gc @ weight
+            if g_w is not None:
+                g_w.addmm_(gc.t(), h)
+            del gc
+        return g_h, g_w, None if g_b is None else g_b.to(bias.dtype), None, None, None, None, None
+
+
+@typechecked
+def linear_logprobs_and_entropy(
+    hidden: Float[Tensor, "*batch time hidden"],
+    weight: Float[Tensor, "vocab hidden"],
+    bias: Float[Tensor, " vocab"] | None,
+    labels: Int[Tensor, "*batch time"],
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int = 256,
+    with_entropy: bool = True,
+) -> tuple[Float[Tensor, "*batch time"], Float[Tensor, "*batch time"] | None]:
+    """Log-probs of ``labels`` (and entropies) under the LM head ``(weight, bias)`` applied to ``hidden``, chunked.
+
+    With :math:`z = c\\,\\tanh((h W^\\top + b)/c)` (no :math:`\\tanh` when ``softcap``
+    :math:`c` is ``None``; Gemma 2's final-logit soft-capping otherwise) and temperature
+    :math:`\\tau`: :math:`\\log\\pi(a) = z_a/\\tau - \\mathrm{LSE}(z/\\tau)`,
+    :math:`H = -\\sum_j p_j \\log p_j`. The ``[*batch, time, vocab]`` logits are
+    never formed: ``chunk_size`` tokens at a time, the forward pass computes a
+    chunk of logits, reduces it to the log-prob, LSE and entropy and drops it;
+    the backward pass recomputes the chunk and turns its logit gradient
+    :math:`G` into ``grad_hidden = G W`` and ``grad_weight += G^T h``. This is the
+    scheme of Liger Kernel's fused linear cross-entropy (Hsu et al., 2024,
+    arXiv:2410.10989), here for per-token outputs with arbitrary upstream
+    gradients (so the gradient cannot be formed in the forward pass), in plain
+    PyTorch.
+
+    The matmuls run in the dtype of ``hidden`` and ``weight`` (cast ``hidden``
+    to the weight's dtype, or both to the autocast dtype, before calling), the
+    softmax in float32 at least; ``grad_weight`` accumulates chunk by chunk in
+    the weight's dtype. Extra memory: two ``[chunk_size, vocab]`` float32 buffers
+    (three with ``softcap``) and one in the matmul dtype.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h, w = torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)
+    >>> y = torch.randint(0, 5, (2, 3), generator=g)
+    >>> lp, ent = linear_logprobs_and_entropy(h, w, None, y, chunk_size=2)
+    >>> ref_lp, ref_ent = naive_logprobs_and_entropy(h @ w.T, y)
+    >>> torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
+    True
+    """
+    check_range("temperature", temperature, 0.0, None, low_inclusive=False)
+    check_range("chunk_size", chunk_size, 1, None)
+    if softcap is not None:
+        check_range("softcap", softcap, 0.0, None, low_inclusive=False)
+    v = weight.shape[0]
+    if labels.numel() and (labels.min() < 0 or labels.max() >= v):
+        raise ValueError(f"labels must be in [0, {v - 1}] (the vocabulary), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have one dtype "
+                         f"(the dtype the LM head's matmul runs in)")
+    lead = labels.shape
+    lp, ent = _FusedLinearLogProbEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, None if bias is None else bias.to(weight.dtype),
+        labels.reshape(-1), float(temperature), None if softcap is None else float(softcap), int(chunk_size),
+        with_entropy)
+    return lp.reshape(lead), (ent.reshape(lead) if with_entropy else None)
+
+
+def _plain_head(model: torch.nn.Module) -> tuple[torch.nn.Linear, float | None] | str:
+    """The output embedding and final-logit soft-cap, or why the fused path cannot use them."""
+    inner = _inner_model(model)
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        return f"its output embedding is {type(head).__name__}, not a plain torch.nn.Linear"
+    cap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
+    return head, (float(cap) if cap else None)
+
+
+def _hidden_into_head(model: torch.nn.Module, head: torch.nn.Module, input_ids: Tensor,
+                      attention_mask: Tensor | None, keep: int, forward_kwargs: dict[str, Any]) -> Tensor | None:
+    """Run ``model``'s own forward; return the hidden states its LM head receives, handing the head an empty slice.
+
+    Going through the model's forward (not its decoder body) keeps DDP's gradient
+    hooks, PEFT adapters and the model's own pre-head steps (final norm,
+    projections); the pre-hook leaves the head zero positions to project, so no
+    logits are formed. ``None`` if the head did not run exactly once.
+    """
+    seen: list[Tensor] = []
+
+    def take(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            h, rest = args[0], args[1:]
+        else:
+            h, rest = kwargs.pop("input"), ()
+        seen.append(h)
+        return (h[..., :0, :], *rest), kwargs
+
+    handle = head.register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              **_forward_kwargs(model, attention_mask, keep, forward_kwargs))
+    finally:
+        handle.remove()
+    return seen[0] if len(seen) == 1 else None
+
+
+# per model: None if the fused path reproduces its logits, else the reason it does not
+_FUSED_CHECK: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+
+
+def _fused_unsupported(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
+                       forward_kwargs: dict[str, Any]) -> str | None:
+    """Why the fused path would not reproduce ``model``'s logits (``None``: it does); checked once per model.
+
+    The check runs the model's own forward on one row and compares its last two
+    logit rows with the fused head on the captured hidden states, so a head the
+    config does not describe (a logit scale, another cap) falls back instead of
+    giving wrong log-probs.
+    """
+    inner = _inner_model(model)
+    if inner in _FUSED_CHECK:
+        return _FUSED_CHECK[inner]
+    found = _plain_head(model)
+    if isinstance(found, str):
+        reason: str | None = found
+    else:
+        head, cap = found
+        ids, mask = input_ids[:1], None if attention_mask is None else attention_mask[:1]
+        was_training = inner.training
+        inner.eval()  # dropout would make the two passes differ
+        try:
+            with torch.no_grad():
+                out = inner(input_ids=ids, attention_mask=mask, **_forward_kwargs(inner, mask, 2, forward_kwargs))
+                ref = (out.logits if hasattr(out, "logits") else out[0])[:, -2:].float()
+                h = _hidden_into_head(inner, head, ids, mask, 2, forward_kwargs)
+                z = None if h is None else _head_logits(h[:, -2:], head.weight, head.bias, torch.float32)
+        finally:
+            inner.train(was_training)
+        if z is None:
+            reason = "its forward does not call the output embedding exactly once"
+        else:
+            if cap is not None:
+                z = cap * torch.tanh(z / cap)
+            tol = 2e-2 if z.shape == ref.shape and head.weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            scale = float(ref.abs().max().clamp_min(1.0))
+            err = float((z - ref).abs().max()) if z.shape == ref.shape else float("inf")
+            reason = None if err <= tol * scale else (
+                f"the output embedding applied to the hidden states differs from its logits by {err:.3g} "
+                f"(a logit scale or cap the config does not name)")
+    if reason is not None:
+        warnings.warn(f"response_logprobs: {type(inner).__name__} computes full logits (no fused LM head): {reason}",
+                      stacklevel=3)
+    _FUSED_CHECK[inner] = reason
+    return reason
+
+
+@typechecked
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: Int[Tensor, "batch seq"],
+    attention_mask: Shaped[Tensor, "batch seq"] | None,
+    response_ids: Int[Tensor, "batch time"],
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+    fused: bool | str = "auto",
+    **forward_kwargs: Any,
+) -> tuple[Float[Tensor, "batch time"], Float[Tensor, "batch time"] | None]:
+    """Log-probs (and entropies) of ``response_ids``, the last ``time`` tokens of ``input_ids``, under ``model``.
+
+    ``fused=True`` runs the model's forward up to its LM head (through any DDP or
+    PEFT wrapper, with :func:`position_ids_from_mask` positions), captures the
+    hidden states the head receives, and applies the head with
+    :func:`linear_logprobs_and_entropy`: no ``[batch, time, vocab]`` logits in
+    either pass. It needs a plain ``torch.nn.Linear`` from
+    ``get_output_embeddings()`` (tied or not); Gemma 2's
+    ``final_logit_softcapping`` is applied. ``fused=False`` is
+    :func:`response_logits` then :func:`token_logprobs_and_entropy`.
+    ``"auto"`` (default) takes the fused path when a once-per-model check shows
+    it reproduces the model's own logits and falls back otherwise;
+    ``fused=True`` raises instead of falling back.
+
+    >>> from rl2fx.tasks import build_tiny_lm
+    >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
+    >>> ids, mask = torch.tensor([[0, 1, 5, 13, 6], [1, 4, 5, 7, 8]]), torch.tensor([[0, 1, 1, 1, 1], [1] * 5])
+    >>> a, _ = response_logprobs(m, ids, mask, ids[:, -2:], fused=True)
+    >>> b, _ = response_logprobs(m, ids, mask, ids[:, -2:], fused=False)
+    >>> torch.allclose(a, b, atol=1e-5)
+    True
+    """
+    check_range("temperature", temperature, 0.0, None, low_inclusive=False)
+    check_range("chunk_size", chunk_size, 1, None)
+    check_choice("fused", fused, ["auto", True, False])
+    r = response_ids.shape[-1]
+    check_range("response_ids.shape[-1]", r, 1, input_ids.shape[-1] - 1)
+    reason = None if fused is False else _fused_unsupported(model, input_ids, attention_mask, forward_kwargs)
+    if fused is True and reason is not None:
+        raise ValueError(f"fused=True but {type(_inner_model(model)).__name__} cannot use the fused path: {reason}")
+    if fused is not False and reason is None:
+        found = _plain_head(model)
+        assert not isinstance(found, str)
+        head, cap = found
+        h = _hidden_into_head(model, head, input_ids, attention_mask, r + 1, forward_kwargs)
+        if h is None:
+            raise RuntimeError("the output embedding ran more or less than once in this forward pass")
+        h = h[:, -r - 1:-1]
+        w, b = head.weight, head.bias
+        dev = h.device.type
+        if torch.is_autocast_enabled(dev):
+            # autocast would run the head's matmul in its dtype; the cast stays on the autograd graph
+            dt = torch.get_autocast_dtype(dev)
+            h, w, b = h.to(dt), w.to(dt), None if b is None else b.to(dt)
+        elif h.dtype != w.dtype:
+            h = h.to(w.dtype)
+        with torch.autocast(dev, enabled=False):
+            return linear_logprobs_and_entropy(h, w, b, response_ids, temperature=temperature, softcap=cap,
+                                               chunk_size=chunk_size, with_entropy=with_entropy)
+    logits = response_logits(model, input_ids, attention_mask, r, **forward_kwargs)
+    return token_logprobs_and_entropy(logits, response_ids, temperature=temperature, chunk_size=chunk_size,
+                                      with_entropy=with_entropy)
