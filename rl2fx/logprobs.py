@@ -294,12 +294,28 @@ def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, acc: torch.dtyp
     return torch.nn.functional.linear(h, weight, bias).to(acc)
 
 
+def _scaled_shifted(z: Tensor, shift: Tensor, inv_tau: float, acc: torch.dtype) -> Tensor:
+    """``z * inv_tau + shift`` in ``acc``: one pass that also upcasts a half-precision ``z`` (in place if ``z`` is ``acc``)."""
+    return torch.add(shift, z, alpha=inv_tau, out=z if z.dtype == acc else None)
+
+
+def _capped(z: Tensor, cap: float | None, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``(c tanh(z / c), 1 - tanh(z / c)^2)`` in ``acc`` for a soft-cap ``c``; ``(z, None)`` without one."""
+    if cap is None:
+        return z, None
+    t = z.to(acc).div_(cap).tanh_()
+    d = torch.mul(t, t).neg_().add_(1.0)
+    return t.mul_(cap), d
+
+
 class _FusedLinearLogProbEntropy(torch.autograd.Function):
     """``log softmax(c·tanh((hW^T + b)/c)/τ)`` at the labels (and the entropy) without the ``[n, vocab]`` logits.
 
     Forward keeps the hidden states and per-token LSE and entropy; backward
     recomputes each chunk's logits and turns the logit gradient straight into
-    ``grad_hidden = G W`` and ``grad_W += G^T h`` (``grad_b += Σ G``).
+    ``grad_hidden = G W`` and ``grad_W += G^T h`` (``grad_b += Σ G``). Each
+    ``[chunk, vocab]`` pass over memory costs about as much as the chunk's matmul
+    on a CPU, so the per-chunk arithmetic is arranged to need few of them.
     """
 
     @staticmethod
@@ -310,19 +326,27 @@ class _FusedLinearLogProbEntropy(torch.autograd.Function):
         lp = hidden.new_empty(n, dtype=acc)
         lse = torch.empty_like(lp)
         ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
+        inv_tau = 1.0 / temperature
         for s, e in _chunks(n, chunk_size):
-            z = _head_logits(hidden[s:e], weight, bias, acc)  # the one [chunk, vocab] buffer, reused in place
-            if softcap is not None:
-                z.div_(softcap).tanh_().mul_(softcap)
-            if temperature != 1.0:
-                z.div_(temperature)
-            lse_c = torch.logsumexp(z, dim=-1)
-            lse[s:e] = lse_c
-            logp = z.sub_(lse_c.unsqueeze(-1))
-            lp[s:e] = logp.gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
+            z, _ = _capped(torch.nn.functional.linear(hidden[s:e], weight, bias), softcap, acc)
+            m = z.amax(-1, keepdim=True).to(acc)
+            # y = (z - max z) / tau in one pass (the float32 [chunk, vocab] buffer, then reused in place);
+            # log pi(a) = y_a - log sum exp(y)
+            y = _scaled_shifted(z, m.mul(-inv_tau), inv_tau, acc)
+            del z
+            y_a = y.gather(-1, labels[s:e].unsqueeze(-1)).squeeze(-1)
             if with_entropy:
-                ent[s:e] = -(logp.exp().mul_(logp)).sum(-1)
-            del z, logp
+                ey = torch.exp(y)
+                sum_e = ey.sum(-1)
+                log_s = sum_e.log()
+                # H = log S - sum_j e^{y_j} y_j / S
+                ent[s:e] = log_s - torch.linalg.vecdot(ey, y) / sum_e
+                del ey
+            else:
+                log_s = y.exp_().sum(-1).log()
+            lp[s:e] = y_a - log_s
+            lse[s:e] = m.squeeze(-1) * inv_tau + log_s
+            del y
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
         ctx.temperature, ctx.softcap, ctx.chunk_size, ctx.with_entropy = temperature, softcap, chunk_size, with_entropy
         return lp, ent
@@ -330,42 +354,35 @@ class _FusedLinearLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        tau, cap = ctx.temperature, ctx.softcap
+        cap, inv_tau = ctx.softcap, 1.0 / ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if not ctx.with_entropy:
+            g_ent = None
+        if g_lp is None:
+            g_lp = torch.zeros_like(lse)
         g_h = torch.empty_like(hidden) if need_h else None
         # grad_W accumulates in the weight's dtype: a float32 copy of a bf16 [vocab, hidden]
         # weight would outweigh the logits this function exists to avoid.
-        g_w = torch.zeros_like(weight) if need_w else None
+        g_w = None
         g_b = torch.zeros(weight.shape[0], dtype=lse.dtype, device=lse.device) if need_b else None
         for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
             h = hidden[s:e]
-            logp = _head_logits(h, weight, bias, lse.dtype)
-            dcap = None
-            if cap is not None:
-                # d(c tanh(x/c))/dx = 1 - tanh(x/c)^2, from the same tanh as the forward pass
-                logp.div_(cap).tanh_()
-                dcap = torch.mul(logp, logp).neg_().add_(1.0)
-                logp.mul_(cap)
-            if tau != 1.0:
-                logp.div_(tau)
-            logp.sub_(lse[s:e].unsqueeze(-1))
-            p = logp.exp()
-            # dH/dz = -p (log p + H) / tau, built in the log-prob buffer
-            term = None
-            if ctx.with_entropy and g_ent is not None:
-                term = logp.add_(ent[s:e].unsqueeze(-1)).mul_(p).mul_(g_ent[s:e].unsqueeze(-1))
-            # d log pi(a)/dz = (onehot(a) - p) / tau, built in the probability buffer
-            if g_lp is not None:
-                gl = g_lp[s:e].unsqueeze(-1)
-                g = p.mul_(-gl)
-                g.scatter_add_(-1, labels[s:e].unsqueeze(-1), gl)
+            # d(c tanh(x/c))/dx = 1 - tanh(x/c)^2, from the same tanh as the forward pass
+            z, dcap = _capped(torch.nn.functional.linear(h, weight, bias), cap, lse.dtype)
+            logp = _scaled_shifted(z, lse[s:e].unsqueeze(-1).neg(), inv_tau, lse.dtype)  # z / tau - LSE
+            del z
+            p = torch.exp(logp)
+            # dz = [g_lp (onehot(a) - p) - g_ent p (log p + H)] / tau
+            #    = p * (c0 + c1 * log p) + onehot(a) g_lp / tau, with c0 = -(g_lp + g_ent H) / tau, c1 = -g_ent / tau
+            gl = g_lp[s:e].unsqueeze(-1)
+            if g_ent is not None:
+                ge = g_ent[s:e].unsqueeze(-1)
+                c0 = (gl + ge * ent[s:e].unsqueeze(-1)).mul_(-inv_tau)
+                g = p.mul_(torch.addcmul(c0, logp, ge, value=-inv_tau, out=logp))
             else:
-                g = p.zero_()
-            if term is not None:
-                g.sub_(term)
-            del logp, term
-            if tau != 1.0:
-                g.div_(tau)
+                g = p.mul_(gl * -inv_tau)
+            del logp
+            g.scatter_add_(-1, labels[s:e].unsqueeze(-1), gl * inv_tau)
             if dcap is not None:
                 g.mul_(dcap)
                 del dcap
@@ -375,9 +392,12 @@ class _FusedLinearLogProbEntropy(torch.autograd.Function):
             del g, p
             if g_h is not None:
                 g_h[s:e] = gc @ weight
-            if g_w is not None:
-                g_w.addmm_(gc.t(), h)
+            if need_w:
+                # the first chunk writes grad_W, the others add to it: no zero-filled [vocab, hidden] pass
+                g_w = gc.t() @ h if g_w is None else g_w.addmm_(gc.t(), h)
             del gc
+        if need_w and g_w is None:
+            g_w = torch.zeros_like(weight)
         return g_h, g_w, None if g_b is None else g_b.to(bias.dtype), None, None, None, None, None
 
 
@@ -502,13 +522,16 @@ def _fused_unsupported(model: torch.nn.Module, input_ids: Tensor, attention_mask
     else:
         head, cap = found
         ids, mask = input_ids[:1], None if attention_mask is None else attention_mask[:1]
+        n = input_ids.shape[0]
+        kwargs1 = {k: v[:1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+                   for k, v in forward_kwargs.items()}
         was_training = inner.training
         inner.eval()  # dropout would make the two passes differ
         try:
             with torch.no_grad():
-                out = inner(input_ids=ids, attention_mask=mask, **_forward_kwargs(inner, mask, 2, forward_kwargs))
+                out = inner(input_ids=ids, attention_mask=mask, **_forward_kwargs(inner, mask, 2, kwargs1))
                 ref = (out.logits if hasattr(out, "logits") else out[0])[:, -2:].float()
-                h = _hidden_into_head(inner, head, ids, mask, 2, forward_kwargs)
+                h = _hidden_into_head(inner, head, ids, mask, 2, kwargs1)
                 z = None if h is None else _head_logits(h[:, -2:], head.weight, head.bias, torch.float32)
         finally:
             inner.train(was_training)
