@@ -159,3 +159,53 @@ def test_response_logprobs_rejects_bad_arguments():
         response_logprobs(model, ids, mask, resp, fused="yes")
     with pytest.raises(ValueError, match=r"response_ids.shape\[-1\] must be in"):
         response_logprobs(model, ids[:, :3], mask[:, :3], resp)
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for DDP: the model under ``.module``, a forward that passes everything through."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_fused_through_a_wrapper_runs_the_wrapper_forward():
+    model = build("gpt2")
+    wrapped = _Wrapper(model)
+    calls = []
+    wrapped.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    ids, mask, resp = _batch()
+    lp_w, _ = response_logprobs(wrapped, ids, mask, resp, fused=True)
+    assert calls == [1]  # the verification pass uses the inner model; the scoring pass goes through the wrapper
+    torch.testing.assert_close(lp_w, response_logprobs(model, ids, mask, resp, fused=False)[0], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_fused_never_holds_the_response_logits():
+    """Peak tensor memory of forward + backward: the fused path saves at least one copy of the logits."""
+    from rl2fx.memory.profiler import TensorMemoryTracker
+
+    import transformers as t
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=8192, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                 max_position_embeddings=64, tie_word_embeddings=True))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 8192, (2, 40), generator=g)
+    resp = ids[:, -32:]
+    logits_bytes = 2 * 32 * 8192 * 4
+    response_logprobs(model, ids, None, resp, fused=True)  # the once-per-model check, outside the tracker
+    peaks = {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with TensorMemoryTracker() as tracker:
+            lp, ent = response_logprobs(model, ids, None, resp, chunk_size=8, with_entropy=True, fused=fused)
+            (lp.sum() + ent.sum()).backward()
+        peaks[fused] = tracker.peak_bytes
+    # both paths write the same weight gradients; the full-logits path also holds the logits and their gradient
+    assert peaks[False] - peaks[True] > logits_bytes
