@@ -26,7 +26,8 @@ the allocator's peak counter too). Every path of the ``head`` section produces
 rounds, the cases interleaved within each round; the head section also times the
 step under ``torch.no_grad()`` (how old and reference log-probs are computed).
 
-    PYTHONPATH=. python benchmarks/logprobs.py [--quick] [--section head|logits|all] [--out PATH]
+    PYTHONPATH=. python benchmarks/logprobs.py [--quick] [--section head|logits|all] [--shapes 1x512]
+        [--memory-shapes 4x512] [--repeats 3] [--out PATH]
 
 Results go to ``outputs/benchmarks/logprobs.json`` unless ``--out`` is given.
 """
@@ -42,7 +43,11 @@ from pathlib import Path
 
 import torch
 
-from rl2fx.logprobs import linear_logprobs_and_entropy, naive_logprobs_and_entropy, token_logprobs_and_entropy
+from rl2fx.logprobs import (
+    linear_logprobs_and_entropy,
+    naive_logprobs_and_entropy,
+    token_logprobs_and_entropy,
+)
 from rl2fx.memory.profiler import TensorMemoryTracker
 
 MiB = 2**20
@@ -81,7 +86,7 @@ def _time_rounds(cases: list[tuple[dict, Callable[[], None], Callable[[], None]]
                 torch.cuda.synchronize()
             best[i] = min(best[i], time.perf_counter() - t0)
             clear()
-    for (row, _, _), t in zip(cases, best):
+    for (row, _, _), t in zip(cases, best, strict=True):
         row[key] = 1e3 * t if repeats else None
 
 
@@ -96,7 +101,7 @@ def head_trl(h, w, y, entropy_rows: int = 128):
     """TRL's selective_log_softmax idea: gather, minus a row-by-row logsumexp; entropy over chunks of rows."""
     logits = h @ w.T
     lp = torch.stack([row.gather(-1, lab.unsqueeze(-1)).squeeze(-1).float() - torch.logsumexp(row.float(), dim=-1)
-                      for row, lab in zip(logits, y)])
+                      for row, lab in zip(logits, y, strict=True)])
     flat = logits.reshape(-1, logits.shape[-1])
     ents = []
     for s in range(0, flat.shape[0], entropy_rows):
@@ -167,7 +172,9 @@ def main() -> None:
     ap.add_argument("--section", choices=["head", "logits", "all"], default="all")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed rounds (default 3, 1 with --quick; 0: peak memory only)")
-    ap.add_argument("--shapes", default=None, help="head section B x T list, e.g. 1x512,4x512 (default 1x512,4x512)")
+    ap.add_argument("--shapes", default=None, help="head section B x T list, timed and measured (default 1x512)")
+    ap.add_argument("--memory-shapes", default=None,
+                    help="head section B x T list, peak memory only (default 4x512; 'none' for none)")
     ap.add_argument("--hidden", type=int, default=896, help="hidden size of the head section (Qwen2.5-0.5B: 896)")
     ap.add_argument("--out", default="outputs/benchmarks/logprobs.json")
     args = ap.parse_args()
@@ -176,9 +183,15 @@ def main() -> None:
     rows = []
     if args.section in ("head", "all"):
         v = 32000 if args.quick else 151936
-        shapes = [(1, 128)] if args.quick else [(1, 512), (4, 512)]
-        if args.shapes:
-            shapes = [tuple(int(x) for x in bt.split("x")) for bt in args.shapes.split(",")]
+        def parse(text, default):
+            if text is None:
+                return default
+            return [] if text == "none" else [tuple(int(x) for x in bt.split("x")) for bt in text.split(",")]
+
+        # a CPU step at 4 x 512 takes tens of seconds per case: that shape is measured for memory only
+        timed = parse(args.shapes, [(1, 128)] if args.quick else [(1, 512)])
+        untimed = parse(args.memory_shapes, [] if args.quick else [(4, 512)])
+        shapes = [(bt, repeats) for bt in timed] + [(bt, 0) for bt in untimed]
         impls = {
             "naive (full log_softmax)": head_naive,
             "TRL selective_log_softmax": head_trl,
@@ -188,12 +201,12 @@ def main() -> None:
             "fused (rl2fx, chunk 64)": lambda h, w, y: head_fused(h, w, y, chunk=64),
         }
         for device in devices:
-            for b, t in shapes:
+            for (b, t), n_rounds in shapes:
                 cases = [setup_head(name, fn, b, t, args.hidden, v, device) for name, fn in impls.items()]
                 for row, *_ in cases:
                     print(f"  {device} {b}x{t} {row['impl']}: {row['peak_MiB']:.1f} MiB", flush=True)
-                _time_rounds([(r, st, cl) for r, st, _, cl in cases], "ms", device, repeats)
-                _time_rounds([(r, inf, cl) for r, _, inf, cl in cases], "no_grad_ms", device, repeats)
+                _time_rounds([(r, st, cl) for r, st, _, cl in cases], "ms", device, n_rounds)
+                _time_rounds([(r, inf, cl) for r, _, inf, cl in cases], "no_grad_ms", device, n_rounds)
                 rows += [r for r, *_ in cases]
     if args.section in ("logits", "all"):
         shapes3 = [(2, 256, 32000)] if args.quick else [(2, 256, 32000), (4, 512, 32000), (1, 512, 151936)]

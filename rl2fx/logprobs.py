@@ -25,6 +25,11 @@ Kernel (Hsu et al., 2024) and the chunked log-prob paths of verl and OpenRLHF;
 this version is plain PyTorch. Extra memory is two ``[chunk_size, vocab]``
 float32 buffers in either pass instead of several ``[batch * time, vocab]`` ones.
 
+:func:`response_logprobs` goes one step further and never forms the logits:
+:func:`linear_logprobs_and_entropy` applies the LM head to the last hidden states
+chunk by chunk, fused with the same reductions, and recomputes each chunk's
+logits in the backward pass.
+
 Every forward pass on padded input gets ``position_ids`` derived from the
 attention mask (:func:`position_ids_from_mask`), as ``generate`` does when it
 samples: a model with absolute position embeddings (GPT-2) otherwise scores a
@@ -34,11 +39,10 @@ sampler's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import inspect
 import warnings
 import weakref
+from typing import Any
 
 import torch
 
@@ -528,7 +532,8 @@ def _fused_unsupported(model: torch.nn.Module, input_ids: Tensor, attention_mask
         was_training = inner.training
         inner.eval()  # dropout would make the two passes differ
         try:
-            with torch.no_grad():
+            # a structural check: autocast off, so only the weights' own dtype sets the tolerance
+            with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
                 out = inner(input_ids=ids, attention_mask=mask, **_forward_kwargs(inner, mask, 2, kwargs1))
                 ref = (out.logits if hasattr(out, "logits") else out[0])[:, -2:].float()
                 h = _hidden_into_head(inner, head, ids, mask, 2, kwargs1)

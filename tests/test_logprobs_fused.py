@@ -37,7 +37,7 @@ def test_linear_matches_naive_values_and_grads(chunk, tau, cap, bias):
     grads_n = torch.autograd.grad((lp_n * c1 + ent_n * c2).sum(), params)
     torch.testing.assert_close(lp, lp_n, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ent, ent_n, rtol=1e-10, atol=1e-10)
-    for a, n in zip(grads, grads_n):
+    for a, n in zip(grads, grads_n, strict=True):
         torch.testing.assert_close(a, n, rtol=1e-9, atol=1e-10)
 
 
@@ -186,9 +186,9 @@ def test_fused_through_a_wrapper_runs_the_wrapper_forward():
 
 def test_fused_never_holds_the_response_logits():
     """Peak tensor memory of forward + backward: the fused path saves at least one copy of the logits."""
-    from rl2fx.memory.profiler import TensorMemoryTracker
-
     import transformers as t
+
+    from rl2fx.memory.profiler import TensorMemoryTracker
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

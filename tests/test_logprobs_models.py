@@ -12,7 +12,12 @@ import pytest
 import torch
 from _lm_helpers import ARCHS, NEW, PROMPT, VOCAB, build, left_padded_prompts
 
-from rl2fx.logprobs import forward_accepts, position_ids_from_mask, response_logits, token_logprobs_and_entropy
+from rl2fx.logprobs import (
+    forward_accepts,
+    position_ids_from_mask,
+    response_logits,
+    token_logprobs_and_entropy,
+)
 
 pytest.importorskip("transformers")
 
