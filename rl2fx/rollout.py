@@ -7,6 +7,14 @@ returns what the losses need: ``input_ids`` (prompt + response), ``attention_mas
 including the first ``<eos>``, 0 on the padding after it). :func:`scatter_last`
 turns a per-sequence score into token-level rewards on the last response token,
 the usual outcome-reward layout (RL2, OpenRLHF, TRL).
+
+``generate`` numbers the tokens of a left-padded row from its first real token
+(``cumsum(attention_mask) - 1``). Any later forward pass over these rows (old,
+reference and current log-probs, critic values) must do the same, or a model
+with absolute position embeddings (GPT-2) scores them at other positions:
+:func:`rl2fx.logprobs.response_logits` and :func:`rl2fx.logprobs.response_logprobs`
+pass :func:`rl2fx.logprobs.position_ids_from_mask` of the returned ``attention_mask``.
+Nothing in this module runs a forward pass other than ``generate`` itself.
 """
 
 from __future__ import annotations
