@@ -448,3 +448,14 @@ def test_out_of_range_hyperparameters_name_parameter_value_and_range(name, kw, p
 def test_shape_mismatch_names_the_argument(name):
     with pytest.raises(TypeError, match="advantages"):
         getattr(PL, name)(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_docs_page_example_runs():
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "losses.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
