@@ -452,6 +452,8 @@ def clip_cov(
     log_ratio = lp - old
     ratio = torch.exp(log_ratio)
     if clip is None:
+        if clip_high is not None:
+            raise ValueError(f"clip_high needs clip (PPO's clip for Clip-Cov's surrogate), got clip=None, clip_high={clip_high!r}")
         loss = -ratio * adv
         ppo_clipped = torch.zeros_like(m)
     else:
@@ -652,8 +654,8 @@ def dppo_kl(
 
     and :math:`\ell_t = -M_t\rho_t A_t`. The binary KL is computed exactly in log space
     (verl adds 1e-8 inside the logarithm). ``delta`` 0.05 is the authors' default;
-    ``ratio_cap`` as in :func:`dppo_tv`. Metrics: ``clip_frac``, ``binary_kl_mean``,
-    ``ratio_mean``, ``approx_kl``.
+    ``ratio_cap`` as in :func:`dppo_tv`. Metrics: ``clip_frac``, ``binary_kl_mean`` (an
+    infinite binary KL, :math:`p = 1 > q`, counts as 0 there), ``ratio_mean``, ``approx_kl``.
 
     >>> old = torch.log(torch.tensor([[0.5, 0.5]])); lp = torch.log(torch.tensor([[0.9, 0.55]]))
     >>> loss, metrics = dppo_kl(lp, old, torch.tensor([[1.0, 1.0]]))

@@ -418,6 +418,28 @@ def test_positively_homogeneous_in_the_advantages(name, batch, c):
     torch.testing.assert_close(b, c * a, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@given(shape=shapes(max_batch_dims=1, max_time=6), data=st.data())
+def test_gradients_finite_for_log_probs_down_to_minus_30_in_float32(name, shape, data):
+    lp = data.draw(float_tensors(shape, min_value=-30.0, max_value=0.0, dtype=torch.float32)).requires_grad_(True)
+    old = data.draw(float_tensors(shape, min_value=-30.0, max_value=0.0, dtype=torch.float32))
+    adv = data.draw(float_tensors(shape, min_value=-5.0, max_value=5.0, dtype=torch.float32))
+    loss, metrics = _call(name, lp, old, adv, agg_mode=data.draw(st.sampled_from(AGG_MODES)))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - BATCH_WIDE))
+@given(batch=batches(max_batch_dims=1), agg_mode=st.sampled_from(AGG_MODES), data=st.data())
+def test_invariant_to_the_order_of_the_rows(name, batch, agg_mode, data):
+    lp, old, adv, mask = batch
+    perm = torch.tensor(data.draw(st.permutations(range(lp.shape[0]))), dtype=torch.long)
+    a = _call(name, lp, old, adv, mask, agg_mode=agg_mode)[0]
+    b = _call(name, lp[perm], old[perm], adv[perm], mask[perm], agg_mode=agg_mode)[0]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ hyperparameter errors
 
 BAD = [
@@ -429,6 +451,7 @@ BAD = [
     ("gmpo", dict(clip=-0.1), "clip"), ("gmpo", dict(clip_high=-0.1), "clip_high"),
     ("clip_cov", dict(cov_ratio=0.0), "cov_ratio"), ("clip_cov", dict(cov_ratio=1.5), "cov_ratio"),
     ("clip_cov", dict(cov_low=2.0, cov_high=1.0), "cov_high"), ("clip_cov", dict(clip=2.0), "clip"),
+    ("clip_cov", dict(clip_high=0.3), "clip_high"),
     ("kl_cov", dict(cov_ratio=-0.1), "cov_ratio"), ("kl_cov", dict(beta=-1.0), "beta"),
     ("kl_cov", dict(kl_estimator="k9"), "kl_estimator"),
     ("dppo_tv", dict(delta=1.5), "delta"), ("dppo_tv", dict(delta_high=-0.1), "delta_high"),
@@ -440,7 +463,7 @@ BAD = [
 @pytest.mark.parametrize("name,kw,param", BAD)
 def test_out_of_range_hyperparameters_name_parameter_value_and_range(name, kw, param):
     z = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match=rf"^{param} must be (in|one of) .*, got "):
+    with pytest.raises(ValueError, match=rf"^{param} (must be (in|one of) .*|needs clip .*), got "):
         getattr(PL, name)(z, z, z, **kw)
 
 
