@@ -123,7 +123,7 @@ def gspo(
 ) -> Out:
     r"""GSPO: PPO's clipped objective on the length-normalised *sequence* importance ratio.
 
-    Zheng et al., "Group Sequence Policy Optimization", 2025 (arXiv:2507.18071), eq. 5-7:
+    Zheng et al., "Group Sequence Policy Optimization", 2025 (arXiv:2507.18071), the GSPO objective:
 
     .. math::
 
@@ -175,7 +175,7 @@ def gspo_token(
 ) -> Out:
     r"""GSPO-token: GSPO's sequence ratio in value, each token's own log-prob in gradient.
 
-    Zheng et al. 2025 (arXiv:2507.18071), eq. 13-14:
+    Zheng et al. 2025 (arXiv:2507.18071), the GSPO-token variant:
 
     .. math::
 
@@ -226,7 +226,7 @@ def cispo(
     r"""CISPO: REINFORCE weighted by the clipped, stop-gradient importance weight.
 
     MiniMax, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
-    Attention", 2025 (arXiv:2506.13585), eq. 4-5:
+    Attention", 2025 (arXiv:2506.13585), the CISPO objective:
 
     .. math::
 
@@ -235,7 +235,8 @@ def cispo(
 
     aggregated over all tokens (``token-mean``, the paper's :math:`1/\sum_i|o_i|`). No
     token's gradient is dropped: the clip bounds the weight, not the update. The paper
-    sets no lower bound, which is ``epsilon_low=None`` (the default).
+    sets no lower bound, which is ``epsilon_low=None`` (the default); ``epsilon_high=0.2`` is
+    rl2fx's PPO clip default, not a value taken from the paper.
     ``ratio_cap`` replaces the upper bound :math:`1+\epsilon^{IS}_{high}` by an absolute cap,
     TRL's choice (``loss_type="cispo"`` clamps the ratio at ``epsilon_high`` itself, 5.0
     recommended). Metrics: ``clip_frac`` (fraction of tokens whose weight was clipped),
@@ -340,7 +341,7 @@ def gmpo(
 ) -> Out:
     r"""GMPO: the geometric mean of the token ratios, clipped per token in log space.
 
-    Zhao et al., "Geometric-Mean Policy Optimization", 2025 (arXiv:2507.20673), eq. 4:
+    Zhao et al., "Geometric-Mean Policy Optimization", 2025 (arXiv:2507.20673), the GMPO objective:
 
     .. math::
 
@@ -416,7 +417,7 @@ def clip_cov(
     r"""Clip-Cov: detach the gradient of a random few tokens with a large log-prob/advantage covariance.
 
     Cui et al., "The Entropy Mechanism of Reinforcement Learning for Reasoning
-    Language Models", 2025 (arXiv:2505.22617), eq. 9-10. Over the N masked-in tokens
+    Language Models", 2025 (arXiv:2505.22617), Clip-Cov. Over the N masked-in tokens
     of the batch,
 
     .. math::
@@ -494,7 +495,7 @@ def kl_cov(
 ) -> Out:
     r"""KL-Cov: a KL penalty on the top-k tokens by log-prob/advantage covariance.
 
-    Cui et al. 2025 (arXiv:2505.22617), eq. 11-12, with :math:`\mathrm{Cov}_t` as in
+    Cui et al. 2025 (arXiv:2505.22617), KL-Cov, with :math:`\mathrm{Cov}_t` as in
     :func:`clip_cov`:
 
     .. math::
@@ -599,9 +600,11 @@ def dppo_tv(
 
     (:math:`M` carries no gradient). Pass the sampler's (rollout engine's) log-probs as
     ``old_logprobs``: the paper anchors the trust region to the behaviour policy.
-    ``delta`` 0.15 is the authors' default (their verl scripts). verl's ``dppo_tv`` uses
-    :math:`-M_t A_t\,\mathrm{sg}(\min(\rho_t, C))\log\pi_\theta` with :math:`C` = 20 (same
-    gradient below :math:`C`); ``ratio_cap=C`` gives that form. Metrics: ``clip_frac``
+    ``delta`` 0.15 is the authors' default (their verl scripts). The authors' code
+    (sail-sg/Stable-RL) and verl's ``dppo_tv`` use
+    :math:`-M_t A_t\,\mathrm{sg}(\min(\rho_t, C))\log\pi_\theta`, the same gradient below
+    :math:`C` (10 there, 20 in verl); ``ratio_cap=C`` gives that form. They also choose the
+    negative-side test for :math:`A_t = 0` tokens, which only changes ``clip_frac``. Metrics: ``clip_frac``
     (masked fraction), ``tv_mean``, ``ratio_mean``, ``approx_kl``.
 
     >>> old = torch.log(torch.tensor([[0.5, 0.5, 0.5]])); lp = torch.log(torch.tensor([[0.7, 0.6, 0.4]]))

@@ -81,7 +81,7 @@ def _clip(x: float, lo: float, hi: float) -> float:
 
 def ref_gspo(logprobs, old_logprobs, advantages, mask=None, *, clip=3e-4, clip_high=4e-4,
              agg_mode="seq-mean-token-mean", **agg_kw) -> float:
-    r"""GSPO (arXiv:2507.18071 eq. 5-7): :math:`s_i = \exp(\frac{1}{|y_i|}\sum_t \log\frac{\pi}{\pi_{old}})`,
+    r"""GSPO (arXiv:2507.18071): :math:`s_i = \exp(\frac{1}{|y_i|}\sum_t \log\frac{\pi}{\pi_{old}})`,
     token loss :math:`-\min(s_i A_t, \mathrm{clip}(s_i, 1-\epsilon, 1+\epsilon_h) A_t)`."""
     hi = clip if clip_high is None else clip_high
 
@@ -95,13 +95,13 @@ def ref_gspo(logprobs, old_logprobs, advantages, mask=None, *, clip=3e-4, clip_h
 
 
 def ref_gspo_token_value(logprobs, old_logprobs, advantages, mask=None, **kw) -> float:
-    r"""GSPO-token (eq. 13-14): its value equals GSPO's (:math:`s_{i,t} = s_i` numerically)."""
+    r"""GSPO-token: its value equals GSPO's (:math:`s_{i,t} = s_i` numerically)."""
     return ref_gspo(logprobs, old_logprobs, advantages, mask, **kw)
 
 
 def ref_cispo(logprobs, old_logprobs, advantages, mask=None, *, epsilon_low=None, epsilon_high=0.2,
               ratio_cap=None, agg_mode="token-mean", **agg_kw) -> float:
-    r"""CISPO (arXiv:2506.13585 eq. 4-5): :math:`-\mathrm{clip}(r, 1-\epsilon_l, 1+\epsilon_h)\, A \log\pi`."""
+    r"""CISPO (arXiv:2506.13585): :math:`-\mathrm{clip}(r, 1-\epsilon_l, 1+\epsilon_h)\, A \log\pi`."""
     lo = 0.0 if epsilon_low is None else 1 - epsilon_low
     hi = 1 + epsilon_high if ratio_cap is None else ratio_cap
 
@@ -127,7 +127,7 @@ def ref_sapo(logprobs, old_logprobs, advantages, mask=None, *, tau_pos=1.0, tau_
 
 def ref_gmpo(logprobs, old_logprobs, advantages, mask=None, *, clip=0.4, clip_high=None,
              agg_mode="seq-mean-token-mean", **agg_kw) -> float:
-    r"""GMPO (arXiv:2507.20673 eq. 4) as the product form:
+    r"""GMPO (arXiv:2507.20673) as the product form:
     :math:`-\{\prod_t |\min(\rho_t A, \mathrm{clip}(\rho_t, e^{-\epsilon}, e^{\epsilon_h}) A)|\}^{1/|o|}\,\mathrm{sgn}(A)`,
     A the row's mean advantage."""
     hi = clip if clip_high is None else clip_high
@@ -167,7 +167,7 @@ def _split(flat: list, rows: list) -> list[list]:
 
 def ref_clip_cov(logprobs, old_logprobs, advantages, mask=None, *, cov_ratio=2e-4, cov_low=1.0, cov_high=5.0,
                  generator=None, agg_mode="token-mean", **agg_kw) -> float:
-    r"""Clip-Cov (arXiv:2505.22617 eq. 9-10): :math:`\lfloor rN\rfloor` tokens drawn uniformly (one
+    r"""Clip-Cov (arXiv:2505.22617): :math:`\lfloor rN\rfloor` tokens drawn uniformly (one
     ``torch.randperm`` over the candidates in row-major order) among those with
     :math:`\omega_{low} \le \mathrm{Cov} \le \omega_{high}` lose their term; the others keep :math:`-rA`."""
     rows = _packed(logprobs, old_logprobs, advantages, mask)
@@ -186,7 +186,7 @@ def ref_clip_cov(logprobs, old_logprobs, advantages, mask=None, *, cov_ratio=2e-
 
 def ref_kl_cov(logprobs, old_logprobs, advantages, mask=None, *, cov_ratio=2e-3, beta=1.0,
                agg_mode="token-mean", **agg_kw) -> float:
-    r"""KL-Cov (arXiv:2505.22617 eq. 11-12): the :math:`\lfloor kN\rfloor` largest covariances (ties: earlier
+    r"""KL-Cov (arXiv:2505.22617): the :math:`\lfloor kN\rfloor` largest covariances (ties: earlier
     token first) add :math:`\beta|\log\pi - \log\pi_{old}|` to :math:`-rA`."""
     rows = _packed(logprobs, old_logprobs, advantages, mask)
     cov = ref_covariances(logprobs, advantages, mask)
