@@ -483,10 +483,15 @@ def unregister_policy_loss(name: str) -> None:
 def list_policy_losses() -> list[str]:
     """Names of the registered policy losses, built-ins first.
 
-    >>> "vanilla" in list_policy_losses()
+    >>> {"vanilla", "gspo", "cispo"} <= set(list_policy_losses())
     True
     """
+    _ensure_builtin_losses()
     return list(_LOSSES)
+
+
+def _ensure_builtin_losses() -> None:
+    import rl2fx.policy_losses  # noqa: F401  (importing it registers GSPO, CISPO, SAPO, ... by name)
 
 
 def get_policy_loss(name: str) -> PolicyLoss:
@@ -497,6 +502,7 @@ def get_policy_loss(name: str) -> PolicyLoss:
     ...
     ValueError: unknown policy loss 'vanila'; did you mean 'vanilla'? Registered: [...]
     """
+    _ensure_builtin_losses()
     spec = _LOSSES.get(name) if isinstance(name, str) else None
     if spec is None:
         known = list(_LOSSES)

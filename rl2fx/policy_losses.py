@@ -34,7 +34,7 @@ import torch
 
 from rl2fx._typing import Float, Shaped, Tensor, check_choice, check_range, typechecked
 from rl2fx.kl_estimators import KL_ESTIMATORS, kl_estimate
-from rl2fx.losses import AGG_MODES, aggregate
+from rl2fx.losses import AGG_MODES, aggregate, register_policy_loss
 
 __all__ = [
     "gspo",
@@ -107,6 +107,7 @@ def _ppo_surrogate(ratio: Tensor, adv: Tensor, lo: float, hi: float) -> tuple[Te
     return -torch.minimum(surr1, surr2), surr2 < surr1
 
 
+@register_policy_loss("gspo")
 @typechecked
 def gspo(
     logprobs: Float[Tensor, "*batch time"],
@@ -159,6 +160,7 @@ def gspo(
     return out, metrics
 
 
+@register_policy_loss("gspo_token")
 @typechecked
 def gspo_token(
     logprobs: Float[Tensor, "*batch time"],
@@ -208,6 +210,7 @@ def gspo_token(
     return out, metrics
 
 
+@register_policy_loss("cispo")
 @typechecked
 def cispo(
     logprobs: Float[Tensor, "*batch time"],
@@ -271,6 +274,7 @@ def cispo(
     return out, metrics
 
 
+@register_policy_loss("sapo")
 @typechecked
 def sapo(
     logprobs: Float[Tensor, "*batch time"],
@@ -325,6 +329,7 @@ def sapo(
     return out, metrics
 
 
+@register_policy_loss("gmpo")
 @typechecked
 def gmpo(
     logprobs: Float[Tensor, "*batch time"],
@@ -396,6 +401,7 @@ def _flat_select(m: Tensor, chosen_positions: Tensor) -> Tensor:
     return sel.reshape(m.shape)
 
 
+@register_policy_loss("clip_cov")
 @typechecked
 def clip_cov(
     logprobs: Float[Tensor, "*batch time"],
@@ -478,6 +484,7 @@ def clip_cov(
     return out, metrics
 
 
+@register_policy_loss("kl_cov")
 @typechecked
 def kl_cov(
     logprobs: Float[Tensor, "*batch time"],
@@ -569,6 +576,7 @@ def _check_dppo(delta: Num, delta_high: Num | None, ratio_cap: Num | None, upper
     return hi
 
 
+@register_policy_loss("dppo_tv")
 @typechecked
 def dppo_tv(
     logprobs: Float[Tensor, "*batch time"],
@@ -631,6 +639,7 @@ def _binary_kl(old: Tensor, lp: Tensor) -> Tensor:
     return q * (old - lp) + rest
 
 
+@register_policy_loss("dppo_kl")
 @typechecked
 def dppo_kl(
     logprobs: Float[Tensor, "*batch time"],
@@ -677,6 +686,7 @@ def dppo_kl(
     return _dppo(lp, old, adv, m, too_far, ratio_cap, agg, {"binary_kl_mean": finite_d})
 
 
+@register_policy_loss("dro")
 @typechecked
 def dro(
     logprobs: Float[Tensor, "*batch time"],
