@@ -98,3 +98,19 @@ def test_model_without_position_ids_still_works():
     ids, mask = left_padded_prompts()
     out = response_logits(m, ids, mask, 2)
     torch.testing.assert_close(out, m(ids)[0][:, -3:-1])
+
+
+def test_gpt2_critic_values_ignore_left_padding():
+    """The critic's values at a token do not depend on how many pad tokens precede the prompt."""
+    import torch
+
+    from rl2fx.trainer.tasks.model import build_tiny_critic
+
+    critic = build_tiny_critic(32, arch="gpt2", hidden_size=32, num_layers=2, num_heads=2,
+                               max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.nn.init.normal_(critic.value_head.weight)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    padded = torch.tensor([[0, 0, 5, 6, 7, 8]])
+    v = critic(ids, torch.ones_like(ids))
+    vp = critic(padded, torch.tensor([[0, 0, 1, 1, 1, 1]]))
+    torch.testing.assert_close(vp[:, 2:], v, atol=1e-5, rtol=1e-5)

@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rl2fx._typing import check_choice, check_range
+from rl2fx.logprobs import position_ids_from_mask
 
 __all__ = ["check_model_args", "build_tiny_lm", "build_tiny_critic", "CausalValueModel", "ARCHITECTURES"]
 
@@ -123,7 +124,11 @@ class CausalValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs: object) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        # Absolute-position bodies (GPT-2) must see the positions generate() sampled at, not the
+        # padded column index; rotary bodies get the same values and are unaffected.
+        pos = None if attention_mask is None else position_ids_from_mask(attention_mask)
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                           use_cache=False).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 
     def gradient_checkpointing_enable(self, **kwargs: object) -> None:
