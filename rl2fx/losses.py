@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import torch
 
 from rl2fx._typing import Float, Tensor, check_choice, check_range, typechecked
+from rl2fx.kl_estimators import KL_ESTIMATORS, kl_estimate  # one source of KL estimator names
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -64,7 +65,6 @@ __all__ = [
     "vanilla_policy_loss",
 ]
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 MaskT = Float[Tensor, "*batch time"] | None
@@ -72,34 +72,6 @@ MaskT = Float[Tensor, "*batch time"] | None
 
 def _mask_like(x: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ones_like(x) if mask is None else mask.to(x.dtype)
-
-
-@typechecked
-def kl_estimate(
-    logprobs: Float[Tensor, "*batch time"],
-    ref_logprobs: Float[Tensor, "*batch time"],
-    estimator: str = "k3",
-) -> Float[Tensor, "*batch time"]:
-    """Per-token estimate of :math:`\\mathrm{KL}(\\pi \\| \\pi_{ref})` from samples of :math:`\\pi`.
-
-    ``k1 = δ``, ``k2 = δ²/2``, ``k3 = exp(-δ) - 1 + δ`` with ``δ = logprobs - ref_logprobs``.
-    Gradients flow into both arguments; the reference log-probs are normally detached.
-
-    >>> lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
-    >>> kl_estimate(lp, ref, "k1").tolist(), kl_estimate(lp, ref, "k2").tolist()
-    ([[0.5, 0.0]], [[0.125, 0.0]])
-    >>> round(kl_estimate(lp, ref, "k3")[0, 0].item(), 6)  # exp(-0.5) - 1 + 0.5
-    0.106531
-    """
-    check_choice("estimator", estimator, KL_ESTIMATORS)
-    delta = logprobs - ref_logprobs
-    if estimator == "k1":
-        return delta
-    if estimator == "k2":
-        return 0.5 * delta.square()
-    # exp(-δ) - 1 + δ is >= 0 analytically; expm1 keeps it accurate for small δ,
-    # the clamp removes the last-ulp negatives that would make "k3 >= 0" false.
-    return (torch.expm1(-delta) + delta).clamp_min(0.0)
 
 
 def kl_coef_value(coef: Any) -> float:

@@ -41,12 +41,19 @@ def test_kl_penalized_rewards_k1_is_reward_minus_beta_log_ratio(args):
         assert torch.equal(masked[~m], r[~m])  # no penalty where the token is not a decision
 
 
+def _kl_values(d):
+    """Each estimator's value from its definition (the "+" variants change the gradient only; the
+    unbiased k3 weights by pi/pi_old, which is 1 on-policy)."""
+    k3 = torch.exp(-d) - 1 + d
+    return {"k1": d, "k2": 0.5 * d**2, "k3": k3, "abs": d.abs(), "k1+": d, "k3+": k3, "k3_unbiased": k3}
+
+
 @pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 def test_kl_penalized_rewards_other_estimators(estimator):
     g = torch.Generator().manual_seed(0)
     r, lp, ref = torch.randn(3, 4, generator=g), -torch.rand(3, 4, generator=g), -torch.rand(3, 4, generator=g)
     d = lp - ref
-    kl = {"k1": d, "k2": 0.5 * d**2, "k3": torch.exp(-d) - 1 + d}[estimator]
+    kl = _kl_values(d)[estimator]
     torch.testing.assert_close(kl_penalized_rewards(r, lp, ref, 0.3, estimator=estimator), r - 0.3 * kl)
     assert torch.equal(kl_penalized_rewards(r, lp, ref, 0.0, estimator=estimator), r)
 
@@ -59,7 +66,7 @@ def test_kl_loss_is_beta_times_aggregate(mode, estimator):
     m = (torch.rand(4, 5, generator=g) > 0.3).float()
     m[:, 0] = 1.0
     d = lp - ref
-    kl = {"k1": d, "k2": 0.5 * d**2, "k3": torch.exp(-d) - 1 + d}[estimator]
+    kl = _kl_values(d)[estimator]
     for coef, beta in _coefs():
         term, metrics = kl_loss(lp, ref, coef, estimator=estimator, mask=m, agg_mode=mode)
         torch.testing.assert_close(term, beta * aggregate(kl, m, mode))
