@@ -228,8 +228,10 @@ def forward_accepts(model: torch.nn.Module, name: str) -> bool:
     A forward that only takes ``**kwargs`` does not count: such a model may drop
     the argument silently. Answers are cached per module.
 
-    >>> from rl2fx.tasks import build_tiny_lm
-    >>> forward_accepts(build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2), "position_ids")
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
+    >>> forward_accepts(m, "position_ids")
     True
     """
     inner = _inner_model(model)
@@ -586,8 +588,9 @@ def response_logprobs(
     it reproduces the model's own logits and falls back otherwise;
     ``fused=True`` raises instead of falling back.
 
-    >>> from rl2fx.tasks import build_tiny_lm
-    >>> m = build_tiny_lm(16, hidden_size=32, num_layers=1, num_heads=2)
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                  num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
     >>> ids, mask = torch.tensor([[0, 1, 5, 13, 6], [1, 4, 5, 7, 8]]), torch.tensor([[0, 1, 1, 1, 1], [1] * 5])
     >>> a, _ = response_logprobs(m, ids, mask, ids[:, -2:], fused=True)
     >>> b, _ = response_logprobs(m, ids, mask, ids[:, -2:], fused=False)

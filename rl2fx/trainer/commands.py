@@ -80,6 +80,7 @@ def registry_table() -> str:
     ...
     policy losses (actor.loss_type; clip, clip_high, dual_clip from actor.clip, trainer.clip_high, trainer.dual_clip; others under actor.loss_params):
       vanilla  clip=0.2 clip_high=None dual_clip=None tis_cap=None
+    ...
     """
     lines = ["estimators (adv.estimator; hyperparameters under adv.<name>, gamma/lamda shared as "
              "adv.gamma/adv.lamda):"]
