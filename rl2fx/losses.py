@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from rl2fx._registry import lookup, put
 from rl2fx._typing import Float, Tensor, check_choice, check_range, typechecked
 from rl2fx.kl_estimators import KL_ESTIMATORS, kl_estimate  # one source of KL estimator names
 
@@ -435,12 +436,8 @@ def register_policy_loss(name: str, *, defaults: Mapping[str, Any] | None = None
         raise ValueError(f"policy loss name must be a Python identifier, got {name!r}")
 
     def deco(fn: L) -> L:
-        spec = _describe_loss(name, fn, defaults or {})
-        old = _LOSSES.get(name)
-        if old is not None and getattr(old.fn, "__qualname__", None) != getattr(fn, "__qualname__", None):
-            raise ValueError(f"policy loss {name!r} is already registered ({old.fn.__module__}."
-                             f"{old.fn.__qualname__}); unregister_policy_loss({name!r}) first")
-        _LOSSES[name] = spec
+        put(_LOSSES, "policy loss", name, _describe_loss(name, fn, defaults or {}), fn=fn,
+            unregister="unregister_policy_loss")
         return fn
 
     return deco
@@ -475,13 +472,7 @@ def get_policy_loss(name: str) -> PolicyLoss:
     ValueError: unknown policy loss 'vanila'; did you mean 'vanilla'? Registered: [...]
     """
     _ensure_builtin_losses()
-    spec = _LOSSES.get(name) if isinstance(name, str) else None
-    if spec is None:
-        known = list(_LOSSES)
-        best = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
-        hint = f"; did you mean {best[0]!r}?" if best else ";"
-        raise ValueError(f"unknown policy loss {name!r}{hint} Registered: {known}")
-    return spec
+    return lookup(_LOSSES, "policy loss", name)
 
 
 def compute_policy_loss(

@@ -49,6 +49,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from rl2fx._registry import lookup, put
+
 __all__ = [
     "BATCH_INPUTS",
     "OPTIONS",
@@ -147,12 +149,8 @@ def register_estimator(name: str, *, needs_values: bool, defaults: Mapping[str, 
                          f"got {name!r}")
 
     def deco(fn: F) -> F:
-        spec = _describe(name, fn, needs_values, defaults or {})
-        old = _REGISTRY.get(name)
-        if old is not None and getattr(old.fn, "__qualname__", None) != getattr(fn, "__qualname__", None):
-            raise ValueError(f"estimator {name!r} is already registered ({old.fn.__module__}."
-                             f"{old.fn.__qualname__}); unregister_estimator({name!r}) first")
-        _REGISTRY[name] = spec
+        put(_REGISTRY, "estimator", name, _describe(name, fn, needs_values, defaults or {}), fn=fn,
+            unregister="unregister_estimator")
         return fn
 
     return deco
@@ -189,13 +187,7 @@ def get_estimator(name: str) -> Estimator:
     ValueError: unknown estimator 'vtrce'; did you mean 'vtrace'? Registered: [...]
     """
     _ensure_builtins()
-    spec = _REGISTRY.get(name) if isinstance(name, str) else None
-    if spec is None:
-        known = list(_REGISTRY)
-        best = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
-        hint = f"; did you mean {best[0]!r}?" if best else ";"
-        raise ValueError(f"unknown estimator {name!r}{hint} Registered: {known}")
-    return spec
+    return lookup(_REGISTRY, "estimator", name)
 
 
 def _probe_batch(spec: Estimator) -> dict[str, Any]:
