@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import pickle
 import random
 import sys
 import time
@@ -64,7 +65,7 @@ try:  # exported by rl2fx.returns once the per-thread workspace is public
 except ImportError:  # pragma: no cover - older rl2fx.returns
     from rl2fx.returns._workspace import release_workspace
 
-__all__ = ["PPOTrainer", "run", "format_summary", "main"]
+__all__ = ["PPOTrainer", "CheckpointError", "run", "format_summary", "main"]
 
 
 # ============================================================================ trainer
@@ -85,20 +86,55 @@ def _as_config(config: Any) -> DictConfig:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "prompts": generator.get_state()}
+    """Every RNG state as tensors, lists and numbers, so the file loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(x) for x in internal], gauss_next],
+        "prompts": generator.get_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
 def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     generator.set_state(state["prompts"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or written; the message names the file and the cause."""
+
+
+def _load_file(file: Path, map_location: Any = None) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors, containers and numbers only, never arbitrary objects.
+
+    A file holding anything else (a pickle that would run code) or a corrupt file
+    raises one :class:`CheckpointError` naming the file.
+    """
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in first.lower() or "weights_only" in str(e):
+            raise CheckpointError(f"refusing to load checkpoint file {file}: it holds objects other than "
+                                  "tensors, containers and numbers (loaded with weights_only=True)") from None
+        raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint ({first})") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint "
+                              f"({type(e).__name__}: {first})") from None
 
 
 class PPOTrainer:
@@ -414,7 +450,7 @@ class PPOTrainer:
         path = Path(path)
         if not (path / "state.pt").exists():
             raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'state.pt'})")
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        state = _load_file(path / "state.pt", map_location=self.device)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {path} was written with world_size={state['world_size']}, "
                              f"this run has {self.world_size}")
@@ -433,7 +469,7 @@ class PPOTrainer:
             self.multi_objective.load_state_dict(state["multi_objective"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.step = int(state["step"])
-        _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False), self.prompt_generator)
+        _set_rng_state(_load_file(path / f"rng_rank{self.rank}.pt"), self.prompt_generator)
 
     # ------------------------------------------------------------------ loop
     def _tracker(self) -> Any:

@@ -1,0 +1,85 @@
+"""Checkpoint loading never runs code from the files (weights_only=True), and bad files give one line naming them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl2fx.trainer.config import load_config
+from rl2fx.trainer.ppo import CheckpointError, PPOTrainer
+
+
+def _cfg(out, *extra):
+    return load_config("demo", overrides=(f"trainer.output_dir={out}", "trainer.total_steps=2", "trainer.save_interval=0",
+                                          "trainer.progress_bar=false", "data.prompts_per_rollout=2",
+                                          "data.responses_per_prompt=2", "experiment_tracking.enabled=false",
+                                          "memory_optimization.profiling.enabled=false", *extra))
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    PPOTrainer(_cfg(out)).train()
+    return out
+
+
+def _copy_ckpt(saved: Path, dest: Path) -> Path:
+    import shutil
+
+    src = sorted((saved / "checkpoints").glob("step-*"))[-1]
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.mark.parametrize("which", ["state.pt", "rng_rank0.pt"])
+def test_crafted_pickle_is_refused_and_never_runs(saved, tmp_path, which):
+    ckpt = _copy_ckpt(saved, tmp_path / "ckpt")
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "evil": _Payload(str(marker))}, ckpt / which)
+    with pytest.raises(CheckpointError) as e:
+        PPOTrainer(_cfg(tmp_path / "b", f"trainer.resume_from={ckpt}"))
+    assert not marker.exists()
+    msg = str(e.value)
+    assert str(ckpt / which) in msg and "\n" not in msg and "weights_only" in msg
+
+
+def test_corrupt_state_file_gives_one_line_naming_it(saved, tmp_path):
+    ckpt = _copy_ckpt(saved, tmp_path / "ckpt")
+    (ckpt / "state.pt").write_bytes(b"this is not a checkpoint\x00\x01")
+    with pytest.raises(CheckpointError) as e:
+        PPOTrainer(_cfg(tmp_path / "b", f"trainer.resume_from={ckpt}"))
+    assert str(ckpt / "state.pt") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rng_file_holds_only_plain_data(saved):
+    ckpt = sorted((saved / "checkpoints").glob("step-*"))[-1]
+    state = torch.load(ckpt / "rng_rank0.pt", weights_only=True)
+    assert isinstance(state["numpy"]["keys"], torch.Tensor) and isinstance(state["python"][1], list)
+    torch.load(ckpt / "state.pt", weights_only=True)
+
+
+def test_resume_restores_every_rng_exactly(saved, tmp_path):
+    import random
+
+    import numpy as np
+
+    ckpt = sorted((saved / "checkpoints").glob("step-*"))[-1]
+    t = PPOTrainer(_cfg(tmp_path / "b", f"trainer.resume_from={ckpt}"))
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)],
+                torch.rand(3, generator=t.prompt_generator))
+    t.load_checkpoint(ckpt)
+    got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)],
+           torch.rand(3, generator=t.prompt_generator))
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
+    assert torch.equal(expected[3], got[3])
