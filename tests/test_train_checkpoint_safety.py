@@ -83,3 +83,64 @@ def test_resume_restores_every_rng_exactly(saved, tmp_path):
            torch.rand(3, generator=t.prompt_generator))
     assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
     assert torch.equal(expected[3], got[3])
+
+
+# ---------------------------------------------------------------- output paths checked at start
+from rl2fx.trainer.config import ConfigError  # noqa: E402
+
+
+@pytest.mark.parametrize("key,extra", [
+    ("trainer.output_dir", lambda f, tmp: [f"trainer.output_dir={f}/sub"]),
+    ("memory_optimization.profiling.save_path",
+     lambda f, tmp: ["memory_optimization.profiling.enabled=true",
+                     f"memory_optimization.profiling.save_path={f}/sub/profile.json"]),
+    ("experiment_tracking.tracking_uri",
+     lambda f, tmp: ["experiment_tracking.enabled=true", f"experiment_tracking.tracking_uri=sqlite:///{f}/db/x.db"]),
+])
+def test_unwritable_path_under_a_file_fails_at_start(tmp_path, key, extra):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(ConfigError) as e:
+        PPOTrainer(_cfg(tmp_path / "out", *extra(f, tmp_path)))
+    msg = str(e.value)
+    assert key in msg and str(f) in msg and "ENOTDIR" in msg and "\n" not in msg
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_dir_fails_at_start(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("chmod has no effect here")
+        with pytest.raises(ConfigError, match=r"trainer\.output_dir.*EACCES"):
+            PPOTrainer(_cfg(ro / "out"))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_checkpoint_write_failure_names_file_keeps_last_and_removes_tmp(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    t = PPOTrainer(_cfg(out, "trainer.total_steps=1"))
+    t.train()
+    good = t.latest_checkpoint()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).endswith("state.pt.tmp"):
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    t.step = 5
+    with pytest.raises(CheckpointError) as e:
+        t.save_checkpoint()
+    msg = str(e.value)
+    target = t.checkpoint_dir(5) / "state.pt"
+    assert str(target) in msg and "ENOSPC" in msg and str(good) in msg
+    assert not (t.checkpoint_dir(5) / "state.pt.tmp").exists() and not target.exists()
+    assert t.latest_checkpoint() == good

@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import os
 import pickle
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -137,6 +139,55 @@ def _load_file(file: Path, map_location: Any = None) -> Any:
                               f"({type(e).__name__}: {first})") from None
 
 
+def _cause(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    text = e.strerror or str(e) or type(e).__name__
+    return f"{name}: {text}" if name else text
+
+
+def _check_writable_dir(key: str, directory: str | os.PathLike[str]) -> None:
+    """Create ``directory`` if needed and write a probe file there; else one ConfigError naming key, path, cause."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rl2fx-write-check-", dir=directory)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"config key '{key}': cannot write to {directory}: {_cause(e)}") from None
+
+
+def _check_output_paths(cfg: DictConfig) -> None:
+    """Fail at start, not at the end: ``trainer.output_dir``, the memory-profile file's directory and an
+    SQLite tracking store's directory must be writable."""
+    _check_writable_dir("trainer.output_dir", cfg.trainer.output_dir)
+    prof = cfg.memory_optimization.profiling
+    if prof.enabled and prof.save_path:
+        _check_writable_dir("memory_optimization.profiling.save_path",
+                            Path(str(prof.save_path)).expanduser().absolute().parent)
+    et = cfg.experiment_tracking
+    if et.enabled:
+        uri = ExperimentConfig.from_dict(to_container(et)).resolved_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            _check_writable_dir("experiment_tracking.tracking_uri", Path(uri[len("sqlite:///"):]).absolute().parent)
+
+
+def _save_atomic(obj: Any, file: Path, trainer: PPOTrainer) -> None:
+    """``torch.save`` to ``file.tmp`` then rename; on failure the temp file is removed and one
+    :class:`CheckpointError` names the file and the cause (the previous complete checkpoint stays)."""
+    tmp = file.with_name(file.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, file)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise trainer._checkpoint_write_error(file, e) from None
+
+
 class PPOTrainer:
     """The reference PPO/GRPO loop driven by the spec's configuration schema (:func:`rl2fx.load_config`).
 
@@ -165,6 +216,7 @@ class PPOTrainer:
         if cfg.data.train_data_path is not None or cfg.data.test_data_path is not None:
             raise ConfigError("config key 'data.train_data_path' / 'data.test_data_path' must be null: the "
                               "built-in digits task generates its prompts (task.*)")
+        _check_output_paths(cfg)
         if t.num_threads is not None:
             torch.set_num_threads(int(t.num_threads))
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -420,10 +472,13 @@ class PPOTrainer:
         """Write model, optimizer, controller states and every rank's RNG state; returns the directory."""
         path = self.checkpoint_dir(self.step)
         if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._checkpoint_write_error(path, e) from None
         if self.distributed:
             dist.barrier()
-        torch.save(_rng_state(self.prompt_generator), path / f"rng_rank{self.rank}.pt")
+        _save_atomic(_rng_state(self.prompt_generator), path / f"rng_rank{self.rank}.pt", self)
         if self.rank == 0:
             state = {
                 "step": self.step,
@@ -438,12 +493,16 @@ class PPOTrainer:
                 "history": self.history,
                 "config": to_container(self.cfg),
             }
-            tmp = path / "state.pt.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, path / "state.pt")  # state.pt marks the checkpoint complete
+            _save_atomic(state, path / "state.pt", self)  # state.pt marks the checkpoint complete
         if self.distributed:
             dist.barrier()
         return path
+
+    def _checkpoint_write_error(self, file: Path, e: BaseException) -> CheckpointError:
+        cause = _cause(e) if isinstance(e, OSError) else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        last = self.latest_checkpoint()
+        kept = f"the last good checkpoint {last} is kept" if last is not None else "no earlier checkpoint"
+        return CheckpointError(f"cannot write checkpoint file {file}: {cause}; {kept}")
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; the run continues identically."""
