@@ -175,6 +175,47 @@ def _check_output_paths(cfg: DictConfig) -> None:
             _check_writable_dir("experiment_tracking.tracking_uri", Path(uri[len("sqlite:///"):]).absolute().parent)
 
 
+def _loggable_params(cfg: DictConfig, source: DictConfig | None = None) -> dict[str, Any]:
+    """The resolved config for ``log_params``, without the values of ``${oc.env:VAR}`` interpolations.
+
+    A value interpolated from an environment variable is logged as its unresolved
+    text (``${oc.env:MLFLOW_TOKEN}``), also when it reaches a key through another
+    interpolation; any other string containing such a value is logged as ``***``.
+    ``source``: the config as given, before validation resolved it (its unresolved text).
+    """
+    resolved = to_container(cfg)
+    raw = OmegaConf.to_container(cfg if source is None else source, resolve=False)
+    secrets: set[str] = set()
+
+    def collect(r: Any, v: Any) -> None:
+        if isinstance(r, dict) and isinstance(v, dict):
+            for k in r:
+                collect(r[k], v.get(k))
+        elif isinstance(r, list) and isinstance(v, list):
+            for a, b in zip(r, v, strict=False):
+                collect(a, b)
+        elif isinstance(r, str) and "oc.env" in r and v is not None and str(v) != "":
+            secrets.add(str(v))
+
+    def leaks(v: Any) -> bool:
+        text = v if isinstance(v, str) else repr(v)
+        return any(sec in text for sec in secrets)
+
+    def mask(r: Any, v: Any) -> Any:
+        if isinstance(r, dict) and isinstance(v, dict):
+            return {k: mask(r.get(k), v[k]) for k in v}
+        if isinstance(r, list) and isinstance(v, list) and len(r) == len(v):
+            return [mask(a, b) for a, b in zip(r, v, strict=True)]
+        if isinstance(r, str) and "${" in r and ("oc.env" in r or leaks(v)):
+            return r
+        if isinstance(v, str) and leaks(v):
+            return "***"
+        return v
+
+    collect(raw, resolved)
+    return mask(raw, resolved)
+
+
 def _save_atomic(obj: Any, file: Path, trainer: PPOTrainer) -> None:
     """``torch.save`` to ``file.tmp`` then rename; on failure the temp file is removed and one
     :class:`CheckpointError` names the file and the cause (the previous complete checkpoint stays)."""
@@ -212,6 +253,7 @@ class PPOTrainer:
 
     def __init__(self, config: Any = None) -> None:
         self.cfg = cfg = _as_config(config)
+        self._given_cfg = config if isinstance(config, DictConfig) else None  # unresolved, for log_params
         t = cfg.trainer
         if cfg.data.train_data_path is not None or cfg.data.test_data_path is not None:
             raise ConfigError("config key 'data.train_data_path' / 'data.test_data_path' must be null: the "
@@ -305,6 +347,8 @@ class PPOTrainer:
 
         self.output_dir = Path(t.output_dir)
         self.step = 0
+        self.mlflow_run_id: str | None = None  # from a resumed checkpoint, then the live tracker's run
+        self._active_tracker: Any = None
         self.history: dict[str, list[float]] = {"reward": [], "kl": []}
         if t.resume_from is not None:
             path = self.latest_checkpoint() if t.resume_from == "auto" else Path(t.resume_from)
@@ -476,6 +520,8 @@ class PPOTrainer:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise self._checkpoint_write_error(path, e) from None
+        if self._active_tracker is not None:
+            self._active_tracker.flush()  # everything logged so far is sent (or buffered) before the checkpoint
         if self.distributed:
             dist.barrier()
         _save_atomic(_rng_state(self.prompt_generator), path / f"rng_rank{self.rank}.pt", self)
@@ -492,6 +538,7 @@ class PPOTrainer:
                 "multi_objective": None if self.multi_objective is None else self.multi_objective.state_dict(),
                 "history": self.history,
                 "config": to_container(self.cfg),
+                "mlflow_run_id": self.mlflow_run_id,
             }
             _save_atomic(state, path / "state.pt", self)  # state.pt marks the checkpoint complete
         if self.distributed:
@@ -528,6 +575,7 @@ class PPOTrainer:
             self.multi_objective.load_state_dict(state["multi_objective"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.step = int(state["step"])
+        self.mlflow_run_id = state.get("mlflow_run_id")
         _set_rng_state(_load_file(path / f"rng_rank{self.rank}.pt"), self.prompt_generator)
 
     # ------------------------------------------------------------------ loop
@@ -535,7 +583,37 @@ class PPOTrainer:
         et = self.cfg.experiment_tracking
         if not et.enabled or self.rank != 0:
             return contextlib.nullcontext(None)
-        return ExperimentTracker(ExperimentConfig.from_dict(to_container(et)))
+        d = to_container(et)
+        d["buffer_dir"] = str(self.output_dir / "tracking_buffer")  # the outage buffer lives with the run
+        if self.mlflow_run_id is not None:
+            d["run_id"] = self.mlflow_run_id  # a resumed run continues its MLflow run
+        return ExperimentTracker(ExperimentConfig.from_dict(d))
+
+    def _log_params(self, tracker: Any) -> None:
+        """The config as params (env interpolations masked); a resumed run whose config changed
+        keeps its first values and records the new ones as ``resumed.<key>`` tags (params are immutable)."""
+        from rl2fx.tracking.records import flatten_typed
+
+        params = flatten_typed(_loggable_params(self.cfg, self._given_cfg))
+        old = getattr(tracker, "params", {}) or {}
+        changed = {k: v for k, v in params.items() if k in old and old[k] != str(v)}
+        tracker.log_params({k: v for k, v in params.items() if k not in changed})
+        if changed:
+            tracker.set_tags({f"resumed.{k}": str(v) for k, v in changed.items()})
+
+    def _track(self, tracker: Any) -> Any:
+        """Make ``tracker`` the live one (run id into checkpoints, flush before each); a crash ends its run FAILED."""
+        self._active_tracker = tracker
+        self.mlflow_run_id = tracker.mlflow_run_id or self.mlflow_run_id
+
+        def _end(exc_type: Any, exc: Any, tb: Any) -> bool:
+            self._active_tracker = None
+            if exc_type is not None:
+                with contextlib.suppress(Exception):
+                    tracker.finish(status="FAILED")
+            return False
+
+        return _end
 
     def train(self) -> dict[str, Any]:
         """Run the loop to ``trainer.total_steps``; returns the final metrics (see the class docstring).
@@ -553,7 +631,8 @@ class PPOTrainer:
             stack.callback(release_workspace)
             tracker = stack.enter_context(self._tracker())
             if tracker is not None:
-                tracker.log_params(to_container(cfg))
+                stack.push(self._track(tracker))
+                self._log_params(tracker)
             with mem_ctx, self.profiler.profile_context("training"):
                 bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
                            desc="rl2fx train", dynamic_ncols=True)
