@@ -144,3 +144,14 @@ def test_checkpoint_write_failure_names_file_keeps_last_and_removes_tmp(tmp_path
     assert str(target) in msg and "ENOSPC" in msg and str(good) in msg
     assert not (t.checkpoint_dir(5) / "state.pt.tmp").exists() and not target.exists()
     assert t.latest_checkpoint() == good
+
+
+def test_resume_with_every_controller_loads_weights_only(tmp_path):
+    extra = ("multi_objective.enabled=true", "actor.kl.constraint_optimization.enabled=true",
+             "actor.kl.adaptive_kl.enabled=true")
+    first = PPOTrainer(_cfg(tmp_path / "a", *extra))
+    first.train()
+    resumed = PPOTrainer(_cfg(tmp_path / "a", *extra, "trainer.total_steps=3", "trainer.resume_from=auto"))
+    assert resumed.step == 2 and resumed.kl_state == first.kl_state
+    assert resumed.lagrangian_state == first.lagrangian_state
+    assert resumed.multi_objective.state_dict() == first.multi_objective.state_dict()

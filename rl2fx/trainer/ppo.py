@@ -169,7 +169,7 @@ def _check_output_paths(cfg: DictConfig) -> None:
         _check_writable_dir("memory_optimization.profiling.save_path",
                             Path(str(prof.save_path)).expanduser().absolute().parent)
     et = cfg.experiment_tracking
-    if et.enabled:
+    if et.enabled and et.enable_mlflow:
         uri = ExperimentConfig.from_dict(to_container(et)).resolved_tracking_uri()
         if uri.startswith("sqlite:///"):
             _check_writable_dir("experiment_tracking.tracking_uri", Path(uri[len("sqlite:///"):]).absolute().parent)
