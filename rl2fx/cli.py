@@ -1,4 +1,4 @@
-"""The ``rl2fx`` command: train, tune, ablate, bench, and the config tools.
+"""The ``rl2fx`` command: train, tune, ablate, bench, the config tools and ``tracking replay``.
 
 A thin entry: the parser is defined here, and a sub-command's module
 (:mod:`rl2fx.trainer.commands`, which loads torch, transformers and the trainer)
@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(actor.loss_type), after importing the config's 'imports' modules.")
     _add_config_args(s)
     s.set_defaults(func=_command("cmd_config_registry"))
+
+    p = sub.add_parser("tracking", help="experiment-tracking tools", description="Experiment-tracking tools.")
+    tsub = p.add_subparsers(dest="tracking_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
+    s = tsub.add_parser("replay", help="send the MLflow records an outage left in a tracking buffer",
+                        description="Replay the outage buffer of a run (a *.jsonl file, or a directory such as "
+                                    "<trainer.output_dir>/tracking_buffer) into MLflow: records go to the run they "
+                                    "were meant for; applied records are removed from the files.")
+    s.add_argument("path", metavar="DIR", help="buffer directory (or one .jsonl buffer file)")
+    s.add_argument("--tracking-uri", default=None,
+                   help="send to this MLflow tracking URI instead of the one each record was meant for")
+    s.set_defaults(func=_command("cmd_tracking_replay"))
     return parser
 
 

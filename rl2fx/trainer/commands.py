@@ -20,7 +20,7 @@ from rl2fx.trainer.ppo import run
 from rl2fx.trainer.tune import tune_from_config
 
 __all__ = ["BENCH_AREAS", "cmd_train", "cmd_tune", "cmd_ablate", "cmd_bench", "cmd_config_show",
-           "cmd_config_registry", "registry_table"]
+           "cmd_config_registry", "cmd_tracking_replay", "registry_table"]
 
 from rl2fx.cli import BENCH_AREAS
 
@@ -99,4 +99,15 @@ def registry_table() -> str:
 def cmd_config_registry(args: argparse.Namespace) -> int:
     load_config(args.config, overrides=tuple(args.overrides))  # imports the config's `imports` modules
     print(registry_table())
+    return 0
+
+
+def cmd_tracking_replay(args: argparse.Namespace) -> int:
+    from rl2fx.tracking import replay_buffer
+
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"no tracking buffer at {path} (expected a directory of *.jsonl files or one file)")
+    n = replay_buffer(path, tracking_uri=args.tracking_uri)
+    print(f"replayed {n} record(s) from {path}")
     return 0

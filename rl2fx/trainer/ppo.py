@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import os
+import pickle
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +67,7 @@ try:  # exported by rl2fx.returns once the per-thread workspace is public
 except ImportError:  # pragma: no cover - older rl2fx.returns
     from rl2fx.returns._workspace import release_workspace
 
-__all__ = ["PPOTrainer", "run", "format_summary", "main"]
+__all__ = ["PPOTrainer", "CheckpointError", "run", "format_summary", "main"]
 
 
 # ============================================================================ trainer
@@ -85,20 +88,145 @@ def _as_config(config: Any) -> DictConfig:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "prompts": generator.get_state()}
+    """Every RNG state as tensors, lists and numbers, so the file loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(x) for x in internal], gauss_next],
+        "prompts": generator.get_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
 def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     generator.set_state(state["prompts"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or written; the message names the file and the cause."""
+
+
+def _load_file(file: Path, map_location: Any = None) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors, containers and numbers only, never arbitrary objects.
+
+    A file holding anything else (a pickle that would run code) or a corrupt file
+    raises one :class:`CheckpointError` naming the file.
+    """
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only load failed" in first.lower() or "weights_only" in str(e):
+            raise CheckpointError(f"refusing to load checkpoint file {file}: it holds objects other than "
+                                  "tensors, containers and numbers (loaded with weights_only=True)") from None
+        raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint ({first})") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint "
+                              f"({type(e).__name__}: {first})") from None
+
+
+def _cause(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    text = e.strerror or str(e) or type(e).__name__
+    return f"{name}: {text}" if name else text
+
+
+def _check_writable_dir(key: str, directory: str | os.PathLike[str]) -> None:
+    """Create ``directory`` if needed and write a probe file there; else one ConfigError naming key, path, cause."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rl2fx-write-check-", dir=directory)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"config key '{key}': cannot write to {directory}: {_cause(e)}") from None
+
+
+def _check_output_paths(cfg: DictConfig) -> None:
+    """Fail at start, not at the end: ``trainer.output_dir``, the memory-profile file's directory and an
+    SQLite tracking store's directory must be writable."""
+    _check_writable_dir("trainer.output_dir", cfg.trainer.output_dir)
+    prof = cfg.memory_optimization.profiling
+    if prof.enabled and prof.save_path:
+        _check_writable_dir("memory_optimization.profiling.save_path",
+                            Path(str(prof.save_path)).expanduser().absolute().parent)
+    et = cfg.experiment_tracking
+    if et.enabled and et.enable_mlflow:
+        uri = ExperimentConfig.from_dict(to_container(et)).resolved_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            _check_writable_dir("experiment_tracking.tracking_uri", Path(uri[len("sqlite:///"):]).absolute().parent)
+
+
+def _loggable_params(cfg: DictConfig, source: DictConfig | None = None) -> dict[str, Any]:
+    """The resolved config for ``log_params``, without the values of ``${oc.env:VAR}`` interpolations.
+
+    A value interpolated from an environment variable is logged as its unresolved
+    text (``${oc.env:MLFLOW_TOKEN}``), also when it reaches a key through another
+    interpolation; any other string containing such a value is logged as ``***``.
+    ``source``: the config as given, before validation resolved it (its unresolved text).
+    """
+    resolved = to_container(cfg)
+    raw = OmegaConf.to_container(cfg if source is None else source, resolve=False)
+    secrets: set[str] = set()
+
+    def collect(r: Any, v: Any) -> None:
+        if isinstance(r, dict) and isinstance(v, dict):
+            for k in r:
+                collect(r[k], v.get(k))
+        elif isinstance(r, list) and isinstance(v, list):
+            for a, b in zip(r, v, strict=False):
+                collect(a, b)
+        elif isinstance(r, str) and "oc.env" in r and v is not None and str(v) != "":
+            secrets.add(str(v))
+
+    def leaks(v: Any) -> bool:
+        text = v if isinstance(v, str) else repr(v)
+        return any(sec in text for sec in secrets)
+
+    def mask(r: Any, v: Any) -> Any:
+        if isinstance(r, dict) and isinstance(v, dict):
+            return {k: mask(r.get(k), v[k]) for k in v}
+        if isinstance(r, list) and isinstance(v, list) and len(r) == len(v):
+            return [mask(a, b) for a, b in zip(r, v, strict=True)]
+        if isinstance(r, str) and "${" in r and ("oc.env" in r or leaks(v)):
+            return r
+        if isinstance(v, str) and leaks(v):
+            return "***"
+        return v
+
+    collect(raw, resolved)
+    return mask(raw, resolved)
+
+
+def _save_atomic(obj: Any, file: Path, trainer: PPOTrainer) -> None:
+    """``torch.save`` to ``file.tmp`` then rename; on failure the temp file is removed and one
+    :class:`CheckpointError` names the file and the cause (the previous complete checkpoint stays)."""
+    tmp = file.with_name(file.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, file)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise trainer._checkpoint_write_error(file, e) from None
 
 
 class PPOTrainer:
@@ -125,10 +253,12 @@ class PPOTrainer:
 
     def __init__(self, config: Any = None) -> None:
         self.cfg = cfg = _as_config(config)
+        self._given_cfg = config if isinstance(config, DictConfig) else None  # unresolved, for log_params
         t = cfg.trainer
         if cfg.data.train_data_path is not None or cfg.data.test_data_path is not None:
             raise ConfigError("config key 'data.train_data_path' / 'data.test_data_path' must be null: the "
                               "built-in digits task generates its prompts (task.*)")
+        _check_output_paths(cfg)
         if t.num_threads is not None:
             torch.set_num_threads(int(t.num_threads))
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -217,6 +347,8 @@ class PPOTrainer:
 
         self.output_dir = Path(t.output_dir)
         self.step = 0
+        self.mlflow_run_id: str | None = None  # from a resumed checkpoint, then the live tracker's run
+        self._active_tracker: Any = None
         self.history: dict[str, list[float]] = {"reward": [], "kl": []}
         if t.resume_from is not None:
             path = self.latest_checkpoint() if t.resume_from == "auto" else Path(t.resume_from)
@@ -384,10 +516,15 @@ class PPOTrainer:
         """Write model, optimizer, controller states and every rank's RNG state; returns the directory."""
         path = self.checkpoint_dir(self.step)
         if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._checkpoint_write_error(path, e) from None
+        if self._active_tracker is not None:
+            self._active_tracker.flush()  # everything logged so far is sent (or buffered) before the checkpoint
         if self.distributed:
             dist.barrier()
-        torch.save(_rng_state(self.prompt_generator), path / f"rng_rank{self.rank}.pt")
+        _save_atomic(_rng_state(self.prompt_generator), path / f"rng_rank{self.rank}.pt", self)
         if self.rank == 0:
             state = {
                 "step": self.step,
@@ -401,20 +538,25 @@ class PPOTrainer:
                 "multi_objective": None if self.multi_objective is None else self.multi_objective.state_dict(),
                 "history": self.history,
                 "config": to_container(self.cfg),
+                "mlflow_run_id": self.mlflow_run_id,
             }
-            tmp = path / "state.pt.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, path / "state.pt")  # state.pt marks the checkpoint complete
+            _save_atomic(state, path / "state.pt", self)  # state.pt marks the checkpoint complete
         if self.distributed:
             dist.barrier()
         return path
+
+    def _checkpoint_write_error(self, file: Path, e: BaseException) -> CheckpointError:
+        cause = _cause(e) if isinstance(e, OSError) else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        last = self.latest_checkpoint()
+        kept = f"the last good checkpoint {last} is kept" if last is not None else "no earlier checkpoint"
+        return CheckpointError(f"cannot write checkpoint file {file}: {cause}; {kept}")
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore everything :meth:`save_checkpoint` wrote; the run continues identically."""
         path = Path(path)
         if not (path / "state.pt").exists():
             raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'state.pt'})")
-        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        state = _load_file(path / "state.pt", map_location=self.device)
         if state["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {path} was written with world_size={state['world_size']}, "
                              f"this run has {self.world_size}")
@@ -433,14 +575,45 @@ class PPOTrainer:
             self.multi_objective.load_state_dict(state["multi_objective"])
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.step = int(state["step"])
-        _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False), self.prompt_generator)
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        _set_rng_state(_load_file(path / f"rng_rank{self.rank}.pt"), self.prompt_generator)
 
     # ------------------------------------------------------------------ loop
     def _tracker(self) -> Any:
         et = self.cfg.experiment_tracking
         if not et.enabled or self.rank != 0:
             return contextlib.nullcontext(None)
-        return ExperimentTracker(ExperimentConfig.from_dict(to_container(et)))
+        d = to_container(et)
+        d["buffer_dir"] = str(self.output_dir / "tracking_buffer")  # the outage buffer lives with the run
+        if self.mlflow_run_id is not None:
+            d["run_id"] = self.mlflow_run_id  # a resumed run continues its MLflow run
+        return ExperimentTracker(ExperimentConfig.from_dict(d))
+
+    def _log_params(self, tracker: Any) -> None:
+        """The config as params (env interpolations masked); a resumed run whose config changed
+        keeps its first values and records the new ones as ``resumed.<key>`` tags (params are immutable)."""
+        from rl2fx.tracking.records import flatten_typed
+
+        params = flatten_typed(_loggable_params(self.cfg, self._given_cfg))
+        old = getattr(tracker, "params", {}) or {}
+        changed = {k: v for k, v in params.items() if k in old and old[k] != str(v)}
+        tracker.log_params({k: v for k, v in params.items() if k not in changed})
+        if changed:
+            tracker.set_tags({f"resumed.{k}": str(v) for k, v in changed.items()})
+
+    def _track(self, tracker: Any) -> Any:
+        """Make ``tracker`` the live one (run id into checkpoints, flush before each); a crash ends its run FAILED."""
+        self._active_tracker = tracker
+        self.mlflow_run_id = tracker.mlflow_run_id or self.mlflow_run_id
+
+        def _end(exc_type: Any, exc: Any, tb: Any) -> bool:
+            self._active_tracker = None
+            if exc_type is not None:
+                with contextlib.suppress(Exception):
+                    tracker.finish(status="FAILED")
+            return False
+
+        return _end
 
     def train(self) -> dict[str, Any]:
         """Run the loop to ``trainer.total_steps``; returns the final metrics (see the class docstring).
@@ -458,7 +631,8 @@ class PPOTrainer:
             stack.callback(release_workspace)
             tracker = stack.enter_context(self._tracker())
             if tracker is not None:
-                tracker.log_params(to_container(cfg))
+                stack.push(self._track(tracker))
+                self._log_params(tracker)
             with mem_ctx, self.profiler.profile_context("training"):
                 bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
                            desc="rl2fx train", dynamic_ncols=True)
