@@ -89,13 +89,14 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
 
 def _reporter(trial: Any, interval: int, window: int):
     """``PPOTrainer.train``'s ``on_step``: every ``interval`` steps report the mean reward of the
-    last ``window`` steps at the training step, and raise ``TrialPruned`` if the pruner says so."""
+    last ``window`` steps at the training step, and raise ``TrialPruned`` if the pruner says so
+    (not at the last step: the run is done, and is recorded as complete)."""
     def on_step(trainer: PPOTrainer, metrics: dict[str, Any]) -> None:
         if trainer.step % interval:
             return
         r = trainer.history["reward"][-window:]
         trial.report(float(sum(r) / len(r)), int(trainer.step))
-        if trial.should_prune():
+        if trainer.step < int(trainer.cfg.trainer.total_steps) and trial.should_prune():  # a finished run stays
             raise TrialPruned(f"pruned at step {trainer.step}")
 
     return on_step
