@@ -104,7 +104,7 @@ def test_tune_runs_and_resumes(tmp_path, capsys):
             f"trainer.output_dir={tmp_path / 'out'}", *QUIET]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "best 2 of 2 trials (0 failed)" in out and "best parameters:" in out
+    assert "best 2 of 2 trials (0 failed, 0 pruned)" in out and "best parameters:" in out
     assert "trainer.update_epochs" in out and "actor.kl.adaptive_kl.initial_coef" in out
     lines = (save / "trials.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(t)["state"] == "complete" for t in lines)

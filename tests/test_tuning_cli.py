@@ -75,6 +75,51 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, capsys):
     best = tune_from_config(cfg, param_configs=space, show_progress_bar=False)
     assert best == {"data.prompts_per_rollout": 2}
     out = capsys.readouterr().out
-    assert "best 1 of 2 trials (1 failed)" in out
+    assert "best 1 of 2 trials (1 failed, 0 pruned)" in out
     failed = [json.loads(t) for t in (tmp_path / "trials.jsonl").read_text().splitlines() if '"failed"' in t]
     assert len(failed) == 1 and "data.prompts_per_rollout" in failed[0]["error"]
+
+
+def test_a_pruner_stops_runs_that_lag_and_the_study_goes_on(tmp_path, capsys):
+    # 6 grid trials of 4 steps, reporting every step; the median pruner may stop a trial
+    # from step 1 on once 2 trials are complete. The seed alone moves the sampled rewards,
+    # so the runs differ from the first step and some of the 4 later ones lag the median
+    cfg = load_config("demo", overrides={**QUIET, "trainer.total_steps": 4, "trainer.summary_window": 2,
+                                         "hyperopt.optimizer_type": "grid", "hyperopt.grid.grid_size": 6,
+                                         "hyperopt.n_trials": 6, "hyperopt.save_dir": str(tmp_path),
+                                         "hyperopt.report_interval": 1, "hyperopt.pruner": "median",
+                                         "hyperopt.median.n_startup_trials": 2})
+    space = [HyperparameterConfig("trainer.seed", "categorical", choices=list(range(6)))]
+    tune_from_config(cfg, param_configs=space, show_progress_bar=False)
+    trials = [json.loads(t) for t in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    pruned = [t for t in trials if t["state"] == "pruned"]
+    assert len(trials) == 6 and pruned and len(pruned) <= 4
+    for t in trials:  # reports at every step, running mean over summary_window=2 steps
+        steps = sorted(int(s) for s in t["intermediate"])
+        assert steps == list(range(1, len(steps) + 1))
+        assert len(steps) == 4 or t["state"] == "pruned"
+    for t in pruned:
+        assert len(t["intermediate"]) < 4 and t["value"] == t["intermediate"][str(max(map(int, t["intermediate"])))]
+    assert f"({0} failed, {len(pruned)} pruned)" in capsys.readouterr().out
+
+
+def test_pruner_none_reports_but_never_prunes(tmp_path):
+    cfg = load_config("demo", overrides={**QUIET, "trainer.total_steps": 3, "hyperopt.optimizer_type": "grid",
+                                         "hyperopt.grid.grid_size": 3, "hyperopt.n_trials": 3,
+                                         "hyperopt.save_dir": str(tmp_path), "hyperopt.report_interval": 2})
+    assert cfg.hyperopt.pruner == "none"
+    space = [HyperparameterConfig("actor.lr", "float", low=1e-6, high=3e-2, log=True)]
+    tune_from_config(cfg, param_configs=space, show_progress_bar=False, verbose=False)
+    trials = [json.loads(t) for t in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [t["state"] for t in trials] == ["complete"] * 3
+    for t in trials:  # as before: the value is the run's reward_end; one report at step 2
+        assert sorted(t["intermediate"]) == ["2"]
+
+
+def test_pruner_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"'hyperopt.pruner'.*did you mean 'median'"):
+        load_config(overrides={"hyperopt.pruner": "medain"})
+    with pytest.raises(ConfigError, match="hyperopt.median.n_startup_trials"):
+        load_config(overrides={"hyperopt.median.n_startup_trials": -1})
+    with pytest.raises(ConfigError, match="hyperopt.report_interval"):
+        load_config(overrides={"hyperopt.report_interval": 0})

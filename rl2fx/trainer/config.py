@@ -73,6 +73,7 @@ from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import check_hyperparameters, get_estimator, list_estimators
 from rl2fx.step import check_step_args, make_ppo_loss, make_value_loss
 from rl2fx.trainer.tasks import VOCAB, DigitCopyTask, check_model_args
+from rl2fx.tuning.pruners import make_pruner
 from rl2fx.tuning.samplers import make_sampler
 from rl2fx.tuning.tuner import HyperparameterTuner
 
@@ -84,6 +85,7 @@ __all__ = [
     "schema",
     "load_config",
     "validate_config",
+    "pruner_args",
     "to_container",
     "check_override_keys",
     "parse_override",
@@ -223,13 +225,29 @@ class GridConfig:
 
 
 @dataclass
+class MedianPrunerConfig:
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+
+
+@dataclass
+class HalvingPrunerConfig:
+    reduction_factor: int = 3
+
+
+@dataclass
 class HyperoptConfig:
     enabled: bool = False
     optimizer_type: str = "random"
     n_trials: int = 100
     save_dir: str = "hyperopt_results"
+    report_interval: int = 10
+    pruner: str = "none"
     bayesian: BayesianConfig = field(default_factory=BayesianConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    median: MedianPrunerConfig = field(default_factory=MedianPrunerConfig)
+    successive_halving: HalvingPrunerConfig = field(default_factory=HalvingPrunerConfig)
+    hyperband: HalvingPrunerConfig = field(default_factory=HalvingPrunerConfig)
 
 
 @dataclass
@@ -520,6 +538,18 @@ def lagrangian_args(cfg: DictConfig) -> dict[str, Any]:
     return {k: co[k] for k in ("kl_constraint", "entropy_constraint", "use_lagrangian", "lagrangian_lr")}
 
 
+def pruner_args(cfg: DictConfig) -> dict[str, Any]:
+    """:func:`~rl2fx.tuning.pruners.make_pruner`'s arguments for ``hyperopt.pruner``: the name and,
+    for ``median`` / ``successive_halving`` / ``hyperband``, the section of that name.
+
+    >>> pruner_args(load_config(overrides={"hyperopt.pruner": "median"}))
+    {'name': 'median', 'n_startup_trials': 5, 'n_warmup_steps': 0}
+    """
+    name = str(cfg.hyperopt.pruner)
+    section = cfg.hyperopt.get(name) if name != "none" else None
+    return {"name": name, **(dict(section) if section is not None else {})}
+
+
 def multi_objective_args(cfg: DictConfig) -> dict[str, Any]:
     """Keyword arguments of :class:`~rl2fx.pareto.optimizer.MultiObjectiveOptimizer` (``multi_objective``)."""
     mo = cfg.multi_objective
@@ -599,6 +629,11 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _checked(make_sampler, {"optimizer_type": "grid", "grid_size": h.grid.grid_size}, hk, "hyperopt.grid")
     _checked(make_sampler, {"optimizer_type": "bayesian", "exploration_weight": h.bayesian.exploration_weight}, hk,
              "hyperopt.bayesian")
+    _in(cfg, "hyperopt.report_interval", 1)
+    # the pruner name and each pruner section's settings go to the tuning package's make_pruner
+    _checked(make_pruner, {"name": h.pruner}, {"pruner": "hyperopt.pruner"}, "hyperopt.pruner")
+    for name in ("median", "successive_halving", "hyperband"):
+        _checked(make_pruner, {"name": name, **h[name]}, _keys(f"hyperopt.{name}", h[name]), f"hyperopt.{name}")
 
     mem = cfg.memory_optimization
     section = {k: mem[k] for k in mem if k not in ("profiling", "adaptive_batch_sizing")}

@@ -23,7 +23,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -615,8 +615,12 @@ class PPOTrainer:
 
         return _end
 
-    def train(self) -> dict[str, Any]:
+    def train(self, on_step: Callable[[PPOTrainer, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run the loop to ``trainer.total_steps``; returns the final metrics (see the class docstring).
+
+        ``on_step(trainer, metrics)``, if given, is called after each iteration (after its
+        metrics are logged, before a periodic checkpoint); an exception it raises stops the
+        run and propagates (``rl2fx tune`` raises ``TrialPruned`` from it).
 
         At the end the estimators' per-thread scratch buffers are released
         (:func:`~rl2fx.returns.release_workspace`), whether the run ends normally or not.
@@ -643,6 +647,8 @@ class PPOTrainer:
                     bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['rollout_kl']:.4f}",
                                     kl_coef=f"{last['kl_coef']:.3g}")
                     bar.update(1)
+                    if on_step is not None:
+                        on_step(self, last)
                     if t.save_interval and self.step % int(t.save_interval) == 0 and self.step < total:
                         self.save_checkpoint()
                 bar.close()

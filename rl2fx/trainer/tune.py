@@ -3,7 +3,11 @@
 Each trial is a :class:`~rl2fx.trainer.ppo.PPOTrainer` run of the config with the trial's
 parameters applied as overrides (the search space's names are dotted config keys);
 its objective is ``reward_end``, the mean task reward over the last
-``trainer.summary_window`` steps, maximised. The study lives in
+``trainer.summary_window`` steps, maximised. Every ``hyperopt.report_interval`` steps
+the run reports the same running value (the mean task reward over the last
+``trainer.summary_window`` steps so far) to the study, at step = training step, and
+stops when ``hyperopt.pruner`` says so; such a trial is recorded as ``pruned`` with its
+last reported value, and the study goes on. The study lives in
 ``hyperopt.save_dir`` and is resumed when that folder already holds it: rerunning
 the same command after an interruption continues where it stopped, and raising
 ``hyperopt.n_trials`` extends a finished study.
@@ -30,8 +34,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rl2fx.trainer.config import ConfigError, load_config, validate_config
+from rl2fx.trainer.config import ConfigError, load_config, pruner_args, validate_config
 from rl2fx.trainer.ppo import PPOTrainer
+from rl2fx.tuning.pruners import TrialPruned, make_pruner
 from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
 from rl2fx.tuning.tuner import HyperparameterTuner
 
@@ -82,13 +87,30 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
     return validate_config(out)
 
 
+def _reporter(trial: Any, interval: int, window: int):
+    """``PPOTrainer.train``'s ``on_step``: every ``interval`` steps report the mean reward of the
+    last ``window`` steps at the training step, and raise ``TrialPruned`` if the pruner says so
+    (not at the last step: the run is done, and is recorded as complete)."""
+    def on_step(trainer: PPOTrainer, metrics: dict[str, Any]) -> None:
+        if trainer.step % interval:
+            return
+        r = trainer.history["reward"][-window:]
+        trial.report(float(sum(r) / len(r)), int(trainer.step))
+        if trainer.step < int(trainer.cfg.trainer.total_steps) and trial.should_prune():  # a finished run stays
+            raise TrialPruned(f"pruned at step {trainer.step}")
+
+    return on_step
+
+
 def _objective(cfg: DictConfig):
-    def fn(params: dict[str, Any]) -> dict[str, Any]:
+    interval, window = int(cfg.hyperopt.report_interval), int(cfg.trainer.summary_window)
+
+    def fn(params: dict[str, Any], trial: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="rl2fx-tune-") as tmp:
             run_cfg = apply_params(cfg, {**params, "trainer.output_dir": tmp, "trainer.progress_bar": False,
                                          "trainer.resume_from": None,
                                          "memory_optimization.profiling.save_path": str(Path(tmp) / "mem.json")})
-            result = PPOTrainer(run_cfg).train()
+            result = PPOTrainer(run_cfg).train(on_step=_reporter(trial, interval, window))
         return {"reward": float(result["reward_end"]), "reward_start": float(result["reward_start"]),
                 "kl": float(result["kl"]), "wall_time_s": float(result["wall_time_s"])}
 
@@ -99,8 +121,9 @@ def format_best_trials(tuner: Any, top: int = 5) -> str:
     """The ``top`` best complete trials as a text table, one column per trial, one row per parameter."""
     done = sorted(tuner.study.complete_trials, key=lambda t: t.value, reverse=tuner.maximize)[:top]
     failed = sum(t.state == "failed" for t in tuner.study.trials)
+    pruned = sum(t.state == "pruned" for t in tuner.study.trials)
     if not done:
-        return f"no complete trial ({failed} failed)"
+        return f"no complete trial ({failed} failed, {pruned} pruned)"
     rows = [("trial", [str(t.number) for t in done]), (tuner.objective_name, [f"{t.value:.4g}" for t in done])]
     for extra in ("kl", "wall_time_s"):
         if all(extra in t.metrics for t in done):
@@ -110,7 +133,7 @@ def format_best_trials(tuner: Any, top: int = 5) -> str:
                               else str(t.params[c.name]) for t in done]))
     w0 = max(len(r[0]) for r in rows)
     ws = [max(len(r[1][j]) for r in rows) for j in range(len(done))]
-    lines = [f"best {len(done)} of {len(tuner.study.trials)} trials ({failed} failed), "
+    lines = [f"best {len(done)} of {len(tuner.study.trials)} trials ({failed} failed, {pruned} pruned), "
              f"{'max' if tuner.maximize else 'min'}imising {tuner.objective_name}:"]
     for name, vals in rows:
         lines.append("  " + name.ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(vals, ws, strict=True)))
@@ -125,12 +148,13 @@ def tune_from_config(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Run ``cfg.hyperopt`` (``optimizer_type``, ``n_trials``, ``save_dir``, ``bayesian``,
-    ``grid``) over PPO runs of ``cfg``; returns the best parameters.
+    ``grid``, ``pruner``, ``report_interval``) over PPO runs of ``cfg``; returns the best parameters.
 
     ``param_configs`` defaults to :func:`ppo_search_space` (``cfg``). The sampler's seed
     is ``trainer.seed``. ``verbose`` prints the table of the best trials at the end;
     ``show_progress_bar`` shows a tqdm bar over trials. A trial whose run raises is
-    recorded as failed and the study goes on (the error is kept in ``trials.csv``).
+    recorded as failed and the study goes on (the error is kept in ``trials.csv``); one
+    stopped by the pruner (:func:`~rl2fx.trainer.config.pruner_args`) is recorded as pruned.
     """
     h = cfg.hyperopt
     space = list(param_configs) if param_configs is not None else ppo_search_space(cfg)
@@ -140,7 +164,8 @@ def tune_from_config(
     tuner = HyperparameterTuner(
         str(h.optimizer_type), space, objective_name="reward", maximize=True, n_trials=int(h.n_trials),
         save_dir=str(h.save_dir), seed=int(cfg.trainer.seed), grid_size=int(h.grid.grid_size),
-        exploration_weight=float(h.bayesian.exploration_weight), show_progress_bar=show_progress_bar)
+        exploration_weight=float(h.bayesian.exploration_weight), show_progress_bar=show_progress_bar,
+        pruner=make_pruner(**pruner_args(cfg)))
     best = tuner.optimize(_objective(cfg))
     if verbose:
         print(format_best_trials(tuner))

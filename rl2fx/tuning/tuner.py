@@ -226,7 +226,9 @@ class HyperparameterTuner:
 
     def _update_bar(self, bar) -> None:
         if self.study.complete_trials:
-            bar.set_postfix(best=f"{self.study.best_value:.6g}", failed=sum(t.state == "failed" for t in self.study.trials))
+            states = [t.state for t in self.study.trials]
+            bar.set_postfix(best=f"{self.study.best_value:.6g}", failed=states.count("failed"),
+                            pruned=states.count("pruned"))
 
     def _args(self, trial: Trial) -> tuple[Any, ...]:
         return (dict(trial.params), trial) if self._pass_trial else (dict(trial.params),)
