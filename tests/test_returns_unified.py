@@ -25,7 +25,8 @@ from rl2fx.returns import (
 from rl2fx.testing.strategies import float_tensors, masks, trajectories
 
 ALL = ["gae", "reinforce", "vtrace", "retrace", "td_lambda", "clipped_is", "multistep",
-       "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "opo", "gpg", "grpo_passk", "reinforce_pp_baseline"]
+       "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "opo", "gpg", "grpo_passk", "reinforce_pp_baseline",
+       "grpo_batch_std", "gdpo", "optimal_token_baseline"]
 
 
 def test_every_method_is_dispatched_and_importable_from_rl2fx():
@@ -47,6 +48,11 @@ def _inputs(method: str, B: int = 4, T: int = 6) -> dict:
         kw["group_size"] = 2
     if "greedy_rewards" in get_estimator(method).required:
         kw["greedy_rewards"] = torch.randn(B // 2, generator=g)
+    if "reward_components" in get_estimator(method).required:
+        kw["reward_components"] = torch.randn(B, 3, generator=g)
+    if "sum_pi_squared" in get_estimator(method).required:
+        p = torch.rand(B, T, generator=g) * 0.9 + 0.05
+        kw["old_logprobs"], kw["sum_pi_squared"] = p.log(), p**2 + (1 - p) ** 2 / 4
     return kw
 
 

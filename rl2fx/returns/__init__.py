@@ -21,6 +21,7 @@ from rl2fx.returns.group import (
     remax,
     rloo,
 )
+from rl2fx.returns.variants import gdpo, grpo_batch_std, optimal_token_baseline
 # isort: on
 from rl2fx.returns._backends.workspace import release_workspace
 from rl2fx.returns.registry import (
@@ -55,6 +56,9 @@ __all__ = [
     "gpg",
     "grpo_passk",
     "reinforce_pp_baseline",
+    "grpo_batch_std",
+    "gdpo",
+    "optimal_token_baseline",
     "whiten",
     "masked_sum",
     "masked_mean",

@@ -68,6 +68,7 @@ __all__ = [
 BATCH_INPUTS: frozenset[str] = frozenset({
     "rewards", "values", "mask", "log_rhos", "terminated", "done", "bootstrap_value",
     "q_values", "v_next", "greedy_rewards", "lengths", "group_size", "group",
+    "reward_components", "reward_weights", "old_logprobs", "sum_pi_squared", "rollout_is_weights",
 })
 #: Execution options: they change how a result is computed or checked, never its definition.
 OPTIONS: frozenset[str] = frozenset({"backend", "allow_nonfinite"})

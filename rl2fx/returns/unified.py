@@ -57,7 +57,10 @@ def _log_rhos(method: str, kw: dict[str, Any]) -> None:
 def _reward_to_go(args: Mapping[str, Any], gamma: float) -> Tensor:
     """Monte Carlo value targets for an estimator that returns advantages only (reward-to-go over
     masked-in steps; a sequence-level reward is broadcast over the mask)."""
-    r, mask = args["rewards"], args.get("mask")
+    r, mask = args.get("rewards"), args.get("mask")
+    if r is None:  # several reward functions (gdpo): the value target is their weighted sum
+        rc, w = args["reward_components"], args.get("reward_weights")
+        r = rc.sum(-1) if w is None else (rc * w.to(rc.dtype)).sum(-1)
     if r.ndim == 2:
         return discounted(r, gamma=gamma, mask=mask, allow_nonfinite=args.get("allow_nonfinite", False))
     if mask is None:

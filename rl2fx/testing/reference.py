@@ -48,6 +48,9 @@ __all__ = [
     "ref_gpg",
     "ref_grpo_passk",
     "ref_reinforce_pp_baseline",
+    "ref_grpo_batch_std",
+    "ref_gdpo",
+    "ref_optimal_token_baseline",
 ]
 
 Row = dict[str, list[float]]
@@ -477,3 +480,78 @@ def ref_reinforce_pp_baseline(rewards, group_size, *, mask=None, eps=1e-8):
         return ref_whiten(tok, eps=eps)
     m = torch.ones_like(tok) if mask is None else (mask != 0).to(torch.float64)
     return ref_whiten(tok, m, eps=eps)
+
+
+# ---------------------------------------------------------------- advantage variants (rl2fx/returns/variants.py)
+
+
+def ref_grpo_batch_std(rewards, group_size, *, mask=None, eps=1e-6):
+    r"""TRL ``scale_rewards="batch"``: :math:`A_i = (s_i - \mathrm{mean}_g) / (\mathrm{std}_{batch}(s) + \epsilon)`."""
+    s = _scores(rewards, mask)
+    sd = _std(s)
+    adv = []
+    for g in _groups(s, group_size):
+        mu = _mean(g)
+        adv += [0.0 if all(y == g[0] for y in g) else (x - mu) / (sd + eps) for x in g]
+    return _spread(adv, rewards, mask)
+
+
+def ref_gdpo(reward_components, group_size, *, reward_weights=None, mask=None, eps=1e-6, batch_norm=True):
+    r"""GDPO (Liu et al. 2026): per-component group normalisation, weighted sum, then batch normalisation."""
+    rc = reward_components.detach().to(torch.float64).tolist()
+    B, K = len(rc), len(rc[0])
+    w = [1.0] * K if reward_weights is None else reward_weights.to(torch.float64).tolist()
+    total = [0.0] * B
+    for k in range(K):
+        col = [row[k] for row in rc]
+        for start in range(0, B, group_size):
+            g = col[start : start + group_size]
+            if all(y == g[0] for y in g):
+                continue
+            mu, sd = _mean(g), _std(g)
+            for j, x in enumerate(g):
+                total[start + j] += w[k] * (x - mu) / (sd + eps)
+    if batch_norm and not all(a == total[0] for a in total):
+        mu, sd = _mean(total), _std(total)
+        total = [(a - mu) / (sd + eps) for a in total]
+    elif batch_norm:
+        total = [0.0] * B
+    if mask is None:
+        return torch.tensor(total, dtype=torch.float64)
+    m = (mask != 0).tolist()
+    return torch.tensor([[total[i] if m[i][t] else 0.0 for t in range(len(m[i]))] for i in range(B)],
+                        dtype=torch.float64)
+
+
+def ref_optimal_token_baseline(rewards, old_logprobs, sum_pi_squared, group_size, *, mask=None,
+                               rollout_is_weights=None, handle_zero_tail=False, eps=1e-8):
+    r"""Optimal Token Baseline (Li et al. 2026): :math:`B_{g,t} = \sum_i G_{i,t} W_{i,t} / (\sum_i W_{i,t} + \epsilon)`
+    over the group's trajectories masked in at ``t``, with :math:`W_{i,t} = \sum_{j \le t, m_{ij}}
+    (1 - 2\pi_{ij} + \Sigma\pi^2_{ij})\bar\rho_{ij}^2` and :math:`G_{i,t}` the masked reward-to-go, each a closed sum."""
+    B, T = rewards.shape
+    r, lp, s2 = (x.detach().to(torch.float64).tolist() for x in (rewards, old_logprobs, sum_pi_squared))
+    rho = [[1.0] * T for _ in range(B)] if rollout_is_weights is None else rollout_is_weights.to(torch.float64).tolist()
+    m = [[True] * T for _ in range(B)] if mask is None else (mask != 0).tolist()
+    G = [[sum(r[i][u] for u in range(t, T) if m[i][u]) for t in range(T)] for i in range(B)]
+    W = [[sum((1 - 2 * math.exp(lp[i][j]) + s2[i][j]) * rho[i][j] ** 2 for j in range(t + 1) if m[i][j])
+          for t in range(T)] for i in range(B)]
+    out = [[0.0] * T for _ in range(B)]
+    for start in range(0, B, group_size):
+        idx = list(range(start, start + group_size))
+        lens = [sum(m[i]) for i in idx]
+        srt = sorted(lens)
+        for i in idx:
+            for t in range(T):
+                if not m[i][t]:
+                    continue
+                if group_size == 1:
+                    b = 0.0
+                else:
+                    num = sum(G[j][t] * W[j][t] for j in idx if m[j][t])
+                    den = sum(W[j][t] for j in idx if m[j][t]) + eps
+                    b = num / den
+                    if (handle_zero_tail and lens.count(srt[-1]) == 1 and lens[i - start] == srt[-1]
+                            and srt[-1] > srt[-2] and t >= srt[-2]):
+                        b = 0.0
+                out[i][t] = G[i][t] - b
+    return torch.tensor(out, dtype=torch.float64)
