@@ -66,7 +66,7 @@ __all__ = [
     "vanilla_policy_loss",
 ]
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 
 MaskT = Float[Tensor, "*batch time"] | None
 
@@ -178,7 +178,11 @@ def aggregate(
     * ``seq-mean-token-mean``: :math:`\\frac1N \\sum_i \\frac{\\sum_t m_{it}\\ell_{it}}{\\sum_t m_{it}}` (GRPO paper),
     * ``seq-mean-token-sum``: :math:`\\frac1N \\sum_i \\sum_t m_{it}\\ell_{it}`,
     * ``seq-mean-token-sum-norm``: :math:`\\frac{1}{N L} \\sum_{i,t} m_{it}\\ell_{it}` with a constant
-      ``normalizer`` :math:`L` (Dr. GRPO; defaults to the time length).
+      ``normalizer`` :math:`L` (Dr. GRPO; defaults to the time length),
+    * ``token-sum``: :math:`\\sum_{i,t} m_{it}\\ell_{it}`, no denominator (verl's ``token-sum``:
+      ``(loss * mask).sum()``, for losses whose scale is already set, e.g. by per-token weights
+      that sum to one over the batch; verl multiplies by the data-parallel size to undo DDP's
+      gradient averaging, which a trainer must do too).
 
     ``global_tokens`` / ``global_seqs`` replace the local denominators; a trainer
     that splits one batch into micro-batches (or across processes) passes the
@@ -188,7 +192,7 @@ def aggregate(
     >>> loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     >>> mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     >>> [round(aggregate(loss, mask, m).item(), 4) for m in AGG_MODES]
-    [2.5, 3.0, 5.0, 1.6667]
+    [2.5, 3.0, 5.0, 1.6667, 10.0]
     """
     check_choice("mode", mode, AGG_MODES)
     m = _mask_like(loss, mask)
@@ -202,6 +206,8 @@ def aggregate(
         return per_seq.sum() / n_seqs
     if mode == "seq-mean-token-sum":
         return masked.sum() / n_seqs
+    if mode == "token-sum":
+        return torch.where(m != 0, masked, 0.0).sum()  # a masked-out NaN/inf stays out
     norm = float(loss.shape[-1]) if normalizer is None else normalizer
     check_range("normalizer", norm, 0.0, None, low_inclusive=False)
     return masked.sum() / (n_seqs * norm)

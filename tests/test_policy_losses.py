@@ -456,7 +456,7 @@ BAD = [
     ("kl_cov", dict(kl_estimator="k9"), "kl_estimator"),
     ("dppo_tv", dict(delta=1.5), "delta"), ("dppo_tv", dict(delta_high=-0.1), "delta_high"),
     ("dppo_tv", dict(ratio_cap=-1.0), "ratio_cap"), ("dppo_kl", dict(delta=-1.0), "delta"),
-    ("dro", dict(beta=-0.5), "beta"), ("dro", dict(agg_mode="token-sum"), "agg_mode"),
+    ("dro", dict(beta=-0.5), "beta"), ("dro", dict(agg_mode="seq-sum"), "agg_mode"),
 ]
 
 
