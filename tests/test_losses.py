@@ -56,6 +56,8 @@ def _slow_aggregate(loss, mask, mode, normalizer=None):
     for r, mr in zip(rows, m, strict=True):
         s = sum(x * w for x, w in zip(r, mr, strict=True))
         per.append(s / max(sum(mr), 1.0) if mode == "seq-mean-token-mean" else s)
+    if mode == "token-sum":
+        return sum(per)
     out = sum(per) / len(per)
     if mode == "seq-mean-token-sum-norm":
         out /= normalizer if normalizer is not None else loss.shape[-1]
