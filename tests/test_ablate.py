@@ -17,7 +17,7 @@ from rl2fx.trainer.ablate import (
     run_ablation,
     run_one,
 )
-from rl2fx.trainer.config import load_config
+from rl2fx.trainer.config import ConfigError, load_config, trainer_supports
 
 TINY = ["trainer.total_steps=2", "data.prompts_per_rollout=2", "data.responses_per_prompt=4"]
 
@@ -36,7 +36,11 @@ def test_every_arm_of_every_ablation_is_a_valid_config():
 
 def test_estimator_arms_cover_every_estimator_the_trainer_accepts():
     arms = dict(ablation_arms("estimators", total_steps=10))
-    assert list(arms) == list_estimators()
+    assert list(arms) == [e for e in list_estimators() if trainer_supports(e)]
+    # an estimator needing an input the trainer cannot give is no arm, and the config names why
+    assert "optimal_token_baseline" in list_estimators() and "optimal_token_baseline" not in arms
+    with pytest.raises(ConfigError, match=r"adv.estimator.*sum_pi_squared"):
+        load_config("demo", overrides={"adv.estimator": "optimal_token_baseline"})
     # the critic follows the registry: value-reading estimators (clipped_is included) get one by default
     for name in ("gae", "clipped_is"):
         cfg = load_config("demo", overrides=arms[name])

@@ -34,7 +34,7 @@ def test_token_sum_is_the_masked_sum_loop(lm):
 def test_token_sum_micro_batches_add_up_and_ignore_masked_nan(lm, k):
     loss, mask = lm
     full = aggregate(loss, mask.double(), "token-sum")
-    parts = sum(aggregate(l, m.double(), "token-sum") for l, m in zip(loss.split(k), mask.split(k), strict=True))
+    parts = sum(aggregate(x, m.double(), "token-sum") for x, m in zip(loss.split(k), mask.split(k), strict=True))
     torch.testing.assert_close(parts, full)
     poisoned = torch.where(mask, loss, float("nan"))
     assert torch.equal(aggregate(poisoned, mask.double(), "token-sum"), full)

@@ -8,7 +8,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rl2fx.returns import advantages, gdpo, get_estimator, grpo, grpo_batch_std, optimal_token_baseline
+from rl2fx.returns import (
+    advantages,
+    gdpo,
+    get_estimator,
+    grpo,
+    grpo_batch_std,
+    optimal_token_baseline,
+)
 from rl2fx.testing import reference as ref
 from rl2fx.testing.strategies import group_rewards
 

@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from rl2fx.returns import list_estimators
 from rl2fx.trainer.ablate_names import ABLATIONS
-from rl2fx.trainer.config import load_config, parse_override
+from rl2fx.trainer.config import load_config, parse_override, trainer_supports
 from rl2fx.trainer.ppo import PPOTrainer
 
 matplotlib.use("Agg")  # files only; must precede pyplot's import
@@ -85,12 +85,14 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
 
     ``total_steps`` is needed by the scheduled KL arm, whose schedule spans the run.
     ``estimators``: every registered estimator (:func:`~rl2fx.returns.list_estimators`),
-    users' included; the trainer builds a critic for those that read values.
+    users' included, except those needing batch inputs the trainer does not supply
+    (:func:`~rl2fx.trainer.config.trainer_supports`); the trainer builds a critic for
+    those that read values.
     """
     if name not in ABLATIONS:
         raise ValueError(f"ablation name must be one of {list(ABLATIONS)}, got {name!r}")
     if name == "estimators":
-        return [(e, {"adv.estimator": e}) for e in list_estimators()]
+        return [(e, {"adv.estimator": e}) for e in list_estimators() if trainer_supports(e)]
     if name == "kl":
         ctl = {f"{_AK}.enabled": True}
         return [

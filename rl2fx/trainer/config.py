@@ -90,6 +90,8 @@ __all__ = [
     "check_override_keys",
     "parse_override",
     "estimator_params",
+    "TRAINER_INPUTS",
+    "trainer_supports",
     "policy_loss_params",
     "kl_controller_args",
     "lagrangian_args",
@@ -558,9 +560,33 @@ def multi_objective_args(cfg: DictConfig) -> dict[str, Any]:
             "archive_size": mo.archive_size}
 
 
+#: The batch inputs the reference trainer (:class:`~rl2fx.trainer.PPOTrainer`) passes to an estimator.
+#: An estimator that requires any other input can be called directly but not chosen as ``adv.estimator``.
+TRAINER_INPUTS: frozenset[str] = frozenset({
+    "rewards", "values", "mask", "log_rhos", "greedy_rewards", "group_size", "group",
+    "reward_components", "old_logprobs",
+})
+
+
+def trainer_supports(name: str) -> bool:
+    """Whether the reference trainer supplies every input estimator ``name`` requires.
+
+    >>> trainer_supports("grpo"), trainer_supports("gae")
+    (True, True)
+    """
+    spec = get_estimator(name)
+    return all(i in TRAINER_INPUTS for i in spec.inputs if i in spec.required)
+
+
 def _validate_adv(cfg: DictConfig) -> None:
     est = str(cfg.adv.estimator)
     _checked(get_estimator, {"name": est}, {}, "adv.estimator")  # the registry's did-you-mean
+    spec = get_estimator(est)
+    unsupplied = [i for i in spec.inputs if i in spec.required and i not in TRAINER_INPUTS]
+    if unsupplied:
+        _fail("adv.estimator", est, f"requires batch input(s) {unsupplied} that the trainer does not supply "
+              f"(it supplies {sorted(TRAINER_INPUTS)}); call rl2fx.returns.advantages({est!r}, ...) in your own "
+              "loop instead")
     # Every section is checked (a typo in an unused one is still a typo), the shared values with each
     # estimator that takes them.
     for name in list_estimators():

@@ -411,7 +411,8 @@ class PPOTrainer:
         # On-policy rollouts: the behaviour policy is pi_old, so log rho = 0 here;
         # the PPO ratio corrects for the drift of later epochs.
         kw: dict[str, Any] = {"rewards": rewards, "mask": mask, "log_rhos": torch.zeros_like(old_lp),
-                              "group_size": self.group_size, "group": group}
+                              "group_size": self.group_size, "group": group, "old_logprobs": old_lp,
+                              "reward_components": scores.unsqueeze(-1)}
         if self.critic is not None:
             values = _unwrap(self.critic)(batch["input_ids"], batch["attention_mask"])[:, -mask.shape[1] - 1:-1]
             batch["old_values"] = values * mask
