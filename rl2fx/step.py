@@ -69,7 +69,10 @@ class LossContext:
     :class:`~rl2fx.control.lagrangian.LagrangianState` (frozen; its multipliers are
     read) or ``None``. ``multi_objective``: a
     :class:`~rl2fx.pareto.optimizer.MultiObjectiveOptimizer` (its archive is read,
-    not changed) or ``None``.
+    not changed) or ``None``. ``objective_point``: the iteration's measured objective
+    vector (``{"reward": mean score, "kl_penalty": -rollout KL, "entropy": ...}``, the
+    archive's scale), where ``multi_objective`` evaluates its archive-relative weights
+    (``compute_pareto_loss(..., at=objective_point)``); ``None``: at the surrogates' values.
     """
 
     global_tokens: float
@@ -77,6 +80,7 @@ class LossContext:
     kl_coef: float | None = None
     lagrangian: LagrangianState | None = None
     multi_objective: Any = None
+    objective_point: Mapping[str, float] | None = None
 
 
 def _rows(batch: Batch) -> int:
@@ -117,6 +121,7 @@ def train_step(
     kl_coef: float | None = None,
     lagrangian: LagrangianState | None = None,
     multi_objective: Any = None,
+    objective_point: Mapping[str, float] | None = None,
     step: int = 0,
     scheduler: Any = None,
     process_group: Any = None,
@@ -137,6 +142,7 @@ def train_step(
     Controllers are the caller's: ``kl_coef`` (e.g. ``kl_state.coef`` of a
     :class:`~rl2fx.control.kl.KLState`), ``lagrangian`` (a frozen
     :class:`~rl2fx.control.lagrangian.LagrangianState`) and ``multi_objective``
+    (with ``objective_point``, the measured objective vector it is evaluated at)
     reach the loss through ``ctx`` and are only read; the caller updates them once
     per iteration from that iteration's measurements (``kl_update``,
     ``lagrangian_update``), however many update epochs it runs. The returned dict
@@ -169,7 +175,7 @@ def train_step(
     ctx = LossContext(
         global_tokens=float(counts[0].clamp_min(1.0)), global_seqs=float(counts[1]),
         kl_coef=None if kl_coef is None else float(kl_coef), lagrangian=lagrangian,
-        multi_objective=multi_objective,
+        multi_objective=multi_objective, objective_point=objective_point,
     )
     device_type = mask.device.type
     optimizer.zero_grad(set_to_none=True)
@@ -330,7 +336,13 @@ def make_ppo_loss(
                 raise ValueError(f"multi_objective.objectives {unknown} are not computed by the PPO loss; "
                                  f"available: {sorted(objectives)}")
             wanted = {k: objectives[k] for k in ctx.multi_objective.objectives}
-            loss = frac * ctx.multi_objective.compute_pareto_loss(wanted)
+            at = None
+            if ctx.objective_point is not None:
+                at = {k: ctx.objective_point[k] for k in ctx.multi_objective.objectives}
+                # which objective the method pushes, and how hard, at the measured point (logged per step)
+                for k, w in ctx.multi_objective.gradient_weights(at).items():
+                    metrics[f"pareto_weight_{k}"] = torch.tensor(-w)
+            loss = frac * ctx.multi_objective.compute_pareto_loss(wanted, at=at)
             metrics["pareto_loss"] = (loss / frac).detach()
         return loss, metrics
 

@@ -236,6 +236,49 @@ def test_diversity_term_rewards_distance_from_the_archive():
     assert math.isfinite(a.grad.item())
 
 
+@pytest.mark.parametrize("method", ["tchebycheff", "hypervolume", "pareto_dominance"])
+def test_diversity_bonus_cannot_outweigh_the_objectives_on_a_narrow_archive(method):
+    # The cause of the demo's Tchebycheff arm at chance: the novelty distance was divided by the
+    # archive's range, so its gradient was kappa / range; with rewards archived within 1e-3 of each
+    # other it was ~100x the reward's own weight and pushed the reward *down* (away from the nearest,
+    # better archived point). In preference-weighted units it is bounded by kappa * |w_i|.
+    opt = MultiObjectiveOptimizer(["reward", "kl_penalty"], {"reward": 1.0, "kl_penalty": 0.1},
+                                  pareto_method=method, diversity_weight=0.1)
+    opt.update_pareto_archive({"reward": 0.0610, "kl_penalty": -0.30})
+    opt.update_pareto_archive({"reward": 0.0605, "kl_penalty": -0.10})
+    at = {"reward": 0.0500, "kl_penalty": -0.11}
+    lam = opt.gradient_weights(at)
+    if method == "tchebycheff":  # the reward term is active (0.011 > 0.1 * 0.01): the loss pushes it up
+        assert lam["reward"] < -0.8
+    base = MultiObjectiveOptimizer(["reward", "kl_penalty"], {"reward": 1.0, "kl_penalty": 0.1},
+                                   pareto_method=method, diversity_weight=0.0)
+    base.update_pareto_archive({"reward": 0.0610, "kl_penalty": -0.30})
+    base.update_pareto_archive({"reward": 0.0605, "kl_penalty": -0.10})
+    lam0 = base.gradient_weights(at)
+    for o, w in (("reward", 1.0), ("kl_penalty", 0.1)):
+        assert abs(lam[o] - lam0[o]) <= 0.1 * w + 1e-9  # the bonus's share: at most kappa |w_o|
+
+
+def test_loss_at_the_measured_point_has_its_value_and_the_surrogates_gradient():
+    # The PG surrogate of the reward is ~0 on-policy whatever the reward is: placing it in the archive
+    # puts the point in the wrong place. With at=..., value = L(at), gradient wrt f = dL/df at `at`.
+    opt = MultiObjectiveOptimizer(["reward", "kl_penalty"], {"reward": 1.0, "kl_penalty": 0.5},
+                                  pareto_method="tchebycheff", diversity_weight=0.0)
+    opt.update_pareto_archive({"reward": 2.0, "kl_penalty": -1.0})
+    opt.update_pareto_archive({"reward": 1.0, "kl_penalty": -0.1})
+    at = {"reward": 1.5, "kl_penalty": -2.0}  # KL term active: 0.5 * 1.9 > 1 * 0.5
+    r = torch.tensor(0.0, requires_grad=True)
+    k = torch.tensor(0.0, requires_grad=True)
+    loss = opt.compute_pareto_loss({"reward": r, "kl_penalty": k}, at=at)
+    assert loss.item() == pytest.approx(opt.compute_pareto_loss(at).item()) == pytest.approx(0.95)
+    loss.backward()
+    lam = opt.gradient_weights(at)
+    assert (r.grad.item(), k.grad.item()) == pytest.approx((lam["reward"], lam["kl_penalty"]))
+    assert lam == pytest.approx({"reward": 0.0, "kl_penalty": -0.5})
+    # without `at` the surrogate values (0, 0) decide the active term: the reward's
+    assert opt.gradient_weights({"reward": 0.0, "kl_penalty": 0.0})["reward"] == pytest.approx(-1.0)
+
+
 def test_archive_is_bounded_and_front_nondominated():
     opt, names, _, _ = _archive_opt("weighted_sum", m=2, n=300, archive_size=10)
     front = opt.get_pareto_front()

@@ -35,7 +35,7 @@ def test_every_search_space_name_is_a_config_key():
 def test_initial_coef_range_is_fitted_to_the_controller_bounds():
     space = {c.name: c for c in ppo_search_space(load_config("demo"))}
     c = space["actor.kl.adaptive_kl.initial_coef"]
-    assert (c.low, c.high) == (1e-3, 0.02) and c.low <= c.default <= c.high and c.log
+    assert (c.low, c.high) == (1e-3, 1.0) and c.low <= c.default <= c.high and c.log
     wide = {c.name: c for c in ppo_search_space(load_config())}["actor.kl.adaptive_kl.initial_coef"]
     assert (wide.low, wide.high, wide.default) == (1e-3, 1.0, 0.2)
     with pytest.raises(ConfigError, match="leave no room"):

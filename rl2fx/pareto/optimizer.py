@@ -15,7 +15,7 @@ Weight signs, per method (details and formulas in ``docs/pareto.md``):
   strength 0.1. All-zero weights are an error.
 
 The archive-based methods add ``-diversity_weight * D(f)``, where ``D`` is the
-range-normalized Euclidean distance from ``f`` to the nearest archived point
+preference-weighted Euclidean distance ``min_a ||w * (f - a)||`` from ``f`` to the nearest archived point
 (novelty in objective space, Lehman & Stanley 2011), so that, other things
 equal, points away from what is already archived are preferred.
 ``weighted_sum`` stays the bare linear utility.
@@ -199,13 +199,58 @@ class MultiObjectiveOptimizer:
         return torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in values])
 
     # ------------------------------------------------------------------ loss
-    def compute_pareto_loss(self, objectives_dict: Mapping[str, Any]) -> Tensor:
+    def compute_pareto_loss(self, objectives_dict: Mapping[str, Any], *, at: Mapping[str, Any] | None = None) -> Tensor:
         """The scalar loss (to minimize) for one objective vector; see the class docstring.
 
         Values may be Python numbers or 0-d tensors; gradients flow to every tensor
         that requires them. The archive is read, never changed.
+
+        ``at``: the *measured* objective vector, on the archive's scale, where the
+        method's archive-relative weighting is evaluated. In RL the differentiable
+        objectives are surrogates: the policy-gradient surrogate of the reward has
+        the reward's gradient but not its value (on-policy it is the mean
+        advantage, about 0), so comparing it with archived *rewards* puts the
+        point in the wrong place (Tchebycheff's active term, the hypervolume
+        layer and reference point, the nearest archived point). With ``at`` the
+        loss is :math:`L(a) + \\lambda^\top (f - \\mathrm{sg}(f))`,
+        :math:`\\lambda = \\partial L/\\partial f|_{f=a}`
+        (:meth:`gradient_weights`): the method's value at the measured point
+        :math:`a` and its gradient, carried by the surrogates.
+
+        >>> import torch
+        >>> opt = MultiObjectiveOptimizer(["reward", "kl_penalty"], {"reward": 1.0, "kl_penalty": 0.1},
+        ...                               pareto_method="tchebycheff", diversity_weight=0.0)
+        >>> _ = opt.update_pareto_archive({"reward": 0.6, "kl_penalty": -0.1})
+        >>> surrogate = torch.tensor(0.0, requires_grad=True)  # the PG surrogate's value is ~0
+        >>> loss = opt.compute_pareto_loss({"reward": surrogate, "kl_penalty": -0.5},
+        ...                                at={"reward": 0.3, "kl_penalty": -0.5})
+        >>> loss.backward(); round(loss.item(), 6), surrogate.grad.item()  # reward term active: 1 * (0.6 - 0.3)
+        (0.3, -1.0)
         """
         f = self._vector(self._values(objectives_dict))
+        if at is None:
+            return self._loss_at(f)
+        pos = self._vector(self._values(at)).detach().to(dtype=f.dtype, device=f.device).requires_grad_(True)
+        with torch.enable_grad():
+            value = self._loss_at(pos)
+            (lam,) = torch.autograd.grad(value, pos)
+        return value.detach() + (lam * (f - f.detach())).sum()
+
+    def gradient_weights(self, at: Mapping[str, Any]) -> dict[str, float]:
+        r""":math:`\lambda_i = \partial L / \partial f_i` at the objective vector ``at``: how strongly the
+        loss pushes each objective there (negative: increased). For ``weighted_sum`` these are ``-w``;
+        for ``tchebycheff`` only the active term is non-zero (plus the diversity term's share).
+
+        >>> opt = MultiObjectiveOptimizer(["reward", "kl_penalty"], {"reward": 1.0, "kl_penalty": 0.1})
+        >>> opt.gradient_weights({"reward": 0.5, "kl_penalty": -0.2})
+        {'reward': -1.0, 'kl_penalty': -0.1}
+        """
+        pos = self._vector(self._values(at)).detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            (lam,) = torch.autograd.grad(self._loss_at(pos), pos)
+        return {o: float(v) for o, v in zip(self.objectives, lam.tolist(), strict=True)}
+
+    def _loss_at(self, f: Tensor) -> Tensor:
         w = torch.tensor([self.objective_weights[o] for o in self.objectives], dtype=f.dtype, device=f.device)
         if self.pareto_method == "weighted_sum":
             return -weighted_sum(f, w)
@@ -236,10 +281,12 @@ class MultiObjectiveOptimizer:
         return loss
 
     def _diversity(self, f: Tensor, a: Tensor) -> Tensor:
-        both = torch.cat([a, f.detach()[None]])
-        span = both.max(dim=0).values - both.min(dim=0).values
-        span = torch.where(span > 0, span, torch.ones_like(span))
-        sq = (((f[None, :] - a) / span) ** 2).sum(dim=1)
+        # Distance in preference-weighted units |w_i| f_i, the scale the methods' own terms use, so that
+        # |d(kappa D)/df_i| <= kappa |w_i|: the novelty bonus cannot outweigh the objectives. (Dividing by
+        # the archive's range instead made the bonus's gradient 1 / range, which dominates while the
+        # archive is narrow and drove the demo's Tchebycheff arm to push its reward down.)
+        mag = torch.tensor([abs(self.objective_weights[o]) for o in self.objectives], dtype=f.dtype, device=f.device)
+        sq = ((mag * (f[None, :] - a)) ** 2).sum(dim=1)
         return torch.sqrt(sq.min() + _DIST_EPS**2) - _DIST_EPS
 
     # ------------------------------------------------------------------ archive

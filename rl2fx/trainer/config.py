@@ -134,6 +134,10 @@ class AdaptiveKLConfig:
     kd: float = 0.001
     schedule_type: str = "cosine"
     schedule_steps: int = 1000
+    # proportional (Ziegler et al. 2019): gain n_steps / horizon per update. TRL's horizon of 10000 with
+    # n = 1 update per iteration moves the coefficient by at most 0.002% a step.
+    horizon: int = 10000
+    n_steps: int | None = None  # null: the iterations since the previous update (1)
 
 
 @dataclass

@@ -397,7 +397,9 @@ class PPOTrainer:
         mask = batch["response_mask"]
         temp, chunk = float(cfg.rollout.temperature), int(cfg.trainer.logprob_chunk_size)
         self.policy.eval()
-        old_lp, _ = compute_logprobs(_unwrap(self.policy), batch, temperature=temp, chunk_size=chunk)
+        # the sampling policy's entropy locates the iteration in the Pareto archive's objective space
+        old_lp, old_ent = compute_logprobs(_unwrap(self.policy), batch, temperature=temp, chunk_size=chunk,
+                                           with_entropy=self.multi_objective is not None)
         ref_lp, _ = compute_logprobs(self.ref_model, batch, temperature=temp, chunk_size=chunk)
         self.policy.train()
         kl_tok = kl_estimate(old_lp, ref_lp, cfg.trainer.kl_estimator) * mask
@@ -428,6 +430,8 @@ class PPOTrainer:
         batch.update(scores=scores, old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv * mask,
                      returns=out["returns"].to(old_lp.dtype) * mask if out["returns"].ndim == 2 else
                      out["returns"].unsqueeze(-1).to(old_lp.dtype) * mask, kl=kl_tok)
+        if old_ent is not None:
+            batch["entropy"] = old_ent
         return batch
 
     # ------------------------------------------------------------------ one step
@@ -448,13 +452,14 @@ class PPOTrainer:
         # kl_type=reward: the penalty is already in the rewards, so the loss gets no KL term.
         kl_coef = self.kl_coef() if t.kl_type == "loss" and self.kl_state is not None else None
         first: dict[str, Any] = {}
+        objective_point = self.objective_point(exp) if self.multi_objective is not None else None
         with region("update"):
             for epoch in range(int(t.update_epochs)):
                 out = train_step(self.policy, self.optimizer, policy_batch, loss_fn=self.loss_fn,
                                  micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm,
                                  autocast_dtype=self.autocast_dtype, kl_coef=kl_coef,
                                  lagrangian=self.lagrangian_state, multi_objective=self.multi_objective,
-                                 step=self.step)
+                                 objective_point=objective_point, step=self.step)
                 first = out if epoch == 0 else first
                 metrics.update(out)
                 if self.critic is not None:
@@ -481,6 +486,20 @@ class PPOTrainer:
         self.history["kl"].append(metrics["rollout_kl"])
         self.step += 1
         return metrics
+
+    def objective_point(self, exp: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """The rollout's measured objectives on the Pareto archive's scale: mean task score, ``-KL``
+        (token mean of ``trainer.kl_estimator``) and the sampling policy's token-mean entropy, over all ranks.
+        The multi-objective loss weighs its surrogates at this point (``train_step(objective_point=...)``)."""
+        mask = exp["response_mask"]
+        n = mask.sum().clamp_min(1.0)
+        ent = exp.get("entropy")
+        stats = torch.stack([exp["scores"].mean(), exp["kl"].sum() / n,
+                             (ent * mask).sum() / n if ent is not None else torch.zeros((), device=n.device)]).double()
+        if self.distributed:
+            dist.all_reduce(stats)
+            stats /= self.world_size
+        return {"reward": float(stats[0]), "kl_penalty": -max(float(stats[1]), 0.0), "entropy": float(stats[2])}
 
     def step_controllers(self, *, reward: float, kl: float, entropy: float | None) -> None:
         """Step every controller once, from this iteration's measurements (the optax pattern).

@@ -53,7 +53,8 @@ def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
     ``[min_coef, max_coef]`` (the config validation rejects it otherwise), so its
     range is intersected with those bounds; an empty intersection is an error.
 
-    >>> space = {c.name: c for c in ppo_search_space(load_config("demo"))}
+    >>> space = {c.name: c for c in ppo_search_space(load_config(overrides={"actor.kl.adaptive_kl.max_coef": 0.02,
+    ...                                                                    "actor.kl.adaptive_kl.initial_coef": 0.01}))}
     >>> space["actor.kl.adaptive_kl.initial_coef"].low, space["actor.kl.adaptive_kl.initial_coef"].high
     (0.001, 0.02)
     """
