@@ -166,6 +166,7 @@ def run_one(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "reward_curve": [float(x) for x in trainer.history["reward"]],
         "kl_curve": [float(x) for x in trainer.history["kl"]],
+        "kl_coef_curve": [float(x) for x in trainer.history.get("kl_coef", [])],
     }
 
 
@@ -265,7 +266,9 @@ def run_ablation(
             run_over.pop("trainer.output_dir")
             load_config(base, overrides=run_over)  # fail fast on a bad key or value
             jobs.append((arm, s, run_over))
-    window = int(load_config(base, overrides=jobs[0][2]).trainer.summary_window)
+    first_cfg = load_config(base, overrides=jobs[0][2])
+    window = int(first_cfg.trainer.summary_window)
+    target_kl = float(first_cfg.actor.kl.adaptive_kl.target_kl) if name == "kl" else None
 
     started = _dt.datetime.now().astimezone()
     machine = _machine()
@@ -323,6 +326,7 @@ def run_ablation(
         "summary_window": window,
         "user_overrides": list(overrides),
         "chance_reward": runs[0]["chance_reward"],
+        "target_kl": target_kl,
         "total_wall_time_s": total_wall,
         "summary": summary,
         "runs": runs,
@@ -364,11 +368,23 @@ def format_table(out: dict[str, Any]) -> str:
         "| arm | final reward | final KL | wall time per run (s) |",
         "|---|---|---|---|",
     ]
+    target = out.get("target_kl")
+    if target is not None:  # the KL ablation: how far each arm's final KL is from the controllers' target
+        lines[-2:] = ["| arm | final reward | final KL | KL / target | wall time per run (s) |",
+                      "|---|---|---|---|---|"]
     for s in out["summary"]:
+        ratio = f" {s['kl_mean'] / target:.2f} |" if target is not None else ""
         lines.append(f"| {s['arm']} | {_fmt(s['reward_mean'], s['reward_std'], 3)} | "
-                     f"{_fmt(s['kl_mean'], s['kl_std'], 3)} | {_fmt(s['wall_time_mean_s'], s['wall_time_std_s'], 1)} |")
+                     f"{_fmt(s['kl_mean'], s['kl_std'], 3)} |{ratio} "
+                     f"{_fmt(s['wall_time_mean_s'], s['wall_time_std_s'], 1)} |")
+    if target is not None:
+        lines += ["", f"Target KL {target:g}: a feedback controller holds it when KL / target is within "
+                  "0.75–1.25 (the shaded band in the middle panel). `fixed`, `no_kl` and `schedule` do not "
+                  "use the measured KL, so they are not expected to."]
     lines += ["", f"![reward curves]({name}.png)", "",
-              "Reward per step, mean over seeds"
+              ("Left: reward per step; middle: rollout KL per token; right: the KL coefficient "
+               "(log scale). Curves are means over seeds" if target is not None else
+               "Reward per step, mean over seeds")
               + (f" (moving average over {_smooth_window(out)} steps)" if _smooth_window(out) > 1 else "")
               + " with a ±1 std band. All per-run numbers and curves: "
               f"[{name}.json]({name}.json).", ""]
@@ -379,19 +395,49 @@ def _smooth_window(out: dict[str, Any]) -> int:
     return max(1, min(10, out["total_steps"] // 10))
 
 
+def _seed_curves(out: dict[str, Any], arm: str, key: str, k: int) -> np.ndarray:
+    """``[seeds, steps]`` curves ``key`` of ``arm``, moving-averaged over ``k`` steps."""
+    curves = np.array([r[key] for r in out["runs"] if r["arm"] == arm], dtype=float)
+    if k > 1:
+        kern = np.ones(k) / k
+        curves = np.array([np.convolve(c, kern, mode="valid") for c in curves])
+    return curves
+
+
 def _plot(out: dict[str, Any], path: Path) -> None:
     k = _smooth_window(out)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    kl_panel = out["ablation"] == "kl" and all(r.get("kl_coef_curve") for r in out["runs"])
+    if kl_panel:  # second row: KL and coefficient against step, with the target
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        ax, ax_kl, ax_c = axes
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.8))
     styles = ["-", "--", "-.", ":"]  # arms that coincide stay visible
     for i, s in enumerate(out["summary"]):
-        curves = np.array([r["reward_curve"] for r in out["runs"] if r["arm"] == s["arm"]])
-        if k > 1:
-            kern = np.ones(k) / k
-            curves = np.array([np.convolve(c, kern, mode="valid") for c in curves])
+        curves = _seed_curves(out, s["arm"], "reward_curve", k)
         x = np.arange(curves.shape[1]) + k
         m, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
         (line,) = ax.plot(x, m, label=s["arm"], lw=1.5, ls=styles[i % len(styles)])
         ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
+        if kl_panel:
+            kl = _seed_curves(out, s["arm"], "kl_curve", k).mean(0)
+            ax_kl.plot(x, kl, lw=1.2, ls=styles[i % len(styles)], color=line.get_color(), label=s["arm"])
+            coef = _seed_curves(out, s["arm"], "kl_coef_curve", 1).mean(0)
+            if np.any(coef > 0):
+                ax_c.plot(np.arange(len(coef)) + 1, coef, lw=1.2, ls=styles[i % len(styles)],
+                          color=line.get_color(), label=s["arm"])
+    if kl_panel:
+        target = out.get("target_kl")
+        if target is not None:
+            ax_kl.axhline(target, color="k", ls=":", lw=1, label=f"target {target:g}")
+            ax_kl.axhspan(0.75 * target, 1.25 * target, color="k", alpha=0.06, lw=0)
+        ax_kl.set_xlabel("training step")
+        ax_kl.set_ylabel("rollout KL per token (mean over seeds)")
+        ax_kl.legend(fontsize=7, ncol=2)
+        ax_c.set_yscale("log")
+        ax_c.set_xlabel("training step")
+        ax_c.set_ylabel("KL coefficient (mean over seeds)")
+        ax_c.legend(fontsize=7, ncol=2)
     ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
     ax.set_xlabel("training step")
     ax.set_ylabel("task reward")

@@ -349,7 +349,7 @@ class PPOTrainer:
         self.step = 0
         self.mlflow_run_id: str | None = None  # from a resumed checkpoint, then the live tracker's run
         self._active_tracker: Any = None
-        self.history: dict[str, list[float]] = {"reward": [], "kl": []}
+        self.history: dict[str, list[float]] = {"reward": [], "kl": [], "kl_coef": []}
         if t.resume_from is not None:
             path = self.latest_checkpoint() if t.resume_from == "auto" else Path(t.resume_from)
             if path is not None:
@@ -484,6 +484,7 @@ class PPOTrainer:
             metrics["pareto_archive_size"] = float(len(self.multi_objective))
         self.history["reward"].append(metrics["reward"])
         self.history["kl"].append(metrics["rollout_kl"])
+        self.history.setdefault("kl_coef", []).append(float(metrics.get("kl_coef", 0.0)))
         self.step += 1
         return metrics
 
