@@ -167,6 +167,9 @@ def run_one(config: str, overrides: dict[str, Any]) -> dict[str, Any]:
         "reward_curve": [float(x) for x in trainer.history["reward"]],
         "kl_curve": [float(x) for x in trainer.history["kl"]],
         "kl_coef_curve": [float(x) for x in trainer.history.get("kl_coef", [])],
+        # the multi-objective arms' final archive: the non-dominated (reward, -KL, entropy) points seen
+        "pareto_front": (trainer.multi_objective.get_pareto_front()
+                         if trainer.multi_objective is not None else []),
     }
 
 
@@ -381,6 +384,10 @@ def format_table(out: dict[str, Any]) -> str:
         lines += ["", f"Target KL {target:g}: a feedback controller holds it when KL / target is within "
                   "0.75–1.25 (the shaded band in the middle panel). `fixed`, `no_kl` and `schedule` do not "
                   "use the measured KL, so they are not expected to."]
+    if any(r.get("pareto_front") for r in out["runs"]):
+        lines += ["", "The trade-off each multi-objective arm reached: its end point (reward, KL) is in the "
+                  "table; its final Pareto archive (the non-dominated iterations' measured reward, -KL and "
+                  "entropy, all seeds) is the right panel of the plot and in the JSON (`pareto_front`)."]
     lines += ["", f"![reward curves]({name}.png)", "",
               ("Left: reward per step; middle: rollout KL per token; right: the KL coefficient "
                "(log scale). Curves are means over seeds" if target is not None else
@@ -407,7 +414,10 @@ def _seed_curves(out: dict[str, Any], arm: str, key: str, k: int) -> np.ndarray:
 def _plot(out: dict[str, Any], path: Path) -> None:
     k = _smooth_window(out)
     kl_panel = out["ablation"] == "kl" and all(r.get("kl_coef_curve") for r in out["runs"])
-    if kl_panel:  # second row: KL and coefficient against step, with the target
+    front_panel = out["ablation"] == "pareto" and any(r.get("pareto_front") for r in out["runs"])
+    if front_panel:  # each arm's final Pareto archive in the reward-KL plane
+        fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(13, 4.8))
+    elif kl_panel:  # second row: KL and coefficient against step, with the target
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
         ax, ax_kl, ax_c = axes
     else:
@@ -426,6 +436,20 @@ def _plot(out: dict[str, Any], path: Path) -> None:
             if np.any(coef > 0):
                 ax_c.plot(np.arange(len(coef)) + 1, coef, lw=1.2, ls=styles[i % len(styles)],
                           color=line.get_color(), label=s["arm"])
+    if front_panel:
+        markers = "os^Dv<>"
+        for i, s in enumerate(out["summary"]):
+            pts = [(-p["kl_penalty"], p["reward"]) for r in out["runs"] if r["arm"] == s["arm"]
+                   for p in r.get("pareto_front", [])]
+            if pts:
+                kl_pts, rw = zip(*pts, strict=True)
+                ax_f.scatter(kl_pts, rw, s=14, marker=markers[i % len(markers)], label=s["arm"], alpha=0.7)
+            ax_f.errorbar(s["kl_mean"], s["reward_mean"], xerr=s["kl_std"], yerr=s["reward_std"], fmt="x",
+                          color="k", ms=8, lw=1)
+        ax_f.set_xlabel("rollout KL per token")
+        ax_f.set_ylabel("task reward")
+        ax_f.set_title("final Pareto archives (all seeds); x: each arm's end point, mean ± std", fontsize=9)
+        ax_f.legend(fontsize=7)
     if kl_panel:
         target = out.get("target_kl")
         if target is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,14 +46,54 @@ __all__ = ["ppo_search_space", "apply_params", "tune_from_config", "format_best_
 _INIT = "actor.kl.adaptive_kl.initial_coef"
 
 
+#: Centred log-scale ranges reach at most this many decades either side of the config's value.
+_CENTRE_DECADES = 1.0
+
+
+def _centred(c: HyperparameterConfig, value: Any) -> HyperparameterConfig:
+    """``c`` moved to contain, and default to, the config's ``value``.
+
+    A log-scale range is re-centred geometrically on a positive ``value`` with the generic
+    range's width, at most :data:`_CENTRE_DECADES` decades either side; a linear or int range
+    is widened to include ``value``; a categorical gains ``value`` as a choice. A non-positive
+    value of a log-scale parameter (e.g. ``entropy_coef: 0``, off) keeps the generic range.
+    """
+    if value is None:  # null: derived elsewhere (e.g. from the task); the generic range stands
+        return c
+    if c.type == "categorical":
+        choices = list(c.choices or [])
+        return dataclasses.replace(c, choices=choices if value in choices else [*choices, value], default=value)
+    if c.type not in ("float", "int") or isinstance(value, bool) or not isinstance(value, int | float):
+        return c
+    if c.log:
+        if value <= 0:
+            return c
+        half = min(math.log10(c.high / c.low) / 2, _CENTRE_DECADES)
+        lo, hi = value / 10**half, value * 10**half
+        if c.type == "int":
+            lo, hi = max(1, math.floor(lo)), max(math.ceil(hi), math.floor(lo) + 1)
+        return dataclasses.replace(c, low=lo, high=hi, default=value)
+    return dataclasses.replace(c, low=min(c.low, value), high=max(c.high, value), default=value)
+
+
 def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
-    """:func:`~rl2fx.tuning.space.create_ppo_hyperparameter_configs` fitted to ``cfg``.
+    """:func:`~rl2fx.tuning.space.create_ppo_hyperparameter_configs` centred on ``cfg``.
 
-    Every name must be a key of the config schema (``ConfigError`` otherwise). The
-    KL controller's ``initial_coef`` must lie within the config's
-    ``[min_coef, max_coef]`` (the config validation rejects it otherwise), so its
-    range is intersected with those bounds; an empty intersection is an error.
+    The generic ranges are those of fine-tuning a pretrained LM (``actor.lr`` around 1e-6);
+    a config that works elsewhere (the demo trains from scratch at ``actor.lr=1e-3``) would
+    see every trial at chance. So each range is moved to contain the config's own value,
+    which becomes the default: log-scale ranges are re-centred on it (the generic width, at
+    most one decade either side), linear ranges widened to include it, categoricals given it
+    as a choice. Every name must be a key of the config schema (``ConfigError`` otherwise).
+    The KL controller's ``initial_coef`` must lie within the config's ``[min_coef, max_coef]``
+    (the config validation rejects it otherwise), so its range is intersected with those
+    bounds; an empty intersection is an error.
 
+    >>> space = {c.name: c for c in ppo_search_space(load_config("demo"))}
+    >>> lr = space["actor.lr"]; lr.low, lr.default, lr.high
+    (0.0001, 0.001, 0.01)
+    >>> c = space["actor.kl.adaptive_kl.initial_coef"]; c.low, c.default, c.high
+    (0.001, 0.01, 0.1)
     >>> space = {c.name: c for c in ppo_search_space(load_config(overrides={"actor.kl.adaptive_kl.max_coef": 0.02,
     ...                                                                    "actor.kl.adaptive_kl.initial_coef": 0.01}))}
     >>> space["actor.kl.adaptive_kl.initial_coef"].low, space["actor.kl.adaptive_kl.initial_coef"].high
@@ -60,8 +101,10 @@ def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
     """
     out = []
     for c in create_ppo_hyperparameter_configs():
-        if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
+        value = OmegaConf.select(cfg, c.name, default="__missing__")
+        if value == "__missing__":
             raise ConfigError(f"search-space parameter {c.name!r} is not a config key")
+        c = _centred(c, value)
         if c.name == _INIT:
             ak = cfg.actor.kl.adaptive_kl
             low, high = max(c.low, float(ak.min_coef)), min(c.high, float(ak.max_coef))
