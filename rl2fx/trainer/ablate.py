@@ -57,7 +57,7 @@ __all__ = ["ABLATIONS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_a
 
 #: Default ``trainer.total_steps`` per ablation, chosen so that each default run
 #: (3 seeds, 2 worker processes) takes about 10 minutes on 2 idle CPU cores.
-DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "pareto": 400}
+DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "kl_frontier": 400, "pareto": 400}
 
 DEFAULT_CONFIG = "demo"
 
@@ -75,6 +75,12 @@ _AK = "actor.kl.adaptive_kl"
 _MO = "multi_objective"
 # The demo's KL budget (its adaptive controller's target).
 _DEMO_TARGET_KL = 0.5
+# The KL-target sweep: each feedback controller and the Lagrangian constraint at each budget. The
+# coefficient's ceiling is raised so that the tightest budget is reachable (at max_coef 1 the
+# controllers saturate above a KL of 0.1).
+_FRONTIER_TARGETS = (0.1, 0.3, 1.0, 3.0)
+_FRONTIER_CONTROLLERS = ("exponential", "linear", "proportional", "pid")
+_FRONTIER_MAX_COEF = 10.0
 # Weights for the Pareto arms: reward first, KL penalised (kl_penalty = -KL is
 # maximised, so its weight is positive), a small entropy bonus.
 _PARETO_WEIGHTS = {"reward": 1.0, "kl_penalty": 0.1, "entropy": 0.01}
@@ -108,6 +114,16 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
                             "actor.kl.constraint_optimization.enabled": True,
                             "actor.kl.constraint_optimization.kl_constraint": _DEMO_TARGET_KL}),
         ]
+    if name == "kl_frontier":
+        arms = []
+        for t in _FRONTIER_TARGETS:
+            for c in _FRONTIER_CONTROLLERS:
+                arms.append((f"{c}@{t:g}", {f"{_AK}.enabled": True, f"{_AK}.controller_type": c,
+                                            f"{_AK}.target_kl": t, f"{_AK}.max_coef": _FRONTIER_MAX_COEF}))
+            arms.append((f"lagrangian@{t:g}", {f"{_AK}.enabled": False, "actor.kl.coef": 0.0,
+                                               "actor.kl.constraint_optimization.enabled": True,
+                                               "actor.kl.constraint_optimization.kl_constraint": t}))
+        return arms
     mo = {f"{_MO}.enabled": True, f"{_MO}.objective_weights": dict(_PARETO_WEIGHTS)}
     return [
         ("ppo_loss", {f"{_MO}.enabled": False}),
@@ -125,6 +141,9 @@ _ARM_NOTES = {
     "kl": (f"the KL controller (`{_AK}.controller_type`; each controller starts from the demo's "
            f"`initial_coef`, bounds and `target_kl={_DEMO_TARGET_KL}`), no KL at all, and the Lagrangian "
            f"constraint `KL <= {_DEMO_TARGET_KL}` instead of a controller."),
+    "kl_frontier": (f"the KL budget: `{_AK}.target_kl` in {list(_FRONTIER_TARGETS)} for each feedback "
+                    f"controller (`{_AK}.max_coef={_FRONTIER_MAX_COEF:g}`) and the Lagrangian constraint's "
+                    "`kl_constraint` at the same values; arm `controller@target`."),
     "pareto": ("`multi_objective.pareto_method` with objectives reward, kl_penalty = -KL, entropy and weights "
                f"{_PARETO_WEIGHTS} (`weighted_sum_kl1`: kl_penalty weight 1.0); `ppo_loss` is the plain "
                "PPO loss (multi-objective off)."),
@@ -371,6 +390,18 @@ def format_table(out: dict[str, Any]) -> str:
         "| arm | final reward | final KL | wall time per run (s) |",
         "|---|---|---|---|",
     ]
+    if name == "kl_frontier":
+        lines[-2:] = ["| method | target KL | final reward | final KL | KL / target |", "|---|---|---|---|---|"]
+        for s in out["summary"]:
+            method, t = s["arm"].split("@")
+            lines.append(f"| {method} | {t} | {_fmt(s['reward_mean'], s['reward_std'], 3)} | "
+                         f"{_fmt(s['kl_mean'], s['kl_std'], 3)} | {s['kl_mean'] / float(t):.2f} |")
+        lines += ["", f"![frontier]({name}.png)", "",
+                  "Left: final reward against final KL per method, one point per target (mean ± std over "
+                  "seeds). Right: the KL reached against its budget. A budget above the KL that training "
+                  "reaches on its own does not bind. All per-run numbers and curves: "
+                  f"[{name}.json]({name}.json).", ""]
+        return "\n".join(lines)
     target = out.get("target_kl")
     if target is not None:  # the KL ablation: how far each arm's final KL is from the controllers' target
         lines[-2:] = ["| arm | final reward | final KL | KL / target | wall time per run (s) |",
@@ -411,10 +442,50 @@ def _seed_curves(out: dict[str, Any], arm: str, key: str, k: int) -> np.ndarray:
     return curves
 
 
+def _frontier_points(out: dict[str, Any]) -> dict[str, list[tuple[float, float, float, float, float]]]:
+    """Per method: ``(target, KL mean, KL std, reward mean, reward std)`` from ``controller@target`` arms."""
+    pts: dict[str, list[tuple[float, float, float, float, float]]] = {}
+    for s in out["summary"]:
+        method, target = s["arm"].split("@")
+        pts.setdefault(method, []).append((float(target), s["kl_mean"], s["kl_std"], s["reward_mean"],
+                                           s["reward_std"]))
+    return pts
+
+
+def _plot_frontier(out: dict[str, Any], path: Path) -> None:
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for method, pts in _frontier_points(out).items():
+        t, km, ks, rm, rs = (np.array(v) for v in zip(*sorted(pts), strict=True))
+        (line,) = ax.plot(km, rm, marker="o", label=method)
+        ax.errorbar(km, rm, xerr=ks, yerr=rs, fmt="none", color=line.get_color(), lw=0.8)
+        ax_t.errorbar(t, km, yerr=ks, marker="o", label=method, color=line.get_color(), capsize=3)
+    ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("final rollout KL per token (log)")
+    ax.set_ylabel("final task reward")
+    ax.set_title("reward-KL frontier: what a tighter KL budget costs", fontsize=10)
+    ax.legend(fontsize=8)
+    lim = np.array([min(_FRONTIER_TARGETS) / 1.5, max(_FRONTIER_TARGETS) * 1.5])
+    ax_t.plot(lim, lim, "k:", lw=1, label="KL = target")
+    ax_t.fill_between(lim, 0.75 * lim, 1.25 * lim, color="k", alpha=0.06, lw=0)
+    ax_t.set_xscale("log")
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("target KL")
+    ax_t.set_ylabel("final rollout KL per token")
+    ax_t.set_title("reached KL against the budget (band: ±25%)", fontsize=10)
+    ax_t.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot(out: dict[str, Any], path: Path) -> None:
     k = _smooth_window(out)
     kl_panel = out["ablation"] == "kl" and all(r.get("kl_coef_curve") for r in out["runs"])
     front_panel = out["ablation"] == "pareto" and any(r.get("pareto_front") for r in out["runs"])
+    if out["ablation"] == "kl_frontier":
+        _plot_frontier(out, path)
+        return
     if front_panel:  # each arm's final Pareto archive in the reward-KL plane
         fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(13, 4.8))
     elif kl_panel:  # second row: KL and coefficient against step, with the target
