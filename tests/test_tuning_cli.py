@@ -145,3 +145,14 @@ def test_pruner_config_errors_name_the_key():
         load_config(overrides={"hyperopt.median.n_startup_trials": -1})
     with pytest.raises(ConfigError, match="hyperopt.report_interval"):
         load_config(overrides={"hyperopt.report_interval": 0})
+
+
+def test_hyperopt_params_selects_a_subset_and_rejects_unknown_names():
+    space = ppo_search_space(load_config("demo"))
+    from rl2fx.trainer.tune import select_params
+    assert [c.name for c in select_params(space, None)] == [c.name for c in space]
+    assert [c.name for c in select_params(space, ["trainer.entropy_coef", "actor.lr"])] == [
+        "actor.lr", "trainer.entropy_coef"]
+    for bad in (["actor.lrr"], [], ["actor.lr", "actor.lr"]):
+        with pytest.raises(ConfigError, match="hyperopt.params"):
+            select_params(space, bad)

@@ -249,6 +249,8 @@ class HyperoptConfig:
     save_dir: str = "hyperopt_results"
     report_interval: int = 10
     pruner: str = "none"
+    # the search space's parameters to tune (dotted config keys of ppo_search_space); null: all of them
+    params: list[str] | None = None
     bayesian: BayesianConfig = field(default_factory=BayesianConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     median: MedianPrunerConfig = field(default_factory=MedianPrunerConfig)

@@ -41,7 +41,7 @@ from rl2fx.tuning.pruners import TrialPruned, make_pruner
 from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
 from rl2fx.tuning.tuner import HyperparameterTuner
 
-__all__ = ["ppo_search_space", "apply_params", "tune_from_config", "format_best_trials"]
+__all__ = ["ppo_search_space", "select_params", "apply_params", "tune_from_config", "format_best_trials"]
 
 _INIT = "actor.kl.adaptive_kl.initial_coef"
 
@@ -115,6 +115,22 @@ def ppo_search_space(cfg: DictConfig) -> list[HyperparameterConfig]:
             c = dataclasses.replace(c, low=low, high=high, default=default)
         out.append(c)
     return out
+
+
+def select_params(space: Sequence[HyperparameterConfig], names: Sequence[str] | None) -> list[HyperparameterConfig]:
+    """The parameters of ``space`` named in ``names`` (``hyperopt.params``), in ``space``'s order; ``None``: all.
+
+    >>> [c.name for c in select_params(ppo_search_space(load_config("demo")), ["actor.clip", "actor.lr"])]
+    ['actor.lr', 'actor.clip']
+    """
+    if names is None:
+        return list(space)
+    known = [c.name for c in space]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError(f"config key 'hyperopt.params' must be distinct names of the search space {known}, "
+                          f"got {list(names)!r}")
+    return [c for c in space if c.name in names]
 
 
 def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
@@ -201,7 +217,7 @@ def tune_from_config(
     stopped by the pruner (:func:`~rl2fx.trainer.config.pruner_args`) is recorded as pruned.
     """
     h = cfg.hyperopt
-    space = list(param_configs) if param_configs is not None else ppo_search_space(cfg)
+    space = list(param_configs) if param_configs is not None else select_params(ppo_search_space(cfg), h.params)
     for c in space:
         if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
             raise ConfigError(f"search-space parameter {c.name!r} is not a config key")
