@@ -1,0 +1,103 @@
+"""Does tuning find something? The best trial of an ``rl2fx tune`` study against the shipped config.
+
+Reads a finished study (``--study``, the ``hyperopt.save_dir`` of the run below), re-runs its
+best parameters and the shipped ``demo`` config side by side on fresh seeds (``--seeds``, not
+the study's), ``--steps`` steps each, and reports the final reward (mean task reward over the
+last ``trainer.summary_window`` steps) and KL of both, mean ± std, with the study's convergence
+(best reward so far against trial). The study itself::
+
+    rl2fx tune --config demo 'hyperopt.params=[actor.lr,actor.clip,actor.kl.adaptive_kl.target_kl,actor.kl.adaptive_kl.initial_coef,trainer.entropy_coef]' \\
+        hyperopt.n_trials=20 hyperopt.optimizer_type=bayesian trainer.total_steps=150 \\
+        hyperopt.save_dir=outputs/tune_demo experiment_tracking.enabled=false \\
+        memory_optimization.profiling.enabled=false trainer.save_interval=0 trainer.output_dir=outputs/tune_demo/run
+    PYTHONPATH=. python benchmarks/tuned_demo.py --study outputs/tune_demo
+
+Prints a table and writes ``outputs/tuned_demo.json`` and ``.png`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rl2fx.trainer.ablate import _RUN_OVERRIDES, _machine, run_one  # noqa: E402
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def _trials(study: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (study / "trials.jsonl").read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r.get("number", 0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--study", default="outputs/tune_demo")
+    ap.add_argument("--seeds", default="10,11,12", help="fresh seeds, comma-separated")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--out", default="outputs/tuned_demo.json")
+    args = ap.parse_args()
+    study = Path(args.study)
+    trials = _trials(study)
+    done = [t for t in trials if t.get("state") == "complete" and t.get("value") is not None]
+    if not done:
+        raise SystemExit(f"--study {study}: no complete trial in {study / 'trials.jsonl'}")
+    best = max(done, key=lambda t: t["value"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = {"shipped demo": {}, f"tuned (trial {best['number']})": dict(best["params"])}
+    runs = []
+    for arm, params in arms.items():
+        for s in seeds:
+            over = {"trainer.total_steps": args.steps, **_RUN_OVERRIDES, **params,
+                    "trainer.seed": s, "model.seed": s}
+            res = run_one("demo", over)
+            runs.append({"arm": arm, "seed": s, "params": params, **res})
+            print(f"{arm} seed {s}: reward {res['reward_end']:.3f}, KL {res['kl']:.3f}", flush=True)
+    summary = []
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        rm, rsd = _mean_std([r["reward_end"] for r in rs])
+        km, ksd = _mean_std([r["kl"] for r in rs])
+        summary.append({"arm": arm, "reward_mean": rm, "reward_std": rsd, "kl_mean": km, "kl_std": ksd})
+    out = {"study": str(study), "n_trials": len(trials), "best_trial": best, "seeds": seeds, "steps": args.steps,
+           "machine": _machine(), "summary": summary, "runs": runs,
+           "convergence": [{"number": t["number"], "value": t.get("value"), "state": t.get("state")}
+                           for t in trials]}
+    print(f"\n| config | final reward ({args.steps} steps, seeds {seeds}) | final KL |\n|---|---|---|")
+    for s in summary:
+        print(f"| {s['arm']} | {s['reward_mean']:.3f} ± {s['reward_std']:.3f} | {s['kl_mean']:.3f} ± {s['kl_std']:.3f} |")
+    print(f"\nbest params: {best['params']}")
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [t["number"] for t in done]
+    vals = [t["value"] for t in done]
+    best_so_far = [max(vals[: i + 1]) for i in range(len(vals))]
+    ax.scatter(xs, vals, s=14, label="trial")
+    ax.step(xs, best_so_far, where="post", label="best so far")
+    ax.axhline(summary[0]["reward_mean"], color="k", ls=":", lw=1, label="shipped demo (fresh seeds)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"final reward ({args.steps} steps)")
+    ax.set_title("rl2fx tune on the demo: convergence", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
