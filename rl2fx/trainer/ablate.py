@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from rl2fx.losses import list_policy_losses
 from rl2fx.returns import list_estimators
 from rl2fx.trainer.ablate_names import ABLATIONS
 from rl2fx.trainer.config import load_config, parse_override, trainer_supports
@@ -57,7 +58,7 @@ __all__ = ["ABLATIONS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_a
 
 #: Default ``trainer.total_steps`` per ablation, chosen so that each default run
 #: (3 seeds, 2 worker processes) takes about 10 minutes on 2 idle CPU cores.
-DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "kl_frontier": 400, "pareto": 400}
+DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "kl_frontier": 400, "losses": 300, "pareto": 400}
 
 DEFAULT_CONFIG = "demo"
 
@@ -114,6 +115,8 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
                             "actor.kl.constraint_optimization.enabled": True,
                             "actor.kl.constraint_optimization.kl_constraint": _DEMO_TARGET_KL}),
         ]
+    if name == "losses":
+        return [(n, {"actor.loss_type": n}) for n in list_policy_losses()]
     if name == "kl_frontier":
         arms = []
         for t in _FRONTIER_TARGETS:
@@ -141,6 +144,8 @@ _ARM_NOTES = {
     "kl": (f"the KL controller (`{_AK}.controller_type`; each controller starts from the demo's "
            f"`initial_coef`, bounds and `target_kl={_DEMO_TARGET_KL}`), no KL at all, and the Lagrangian "
            f"constraint `KL <= {_DEMO_TARGET_KL}` instead of a controller."),
+    "losses": "`actor.loss_type`: every registered policy loss (`rl2fx.losses.list_policy_losses()`) "
+              "with its default hyperparameters.",
     "kl_frontier": (f"the KL budget: `{_AK}.target_kl` in {list(_FRONTIER_TARGETS)} for each feedback "
                     f"controller (`{_AK}.max_coef={_FRONTIER_MAX_COEF:g}`) and the Lagrangian constraint's "
                     "`kl_constraint` at the same values; arm `controller@target`."),
