@@ -1,0 +1,133 @@
+"""A masked-out position never changes a result, NaN and ±inf there included (issue 24, item 1).
+
+Every test builds finite inputs, poisons the masked-out positions of every input with NaN,
++inf or -inf, and checks that the result, the metrics and the gradient equal those of the same
+inputs with the masked-out positions set to 0. ``x * mask`` fails this (NaN * 0 = NaN), so each
+function must select with ``torch.where`` before any arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rl2fx.losses import (
+    AGG_MODES,
+    aggregate,
+    compute_policy_loss,
+    entropy_bonus,
+    kl_loss,
+    list_policy_losses,
+    policy_loss,
+    value_loss,
+)
+from rl2fx.returns.whiten import masked_mean, masked_std, masked_sum, masked_var, whiten
+
+POISONS = (math.nan, math.inf, -math.inf)
+
+
+@st.composite
+def cases(draw, n_inputs: int):
+    """``(clean inputs, poisoned inputs, float 0/1 mask)``: at least one position in, one out."""
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(2, 5))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    mask = (torch.rand(B, T, generator=g) < 0.6).double()
+    mask[0, 0], mask[-1, -1] = 1.0, 0.0
+    keep = mask != 0
+    clean, poisoned = [], []
+    for _ in range(n_inputs):
+        x = torch.where(keep, -torch.rand(B, T, generator=g, dtype=torch.float64) * 2.0 - 0.05, 0.0)
+        clean.append(x)
+        poisoned.append(torch.where(keep, x, draw(st.sampled_from(POISONS))))
+    return clean, poisoned, mask
+
+
+def _run(fn, inputs, mask, grad_of):
+    """``fn``'s loss, metrics and the gradients w.r.t. the inputs indexed by ``grad_of``."""
+    inputs = [x.clone().requires_grad_(i in grad_of) for i, x in enumerate(inputs)]
+    loss, metrics = fn(*inputs, mask)
+    wrt = [inputs[i] for i in grad_of]
+    # a result that does not depend on an input (a variance of one element) has zero gradient
+    grads = (torch.autograd.grad(loss, wrt) if loss.requires_grad else tuple(torch.zeros_like(x) for x in wrt))
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, grads
+
+
+def _same(fn, clean, poisoned, mask, grad_of=(0,)):
+    want, want_metrics, want_grads = _run(fn, clean, mask, grad_of)
+    got, got_metrics, got_grads = _run(fn, poisoned, mask, grad_of)
+    assert torch.isfinite(want), f"the clean case is not finite: {want}"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got_metrics.keys() == want_metrics.keys()
+    for k in want_metrics:
+        torch.testing.assert_close(got_metrics[k], want_metrics[k], rtol=0, atol=0, msg=f"metric {k}")
+    for g_got, g_want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+
+
+@given(cases(1), st.sampled_from(AGG_MODES))
+def test_aggregate(case, mode):
+    clean, poisoned, mask = case
+    _same(lambda x, m: (aggregate(x, m, mode), {}), clean, poisoned, mask)
+
+
+@given(cases(3), st.sampled_from(AGG_MODES), st.sampled_from([None, 2.0]), st.booleans())
+def test_policy_loss(case, mode, dual_clip, tis):
+    # the -inf old log-prob at a padded position with a negative advantage was the reported NaN
+    (lp, old, adv), (plp, pold, padv), mask = case
+    adv, padv = adv + 0.5, padv + 0.5  # advantages of both signs
+    beh = [old - 0.1, torch.where(mask != 0, old - 0.1, -math.inf)] if tis else [None, None]
+
+    def fn(lp, old, adv, m, beh):
+        return policy_loss(lp, old, adv, m, dual_clip=dual_clip, behavior_logprobs=beh,
+                           tis_cap=2.0 if tis else None, agg_mode=mode)
+
+    _same(lambda a, b, c, m: fn(a, b, c, m, beh[0]), [lp, old, adv], [plp, pold, padv], mask)
+    _same(lambda a, b, c, m: fn(a, b, c, m, beh[1]), [lp, old, adv], [plp, pold, padv], mask)
+
+
+@given(cases(3), st.sampled_from(sorted(list_policy_losses())), st.sampled_from(AGG_MODES))
+def test_registered_policy_losses(case, name, mode):
+    (lp, old, adv), (plp, pold, padv), mask = case
+    _same(lambda a, b, c, m: compute_policy_loss(name, a, b, c + 0.5, m, agg_mode=mode),
+          [lp, old, adv], [plp, pold, padv], mask)
+
+
+@given(cases(3), st.sampled_from(AGG_MODES), st.sampled_from([None, 0.2]))
+def test_value_loss(case, mode, clip):
+    clean, poisoned, mask = case
+    _same(lambda v, o, r, m: value_loss(v, o, r, m, clip=clip, agg_mode=mode), clean, poisoned, mask)
+
+
+@given(cases(2), st.sampled_from(AGG_MODES), st.sampled_from(["k1", "k2", "k3"]))
+def test_kl_loss(case, mode, estimator):
+    clean, poisoned, mask = case
+    _same(lambda lp, ref, m: kl_loss(lp, ref, 0.5, estimator=estimator, mask=m, agg_mode=mode),
+          clean, poisoned, mask)
+
+
+@given(cases(1), st.sampled_from(AGG_MODES))
+def test_entropy_bonus(case, mode):
+    clean, poisoned, mask = case
+    _same(lambda h, m: entropy_bonus(-h, m, coef=0.1, agg_mode=mode), clean, poisoned, mask)
+
+
+@given(cases(1), st.sampled_from([masked_sum, masked_mean, masked_var, masked_std]), st.booleans())
+def test_masked_statistics(case, stat, bool_mask):
+    clean, poisoned, mask = case
+    m = mask.bool() if bool_mask else mask
+    _same(lambda x, _m: (stat(x, _m), {}), clean, poisoned, m)
+
+
+@given(cases(1), st.booleans())
+def test_whiten_allow_nonfinite(case, shift_mean):
+    clean, poisoned, mask = case
+
+    def fn(x, m):
+        out = whiten(x, m, shift_mean=shift_mean, allow_nonfinite=True)
+        return (out * torch.arange(1.0, out.numel() + 1, dtype=out.dtype).view_as(out)).sum(), {"out": out}
+
+    _same(fn, clean, poisoned, mask.bool())
