@@ -131,3 +131,18 @@ def test_whiten_allow_nonfinite(case, shift_mean):
         return (out * torch.arange(1.0, out.numel() + 1, dtype=out.dtype).view_as(out)).sum(), {"out": out}
 
     _same(fn, clean, poisoned, mask.bool())
+
+
+def test_policy_loss_padded_old_logprob_minus_inf_negative_advantage():
+    # the reported case: exp(lp - (-inf)) = inf times A < 0, then times the 0 mask, was NaN
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.1, -2.0, -math.inf]])
+    adv = torch.tensor([[1.0, -1.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, metrics = policy_loss(lp, old, adv, mask, dual_clip=3.0)
+    (grad,) = torch.autograd.grad(loss, lp)
+    ref, ref_metrics = policy_loss(lp[:, :2], old[:, :2], adv[:, :2], mask[:, :2], dual_clip=3.0)
+    (ref_grad,) = torch.autograd.grad(ref, lp)
+    assert loss.item() == ref.item() and math.isfinite(loss.item())
+    assert grad.tolist() == [[*ref_grad[0, :2].tolist(), 0.0]]
+    assert all(metrics[k].item() == ref_metrics[k].item() for k in ref_metrics)
