@@ -146,3 +146,44 @@ def test_policy_loss_padded_old_logprob_minus_inf_negative_advantage():
     assert loss.item() == ref.item() and math.isfinite(loss.item())
     assert grad.tolist() == [[*ref_grad[0, :2].tolist(), 0.0]]
     assert all(metrics[k].item() == ref_metrics[k].item() for k in ref_metrics)
+
+
+def test_ppo_loss_fn_with_lagrangian():
+    # the training step's loss: policy, KL and entropy terms plus the Lagrangian's batch means
+    from rl2fx.control.lagrangian import lagrangian_init
+    from rl2fx.rollout import rollout
+    from rl2fx.step import LossContext, compute_logprobs, make_ppo_loss
+    from rl2fx.trainer.tasks import build_tiny_lm
+
+    torch.manual_seed(0)
+    model = build_tiny_lm(16, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    b = rollout(model, torch.randint(3, 16, (2, 3)), responses_per_prompt=2, max_new_tokens=3, eos_token_id=2,
+                pad_token_id=0)
+    with torch.no_grad():
+        old, _ = compute_logprobs(model, b)
+    mask = b["response_mask"].clone().float()
+    mask[0, 0], mask[-1, -1] = 1.0, 0.0
+    keep = mask != 0
+    adv = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask)
+    clean = dict(b, response_mask=mask, old_logprobs=torch.where(keep, old, 0.0),
+                 ref_logprobs=torch.where(keep, old - 0.1, 0.0), advantages=torch.where(keep, adv, 0.0))
+    poisoned = dict(clean, old_logprobs=torch.where(keep, old, -math.inf),
+                    ref_logprobs=torch.where(keep, old - 0.1, math.nan), advantages=torch.where(keep, adv, math.nan))
+    loss_fn = make_ppo_loss(kl_coef=0.1, entropy_coef=0.01)
+    ctx = LossContext(global_tokens=float(mask.sum()), global_seqs=float(mask.shape[0]),
+                      lagrangian=lagrangian_init(kl_constraint=1e-6, entropy_constraint=100.0, lagrangian_lr=1.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(mb):
+        loss, metrics = loss_fn(model, mb, ctx)
+        return loss.detach(), {k: v.detach() for k, v in metrics.items()}, torch.autograd.grad(loss, params,
+                                                                                             allow_unused=True)
+
+    want, want_metrics, want_grads = run(clean)
+    got, got_metrics, got_grads = run(poisoned)
+    assert torch.isfinite(want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for k in want_metrics:
+        torch.testing.assert_close(got_metrics[k], want_metrics[k], rtol=0, atol=0, msg=f"metric {k}")
+    for g_got, g_want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
