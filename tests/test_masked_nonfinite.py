@@ -20,13 +20,15 @@ from rl2fx.losses import (
     compute_policy_loss,
     entropy_bonus,
     kl_loss,
+    kl_penalized_rewards,
     list_policy_losses,
     policy_loss,
     value_loss,
 )
 from rl2fx.returns.whiten import masked_mean, masked_std, masked_sum, masked_var, whiten
 
-POISONS = (math.nan, math.inf, -math.inf)
+# NaN, ±inf, and finite values whose exp or square overflows (an inf after one op)
+POISONS = (math.nan, math.inf, -math.inf, 1e300, -1e300)
 
 
 @st.composite
@@ -107,6 +109,18 @@ def test_kl_loss(case, mode, estimator):
     clean, poisoned, mask = case
     _same(lambda lp, ref, m: kl_loss(lp, ref, 0.5, estimator=estimator, mask=m, agg_mode=mode),
           clean, poisoned, mask)
+
+
+@given(cases(3), st.sampled_from(["k1", "k2", "k3"]))
+def test_kl_penalized_rewards(case, estimator):
+    (lp, ref, r), (plp, pref, _), mask = case
+    r = r + torch.where(mask != 0, 0.0, 7.0)  # masked-out positions keep their reward, here 7
+
+    def fn(lp, ref, m):
+        out = kl_penalized_rewards(r, lp, ref, 0.5, estimator=estimator, mask=m)
+        return (out * torch.arange(1.0, out.numel() + 1, dtype=out.dtype).view_as(out)).sum(), {"out": out}
+
+    _same(fn, [lp, ref], [plp, pref], mask)
 
 
 @given(cases(1), st.sampled_from(AGG_MODES))
