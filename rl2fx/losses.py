@@ -75,6 +75,20 @@ def _mask_like(x: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ones_like(x) if mask is None else mask.to(x.dtype)
 
 
+def _masked_in(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``xs`` with every masked-out entry replaced by 0, selected before any arithmetic.
+
+    ``x * mask`` is not enough: a NaN or inf at a padded position gives NaN * 0 = NaN, in the
+    result and in the gradient. Selecting first keeps every later op finite there, and the
+    gradient of ``torch.where`` is 0 at the replaced entries (the "double where" pattern).
+    """
+    if mask is None:
+        return xs
+    keep = mask != 0
+    return tuple(None if x is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                 for x in xs)
+
+
 def kl_coef_value(coef: Any) -> float:
     """The KL coefficient as a float: a number, or the ``.coef`` of a KL controller state.
 
@@ -123,6 +137,7 @@ def kl_penalized_rewards(
     [[-0.25, 1.0]]
     """
     beta = kl_coef_value(coef)
+    logprobs, ref_logprobs = _masked_in(mask, logprobs, ref_logprobs)
     kl = kl_estimate(logprobs, ref_logprobs, estimator)
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
@@ -156,6 +171,7 @@ def kl_loss(
     (0.125, 0.25)
     """
     beta = kl_coef_value(coef)
+    logprobs, ref_logprobs = _masked_in(mask, logprobs, ref_logprobs)
     kl = kl_estimate(logprobs, ref_logprobs, estimator)
     m = _mask_like(kl, mask)
     term = beta * aggregate(kl, m, agg_mode, **agg_kwargs)
@@ -196,6 +212,7 @@ def aggregate(
     """
     check_choice("mode", mode, AGG_MODES)
     m = _mask_like(loss, mask)
+    (loss,) = _masked_in(m, loss)
     masked = loss * m
     n_seqs = float(masked[..., 0].numel()) if global_seqs is None else global_seqs
     if mode == "token-mean":
@@ -207,13 +224,14 @@ def aggregate(
     if mode == "seq-mean-token-sum":
         return masked.sum() / n_seqs
     if mode == "token-sum":
-        return torch.where(m != 0, masked, 0.0).sum()  # a masked-out NaN/inf stays out
+        return masked.sum()
     norm = float(loss.shape[-1]) if normalizer is None else normalizer
     check_range("normalizer", norm, 0.0, None, low_inclusive=False)
     return masked.sum() / (n_seqs * norm)
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    (x,) = _masked_in(m, x)
     return (x * m).sum() / m.sum().clamp_min(1.0)
 
 
@@ -266,6 +284,9 @@ def policy_loss(
     if dual_clip is not None:
         check_range("dual_clip", dual_clip, 1.0, None, low_inclusive=False)
     m = _mask_like(logprobs, mask)
+    # padding may hold anything (old_logprobs = -inf with A < 0 gave inf * 0 = NaN): select first
+    logprobs, old_logprobs, advantages, behavior_logprobs = _masked_in(
+        m, logprobs, old_logprobs, advantages, behavior_logprobs)
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages
@@ -318,8 +339,9 @@ def value_loss(
     >>> value_loss(v + 1.0, v, r, clip=0.5)[0].item()  # max(4, 2.25) and max(0, 0.25), halved, averaged
     1.0625
     """
-    err = (values - returns).square()
     m = _mask_like(values, mask)
+    values, old_values, returns = _masked_in(m, values, old_values, returns)
+    err = (values - returns).square()
     metrics: dict[str, Tensor] = {}
     if clip is not None:
         check_range("clip", clip, 0.0, None)
@@ -350,6 +372,7 @@ def entropy_bonus(
     (-0.2, 2.0)
     """
     m = _mask_like(entropy, mask)
+    (entropy,) = _masked_in(m, entropy)
     term = -coef * aggregate(entropy, m, agg_mode, **agg_kwargs)
     return term, {"entropy": _masked_mean(entropy, m).detach()}
 

@@ -316,11 +316,14 @@ def make_ppo_loss(
             # adds up exactly for linear terms (Lagrangian, weighted sum).
             n_tok = mask.sum().clamp_min(1.0)
             frac = n_tok / ctx.global_tokens
+            # select before any arithmetic: a NaN/inf at a padded position times 0 is NaN (and so is its gradient)
+            keep = mask != 0
             if "ref_logprobs" in mb:
-                kl_mean = (kl_estimate(lp, mb["ref_logprobs"], kl_estimator) * mask).sum() / n_tok
+                kl_t = kl_estimate(torch.where(keep, lp, 0.0), torch.where(keep, mb["ref_logprobs"], 0.0), kl_estimator)
+                kl_mean = (kl_t * mask).sum() / n_tok
             else:
                 kl_mean = torch.zeros((), device=lp.device)
-            ent_mean = (ent * mask).sum() / n_tok
+            ent_mean = (torch.where(keep, ent, 0.0) * mask).sum() / n_tok
         if ctx.lagrangian is not None:
             terms = lagrangian_penalty(ctx.lagrangian, kl=kl_mean, entropy=ent_mean)
             loss = loss + frac * terms["total"]

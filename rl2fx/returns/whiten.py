@@ -45,8 +45,10 @@ def _all_reduce(t: Tensor, group: Any) -> Tensor:
 def _prep(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     xa = x.to(C.acc_dtype(x.dtype))
     m = C.as_bool("mask", mask)
-    w = torch.ones_like(xa) if m is None else m.to(xa.dtype)
-    return xa, w
+    if m is None:
+        return xa, torch.ones_like(xa)
+    # select before multiplying: a masked-out NaN/inf times 0 is NaN, in the value and the gradient
+    return torch.where(m, xa, torch.zeros((), dtype=xa.dtype, device=xa.device)), m.to(xa.dtype)
 
 
 @typechecked
