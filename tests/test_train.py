@@ -169,6 +169,22 @@ def test_trainer_variants_run(tmp_path, extra):
         assert trainer.critic is not None and "critic/loss" in res
 
 
+def test_multi_objective_loss_is_weighted_at_the_measured_point_and_logs_its_weights(tmp_path):
+    # The Tchebycheff arm sat at chance while its weights were evaluated at the surrogates' values
+    # (the reward surrogate is ~0 on-policy). The trainer now measures the objective point from the
+    # rollout and logs the loss's gradient weight on each objective per step.
+    trainer = PPOTrainer(_cfg(tmp_path, "trainer.total_steps=1", "multi_objective.enabled=true",
+                              "multi_objective.pareto_method=tchebycheff"))
+    exp = trainer.make_experience()
+    point = trainer.objective_point(exp)
+    assert point["reward"] == pytest.approx(float(exp["scores"].mean()))
+    m = exp["response_mask"]
+    assert point["kl_penalty"] == pytest.approx(-max(float(exp["kl"].sum() / m.sum()), 0.0))
+    assert point["entropy"] == pytest.approx(float((exp["entropy"] * m).sum() / m.sum()), rel=1e-6)
+    metrics = trainer.train_iteration()
+    assert {"pareto_weight_reward", "pareto_weight_kl_penalty", "pareto_weight_entropy"} <= set(metrics)
+
+
 @pytest.mark.slow
 def test_trainer_learns_repeat_task(tmp_path):
     """The easiest task variant learns within a few dozen steps (chance is 1/16)."""
