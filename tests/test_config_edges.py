@@ -133,3 +133,12 @@ def test_model_directory_without_a_model_is_one_line(tmp_path):
     res = _run("train", "--config", "demo", f"actor.model_name={tmp_path / 'm'}", *QUIET,
                f"trainer.output_dir={tmp_path / 'out'}")
     _one_line_error(res, "'actor.model_name'", str(tmp_path / "m"))
+
+
+def test_hydra_entry_reports_a_validation_error_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "rl2fx.train", "--config-name", "demo", "trainer.device=cuda:99"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "'trainer.device'" in lines[0] and "cuda:99" in lines[0] and "available" in lines[0]

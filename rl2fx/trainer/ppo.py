@@ -779,6 +779,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="ppo", version_base=None)
     def _main(cfg: DictConfig) -> None:
-        run(cfg)
+        try:
+            run(cfg)
+        except (ConfigError, CheckpointError) as e:  # one line, as the rl2fx command (Hydra would print a traceback)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     _main()
