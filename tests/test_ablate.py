@@ -138,8 +138,10 @@ def test_process_pool_matches_inline_run(tmp_path):
 
 
 def test_a_failing_run_names_its_arm_and_seed(tmp_path):
-    # passes the config validation, fails inside PPOTrainer (no such local model)
+    # passes the config validation (the directory exists), fails inside PPOTrainer (it holds no model)
+    (tmp_path / "no_model").mkdir()
+    out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"arm 'no_kl', seed 0 failed"):
-        run_ablation("kl", seeds=1, arms=["no_kl"], out_dir=tmp_path, workers=1, show_progress_bar=False,
+        run_ablation("kl", seeds=1, arms=["no_kl"], out_dir=out, workers=1, show_progress_bar=False,
                      overrides=[f"actor.model_name={tmp_path / 'no_model'}"])
-    assert not list(tmp_path.iterdir())
+    assert not out.exists() or not list(out.iterdir())

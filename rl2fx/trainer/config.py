@@ -615,6 +615,44 @@ def _validate_adv(cfg: DictConfig) -> None:
                  {"group_size": "data.responses_per_prompt"}, "data.responses_per_prompt")
 
 
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every ``${...}`` now, so a missing key is named at load time, not deep in the run."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config key '{key}' holds an interpolation that cannot be resolved: {msg}") from None
+
+
+def _check_device(dev: str) -> None:
+    """``trainer.device``: 'auto', 'cpu', or a CUDA device that exists on this machine."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+    m = re.fullmatch(r"cuda(?::(\d+))?", dev)
+    if dev in ("auto", "cpu") or (m is not None and n > 0 and (m.group(1) is None or int(m.group(1)) < n)):
+        return
+    what = "is not a device of this machine" if m is not None else "must be 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    _fail("trainer.device", dev, f"{what} (available: {available})")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _check_model_name(name: str | None) -> None:
+    """``actor.model_name``: a local model directory, or a hub id already in the local cache (no download)."""
+    if name is None or Path(name).expanduser().is_dir():
+        return
+    how = "give a local model directory, or download the model into the Hugging Face cache first " \
+          "('huggingface-cli download <id>'); rl2fx never downloads at run time"
+    if _HUB_ID.fullmatch(name) is None or Path(name).expanduser().exists():
+        _fail("actor.model_name", name, f"is not a model directory (no such directory); {how}")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        _fail("actor.model_name", name, f"is neither a local directory nor a hub id in the local cache; {how}")
+
+
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Range and name checks on a config merged into the schema; returns ``cfg``.
 
@@ -631,6 +669,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     ...
     rl2fx.trainer.config.ConfigError: config key 'actor.kl.adaptive_kl.linear_factor' must be in (0, 1], got 2.0
     """
+    _check_interpolations(cfg)
     _in(cfg, "data.prompts_per_rollout", 1, optional=True)
     _in(cfg, "data.responses_per_prompt", 1, optional=True)
     _in(cfg, "actor.lr", 0.0, low_open=True)
@@ -697,9 +736,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "trainer.logprob_chunk_size", 1)
     _in(cfg, "trainer.save_interval", 0)
     _in(cfg, "trainer.summary_window", 1)
-    dev = t.device
-    if not (dev in ("auto", "cpu", "cuda") or str(dev).startswith("cuda:")):
-        _fail("trainer.device", dev, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _check_device(str(t.device))
+    _check_model_name(cfg.actor.model_name)
 
     _in(cfg, "rollout.max_new_tokens", 1, optional=True)
     _in(cfg, "rollout.temperature", 0.0, low_open=True)
@@ -810,7 +848,21 @@ def _load_composed(path: Path, depth: int = 0) -> dict[str, Any]:
     """Load ``path`` and the packaged configs its Hydra ``defaults`` list names (``_self_`` last)."""
     if depth > 8:
         raise ConfigError(f"config defaults nest too deeply at {str(path)!r}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        text = path.read_text(encoding="utf-8")
+        loaded = OmegaConf.create(text) if text.strip() else None
+    except yaml.YAMLError as e:  # syntax, tabs, duplicate keys, !!python tags (OmegaConf loads safely)
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where}: invalid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {first}") from None
+    if loaded is None or (isinstance(loaded, DictConfig) and len(loaded) == 0):
+        raise ConfigError(f"config file {str(path)!r} is empty; give at least one section "
+                          "(or leave out --config for the defaults)")
+    raw = OmegaConf.to_container(loaded, resolve=False)
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping")
     defaults = raw.pop("defaults", None) or []

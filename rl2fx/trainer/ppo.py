@@ -129,10 +129,14 @@ def _load_file(file: Path, map_location: Any = None) -> Any:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only load failed" in first.lower() or "weights_only" in str(e):
+        # torch words both a blocked global (a pickle that would run code) and plain garbage as
+        # "Weights only load failed"; only the former names a GLOBAL
+        if "global" in str(e).lower():
             raise CheckpointError(f"refusing to load checkpoint file {file}: it holds objects other than "
                                   "tensors, containers and numbers (loaded with weights_only=True)") from None
-        raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint ({first})") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln.endswith("WeightsUnpickler error:")), first)
+        raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint ({detail})") from None
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint file {file}: corrupt or not a checkpoint "
@@ -293,7 +297,12 @@ class PPOTrainer:
                     eos_token_id=self.tokenizer.eos_token_id)
         if cfg.actor.model_name is not None:
             # local_files_only: a model name that is not a local directory fails instead of downloading
-            policy = AutoModelForCausalLM.from_pretrained(cfg.actor.model_name, local_files_only=True)
+            try:
+                policy = AutoModelForCausalLM.from_pretrained(cfg.actor.model_name, local_files_only=True)
+            except (OSError, ValueError) as e:  # a directory or cache entry without a loadable model
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"config key 'actor.model_name' {cfg.actor.model_name!r} cannot be loaded "
+                                  f"from local files: {first}") from None
         else:
             policy = build_tiny_lm(len(self.tokenizer), seed=int(m.seed), **arch)
         self.policy = policy.to(self.device)
@@ -770,6 +779,10 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="ppo", version_base=None)
     def _main(cfg: DictConfig) -> None:
-        run(cfg)
+        try:
+            run(cfg)
+        except (ConfigError, CheckpointError) as e:  # one line, as the rl2fx command (Hydra would print a traceback)
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     _main()

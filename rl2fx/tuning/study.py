@@ -302,7 +302,13 @@ class Study:
         self._state = StudyState()
         meta_path = self.storage / "study.json" if self.storage is not None else None
         if meta_path is not None and meta_path.exists():
-            meta = json.loads(meta_path.read_text())
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"study file {str(meta_path)!r} is corrupt ({e}); repair it or use another "
+                                 "directory to start a new study") from None
             self._check_compatible(meta, sampler)
             if sampler.seed is None:
                 sampler = dataclasses.replace(sampler, seed=meta["sampler"]["settings"].get("seed"))
@@ -356,9 +362,13 @@ class Study:
             stale.unlink(missing_ok=True)
         finished: list[Trial] = []
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
                 if line.strip():
-                    finished.append(Trial.from_json(line))
+                    try:
+                        finished.append(Trial.from_json(line))
+                    except (ValueError, TypeError) as e:  # a torn or hand-edited record
+                        raise ValueError(f"trial file {str(path)!r}, line {i}: not a trial record ({e}); "
+                                         "repair or delete that line to resume the study") from None
         nxt = max((t.number for t in finished), default=-1) + 1
         return StudyState(finished=tuple(finished), pending=(), next_number=nxt)
 
