@@ -107,7 +107,14 @@ def kl_coef_value(coef: Any) -> float:
             f"got {coef!r}"
         )
     check_range("coef", float(value), 0.0, None)
+    _check_finite("coef", value)
     return float(value)
+
+
+def _check_finite(name: str, value: float | int) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is finite (``check_range`` with no upper bound lets inf pass)."""
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 @typechecked
@@ -211,6 +218,10 @@ def aggregate(
     [2.5, 3.0, 5.0, 1.6667, 10.0]
     """
     check_choice("mode", mode, AGG_MODES)
+    for name, v in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
+        if v is not None:  # a denominator: 0, negative or NaN would give inf, a sign flip or NaN
+            check_range(name, float(v), 0.0, None, low_inclusive=False)
+            _check_finite(name, v)
     m = _mask_like(loss, mask)
     (loss,) = _masked_in(m, loss)
     masked = loss * m
@@ -371,6 +382,7 @@ def entropy_bonus(
     >>> round(term.item(), 6), metrics["entropy"].item()
     (-0.2, 2.0)
     """
+    _check_finite("coef", coef)
     m = _mask_like(entropy, mask)
     (entropy,) = _masked_in(m, entropy)
     term = -coef * aggregate(entropy, m, agg_mode, **agg_kwargs)

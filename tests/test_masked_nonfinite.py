@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import rl2fx.losses as L
 from rl2fx.losses import (
     AGG_MODES,
     aggregate,
@@ -201,3 +203,19 @@ def test_ppo_loss_fn_with_lagrangian():
         torch.testing.assert_close(got_metrics[k], want_metrics[k], rtol=0, atol=0, msg=f"metric {k}")
     for g_got, g_want in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: L.kl_loss(torch.zeros(2, 3), torch.zeros(2, 3), float("inf")), "coef"),
+    (lambda: L.kl_penalized_rewards(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), float("inf")), "coef"),
+    (lambda: L.entropy_bonus(torch.ones(2, 3), coef=float("nan")), "coef"),
+    (lambda: L.entropy_bonus(torch.ones(2, 3), coef=float("inf")), "coef"),
+    (lambda: L.aggregate(torch.ones(2, 3), None, global_tokens=0.0), "global_tokens"),
+    (lambda: L.aggregate(torch.ones(2, 3), None, global_tokens=-4.0), "global_tokens"),
+    (lambda: L.aggregate(torch.ones(2, 3), None, global_tokens=float("nan")), "global_tokens"),
+    (lambda: L.aggregate(torch.ones(2, 3), None, "seq-mean-token-sum", global_seqs=float("inf")), "global_seqs"),
+])
+def test_non_finite_or_non_positive_hyperparameters_are_refused_by_name(call, name):
+    # issue 24 item 2: coef=inf gave NaN, global_tokens=0/-4/nan gave inf, a negative loss or NaN
+    with pytest.raises(ValueError, match=name):
+        call()
