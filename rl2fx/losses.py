@@ -225,7 +225,8 @@ def aggregate(
     m = _mask_like(loss, mask)
     (loss,) = _masked_in(m, loss)
     masked = loss * m
-    n_seqs = float(masked[..., 0].numel()) if global_seqs is None else global_seqs
+    # the number of sequences is the product of the batch dims (also for T = 0, where the loss is 0)
+    n_seqs = float(masked.shape[:-1].numel()) if global_seqs is None else global_seqs
     if mode == "token-mean":
         denom = m.sum().clamp_min(1.0) if global_tokens is None else global_tokens
         return masked.sum() / denom
@@ -236,7 +237,7 @@ def aggregate(
         return masked.sum() / n_seqs
     if mode == "token-sum":
         return masked.sum()
-    norm = float(loss.shape[-1]) if normalizer is None else normalizer
+    norm = float(max(loss.shape[-1], 1)) if normalizer is None else normalizer
     check_range("normalizer", norm, 0.0, None, low_inclusive=False)
     return masked.sum() / (n_seqs * norm)
 

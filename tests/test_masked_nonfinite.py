@@ -219,3 +219,14 @@ def test_non_finite_or_non_positive_hyperparameters_are_refused_by_name(call, na
     # issue 24 item 2: coef=inf gave NaN, global_tokens=0/-4/nan gave inf, a negative loss or NaN
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_empty_time_axis_gives_a_zero_loss_not_an_index_error():
+    # issue 24 item 2: T = 0 raised IndexError in aggregate and every loss built on it
+    z = torch.zeros(2, 0)
+    for mode in L.AGG_MODES:
+        assert L.aggregate(z, z, mode).item() == 0.0
+    assert L.policy_loss(z, z, z, z)[0].item() == 0.0
+    assert L.value_loss(z, z, z, z)[0].item() == 0.0
+    assert L.kl_loss(z, z, 0.1, mask=z)[0].item() == 0.0
+    assert L.entropy_bonus(z, z, coef=0.1)[0].item() == 0.0
