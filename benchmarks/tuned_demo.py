@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
@@ -30,12 +29,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rl2fx.trainer.ablate import _RUN_OVERRIDES, _machine, run_one  # noqa: E402
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+from rl2fx.trainer.ablate import _RUN_OVERRIDES, _machine, _mean_std, run_one  # noqa: E402
 
 
 def _trials(study: Path) -> list[dict]:

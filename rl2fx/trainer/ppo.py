@@ -505,7 +505,7 @@ class PPOTrainer:
         n = mask.sum().clamp_min(1.0)
         ent = exp.get("entropy")
         stats = torch.stack([exp["scores"].mean(), exp["kl"].sum() / n,
-                             (ent * mask).sum() / n if ent is not None else torch.zeros((), device=n.device)]).double()
+                             torch.where(mask != 0, ent, 0.0).sum() / n if ent is not None else torch.zeros((), device=n.device)]).double()
         if self.distributed:
             dist.all_reduce(stats)
             stats /= self.world_size
