@@ -230,11 +230,8 @@ class MultiObjectiveOptimizer:
         f = self._vector(self._values(objectives_dict))
         if at is None:
             return self._loss_at(f)
-        pos = self._vector(self._values(at)).detach().to(dtype=f.dtype, device=f.device).requires_grad_(True)
-        with torch.enable_grad():
-            value = self._loss_at(pos)
-            (lam,) = torch.autograd.grad(value, pos)
-        return value.detach() + (lam * (f - f.detach())).sum()
+        value, lam = self._value_and_gradient(at, dtype=f.dtype, device=f.device)
+        return value + (lam * (f - f.detach())).sum()
 
     def gradient_weights(self, at: Mapping[str, Any]) -> dict[str, float]:
         r""":math:`\lambda_i = \partial L / \partial f_i` at the objective vector ``at``: how strongly the
@@ -245,10 +242,16 @@ class MultiObjectiveOptimizer:
         >>> opt.gradient_weights({"reward": 0.5, "kl_penalty": -0.2})
         {'reward': -1.0, 'kl_penalty': -0.1}
         """
-        pos = self._vector(self._values(at)).detach().double().requires_grad_(True)
-        with torch.enable_grad():
-            (lam,) = torch.autograd.grad(self._loss_at(pos), pos)
+        _, lam = self._value_and_gradient(at, dtype=torch.float64, device=None)
         return {o: float(v) for o, v in zip(self.objectives, lam.tolist(), strict=True)}
+
+    def _value_and_gradient(self, at: Mapping[str, Any], *, dtype: torch.dtype, device: Any) -> tuple[Tensor, Tensor]:
+        """:math:`L(a)` and :math:`\\partial L/\\partial f|_{f=a}` at the objective vector ``at``, both detached."""
+        pos = self._vector(self._values(at)).detach().to(dtype=dtype, device=device).requires_grad_(True)
+        with torch.enable_grad():
+            value = self._loss_at(pos)
+            (lam,) = torch.autograd.grad(value, pos)
+        return value.detach(), lam
 
     def _loss_at(self, f: Tensor) -> Tensor:
         w = torch.tensor([self.objective_weights[o] for o in self.objectives], dtype=f.dtype, device=f.device)
