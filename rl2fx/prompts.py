@@ -132,7 +132,7 @@ def _read_json(path: Path, name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _from_rows(rows: list[Any], name: str) -> datasets.Dataset:
+def _from_rows(rows: list[Any], name: str, prompt_column: str) -> datasets.Dataset:
     import datasets
 
     keys: dict[str, None] = {}
@@ -140,6 +140,8 @@ def _from_rows(rows: list[Any], name: str) -> datasets.Dataset:
         if not isinstance(r, Mapping):
             raise PromptDataError(f"{name}: row {i} must be a dict (column -> value), got {r!r:.200}")
         keys.update(dict.fromkeys(r))
+    if prompt_column in keys:  # checked here, before arrow, so an error names the row
+        _check_prompts([r.get(prompt_column) for r in rows], name, prompt_column)
     # the union of every row's keys (datasets.Dataset.from_list keeps only the first row's)
     table = {k: [r.get(k) for r in rows] for k in keys}
     try:
@@ -148,7 +150,20 @@ def _from_rows(rows: list[Any], name: str) -> datasets.Dataset:
         first = (str(e).splitlines() or [""])[0]
         raise PromptDataError(
             f"{name}: cannot build a table from the rows; each column must hold values of one kind "
-            f"(all text, or all chat messages, ...): {type(e).__name__}: {first}") from e
+            f"in every row: {type(e).__name__}: {first}") from e
+
+
+def _check_prompts(prompts: Sequence[Any], name: str, prompt_column: str) -> None:
+    kind0 = None
+    for i, p in enumerate(prompts):
+        where = f"{name} row {i} (column {prompt_column!r})"
+        check_prompt(p, where)
+        if kind0 is None:
+            kind0 = is_chat(p)
+        elif is_chat(p) != kind0:
+            raise PromptDataError(
+                f"{where}: the prompts mix plain text and chat messages (row 0 is "
+                f"{'chat' if kind0 else 'text'}, this row is not); use one kind per dataset")
 
 
 def load_prompts(
@@ -197,9 +212,9 @@ def load_prompts(
                 first = (str(e).splitlines() or [""])[0]
                 raise PromptDataError(f"{name}: cannot read {str(path)!r} as parquet: {first}") from e
         else:
-            ds = _from_rows(_read_json(path, name), f"{name} ({str(path)!r})")
+            ds = _from_rows(_read_json(path, name), f"{name} ({str(path)!r})", prompt_column)
     elif isinstance(source, list):
-        ds = _from_rows(source, name)
+        ds = _from_rows(source, name, prompt_column)
     else:
         hint = " (a DatasetDict: pick a split, e.g. ds['train'])" if isinstance(source, datasets.DatasetDict) else ""
         raise PromptDataError(
@@ -211,8 +226,7 @@ def load_prompts(
         raise PromptDataError(
             f"{name} has no {prompt_column!r} column (prompt_column={prompt_column!r}); "
             f"its columns: {ds.column_names}")
-    for i, p in enumerate(ds[prompt_column]):
-        check_prompt(p, f"{name} row {i} (column {prompt_column!r})")
+    _check_prompts(ds[prompt_column], name, prompt_column)
     return ds
 
 

@@ -76,6 +76,9 @@ RewardFunc = Callable[..., Sequence[float | None]]
 COMBINE_METHODS: tuple[str, ...] = ("weighted_sum", "tchebycheff")
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 class RewardFunctionError(ValueError):
     """A reward function (or its spec, or the weights) is unusable; the message names it."""
 
@@ -358,7 +361,7 @@ def _as_float(v: Any, label: str, i: int) -> float | None:
     if not math.isfinite(f):
         raise RewardFunctionError(
             f"{label} returned {f} at index {i}; scores must be finite (return None to skip a completion)")
-    if not math.isfinite(float(np.float32(f))):
+    if abs(f) > _F32_MAX:
         raise RewardFunctionError(f"{label} returned {f} at index {i}, beyond the float32 range used for scores")
     return f
 
