@@ -391,9 +391,11 @@ def score(
     (('reward_0',), {'reward_0': 1}, {'reward_0': 2.0})
     """
     if isinstance(reward_funcs, (str, bytes)) or not isinstance(reward_funcs, Sequence) or not reward_funcs:
+        hint = f"; wrap one function in a list: [{getattr(reward_funcs, '__name__', 'f')}]" if callable(
+            reward_funcs) else ""
         raise RewardFunctionError(
             f"reward_funcs must be a non-empty list of callables f(prompts, completions, **columns), "
-            f"got {reward_funcs!r}")
+            f"got {reward_funcs!r}{hint}")
     for i, f in enumerate(reward_funcs):
         if not callable(f):
             raise RewardFunctionError(
@@ -414,8 +416,8 @@ def score(
     table = torch.empty(n, k, dtype=torch.float64)
     for j, f in enumerate(reward_funcs):
         label = _label(f, j)
-        try:
-            out = f(prompts=list(prompts), completions=list(completions), **cols)
+        try:  # fresh lists per call: a function editing its arguments cannot change the next one's
+            out = f(prompts=list(prompts), completions=list(completions), **{c: list(v) for c, v in cols.items()})
         except Exception as e:
             first = (str(e).splitlines() or [""])[0]
             raise RewardFunctionError(f"{label} raised {type(e).__name__}: {first}") from e

@@ -163,10 +163,24 @@ def test_missing_column_in_signature_is_named():
     assert "reward_funcs[0] (correct) raised TypeError" in msg and "answer" in msg
 
 
-@pytest.mark.parametrize("funcs", [[], None, "correct", [correct, "short"], [correct, 3]])
+@pytest.mark.parametrize("funcs", [[], None, "correct", [correct, "short"], [correct, 3], correct])
 def test_reward_funcs_must_be_callables(funcs):
     msg = _error(score, funcs, PROMPTS, COMPLETIONS)
     assert "reward_funcs" in msg
+    if funcs is correct:
+        assert "wrap one function in a list: [correct]" in msg
+
+
+def test_a_function_editing_its_arguments_does_not_affect_the_next():
+    def greedy(prompts, completions, answer, **kw):
+        answer[:] = completions  # mutates its own copy only
+        completions.clear()
+        return [0.0, 0.0, 0.0]
+
+    columns = {"answer": list(COLUMNS["answer"])}
+    s = score([greedy, correct], PROMPTS, COMPLETIONS, columns)
+    assert s.values[:, 1].tolist() == [1.0, 0.0, 0.0]
+    assert columns == COLUMNS and COMPLETIONS == ["2", "5", "66"]
 
 
 @pytest.mark.parametrize("weights", [[1.0], [1.0, 2.0, 3.0], [1.0, NAN], [1.0, math.inf], "12", 2.0, [True, 1.0],
