@@ -256,7 +256,9 @@ def make_ppo_loss(
     """The PPO policy loss as a ``loss_fn`` for :func:`train_step`.
 
     Needs ``input_ids``, ``attention_mask``, ``response_ids``, ``response_mask``,
-    ``old_logprobs``, ``advantages`` in the batch; ``ref_logprobs`` for the KL
+    ``advantages`` in the batch; ``old_logprobs`` (without them the loss's own
+    detached log-probs stand in: right for one update on on-policy data only,
+    see :func:`rl2fx.experience.experience_needs`); ``ref_logprobs`` for the KL
     term; ``behavior_logprobs`` for truncated importance sampling. The policy term
     :math:`\\mathcal{L}^{PG}` is the registered policy loss ``loss_type``
     (:func:`~rl2fx.losses.register_policy_loss`; ``vanilla``: PPO's clipped
@@ -293,7 +295,10 @@ def make_ppo_loss(
         lp, ent = compute_logprobs(model, mb, temperature=temperature, chunk_size=chunk_size,
                                    with_entropy=True)
         agg = {"global_tokens": ctx.global_tokens, "global_seqs": ctx.global_seqs}
-        pg, metrics = compute_policy_loss(loss_type, lp, mb["old_logprobs"], mb["advantages"], mask,
+        # No old log-probs: on-policy data with one update (rl2fx.experience.experience_needs), where the
+        # sampler's log-probs are this forward pass's own, detached (ratio exactly 1, gradient unchanged).
+        old = mb["old_logprobs"] if "old_logprobs" in mb else lp.detach()
+        pg, metrics = compute_policy_loss(loss_type, lp, old, mb["advantages"], mask,
                                           behavior_logprobs=mb.get("behavior_logprobs"), agg_mode=agg_mode,
                                           params=params, **agg)
         beta = kl_coef if ctx.kl_coef is None else ctx.kl_coef
@@ -330,7 +335,7 @@ def make_ppo_loss(
             metrics["lagrangian_penalty"] = terms["total"].detach()
         if ctx.multi_objective is not None:
             # the policy loss as a local token mean (for a token-level loss, the mean surrogate)
-            surrogate, _ = compute_policy_loss(loss_type, lp, mb["old_logprobs"], mb["advantages"], mask,
+            surrogate, _ = compute_policy_loss(loss_type, lp, old, mb["advantages"], mask,
                                                behavior_logprobs=mb.get("behavior_logprobs"),
                                                agg_mode="token-mean", params=params)
             objectives = {"reward": -surrogate, "kl_penalty": -kl_mean, "entropy": ent_mean}

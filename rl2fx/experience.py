@@ -1,0 +1,245 @@
+r"""From a rollout and its scores to a training batch: old and reference log-probs, KL, advantages.
+
+The third of the four composable pieces of a PPO/GRPO iteration::
+
+    batch = rollout(policy, prompt_ids, prompt_mask=..., responses_per_prompt=G, ...)   # rl2fx.rollout
+    scores = score(reward_funcs, prompts, completions, columns)                          # rl2fx.rewards
+    batch = make_experience(policy, batch, scores.combined(), group_size=G, estimator="grpo")
+    metrics = train_step(policy, optimizer, batch, loss_fn=make_ppo_loss())              # rl2fx.step
+
+:func:`make_experience` runs only the forward passes the settings need
+(:func:`experience_needs`): with one update epoch on on-policy data the
+loss uses the detached current log-probs as the old ones (the ratio is 1 at
+the first and only step, TRL's GRPOTrainer does the same), and without a KL
+term the reference model is not run at all. For a PEFT model the reference
+is the same model with its adapters disabled (``model.disable_adapter()``), so
+no second copy of the weights is held.
+
+Every forward pass on the left-padded batch gets ``position_ids`` derived
+from the attention mask (:func:`rl2fx.logprobs.position_ids_from_mask`), as
+``generate`` numbered the tokens when it sampled them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rl2fx._typing import Float, Tensor, check_choice, typechecked
+from rl2fx.losses import KL_ESTIMATORS, kl_estimate, kl_penalized_rewards
+from rl2fx.returns import advantages, get_estimator, whiten
+from rl2fx.rollout import scatter_last
+from rl2fx.step import compute_logprobs
+
+__all__ = ["ExperienceNeeds", "experience_needs", "reference_logprobs", "make_experience"]
+
+
+@dataclass(frozen=True)
+class ExperienceNeeds:
+    """Which forward passes an iteration needs: ``old`` (the sampling policy's log-probs), ``ref``
+    (the reference model's) and ``values`` (a critic's)."""
+
+    old: bool
+    ref: bool
+    values: bool
+
+
+def experience_needs(
+    *,
+    estimator: str,
+    update_epochs: int = 1,
+    kl_in_loss: bool = False,
+    kl_in_reward: bool = False,
+    log_kl: bool = False,
+    with_entropy: bool = False,
+    off_policy: bool = False,
+) -> ExperienceNeeds:
+    """The forward passes a configuration needs, and no others.
+
+    - ``ref``: a KL term in the loss or the reward, or KL logging (``log_kl``).
+    - ``old``: the sampling policy's log-probs are a separate pass only when the
+      update runs more than one epoch over the batch (after the first optimiser
+      step the current policy is no longer the sampler), when the data is
+      off-policy, when KL is measured against the reference (the rollout KL is
+      that of the sampler), when the sampler's entropy is wanted
+      (``with_entropy``) or when the estimator reads ``old_logprobs``. Otherwise
+      the loss uses the detached log-probs of its own forward pass, which equal
+      them: the importance ratio is exactly 1 at the only step.
+    - ``values``: the estimator trains a critic.
+
+    >>> experience_needs(estimator="grpo")
+    ExperienceNeeds(old=False, ref=False, values=False)
+    >>> experience_needs(estimator="grpo", update_epochs=2, kl_in_loss=True)
+    ExperienceNeeds(old=True, ref=True, values=False)
+    """
+    spec = get_estimator(estimator)
+    ref = bool(kl_in_loss or kl_in_reward or log_kl)
+    old = bool(update_epochs > 1 or off_policy or ref or with_entropy or "old_logprobs" in spec.inputs)
+    return ExperienceNeeds(old=old, ref=ref, values=spec.needs_values)
+
+
+def reference_logprobs(
+    policy: torch.nn.Module,
+    batch: Mapping[str, Tensor],
+    ref_model: torch.nn.Module | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> Float[Tensor, "batch time"]:
+    """Log-probs of ``batch["response_ids"]`` under the reference policy.
+
+    ``ref_model``: a frozen model; ``None`` means the adapter-free base of a
+    PEFT ``policy`` (its ``disable_adapter()`` context), the usual reference of
+    LoRA training (TRL, OpenRLHF) that costs no second copy of the weights.
+    A ``policy`` without adapters and no ``ref_model`` is an error.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from peft import LoraConfig, get_peft_model
+    >>> _ = torch.manual_seed(0)
+    >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    >>> b = {"input_ids": torch.tensor([[1, 5, 7, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+    ...      "response_ids": torch.tensor([[7, 3]])}
+    >>> before = compute_logprobs(base, b)[0]
+    >>> peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    >>> torch.allclose(reference_logprobs(peft_model, b), before)
+    True
+    """
+    if ref_model is not None:
+        model, ctx = ref_model, contextlib.nullcontext()
+    elif hasattr(policy, "disable_adapter"):
+        model, ctx = policy, policy.disable_adapter()
+    else:
+        raise ValueError("ref_model is None and the policy has no adapters to disable (not a PEFT model): "
+                         "pass a frozen reference model, e.g. copy.deepcopy(policy).eval().requires_grad_(False)")
+    inner: Any = getattr(model, "module", model)  # DDP
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), ctx:
+            lp, _ = compute_logprobs(inner, dict(batch), temperature=temperature, chunk_size=chunk_size)
+    finally:
+        inner.train(was_training)
+    return lp
+
+
+@torch.no_grad()
+@typechecked
+def make_experience(
+    policy: torch.nn.Module,
+    batch: Mapping[str, Tensor],
+    scores: Float[Tensor, " batch"],
+    *,
+    group_size: int,
+    estimator: str = "grpo",
+    estimator_params: Mapping[str, Any] | None = None,
+    ref_model: torch.nn.Module | None = None,
+    critic: torch.nn.Module | None = None,
+    needs: ExperienceNeeds | None = None,
+    kl_coef: float | Any = 0.0,
+    kl_in_reward: bool = False,
+    kl_estimator: str = "k3",
+    reward_components: Float[Tensor, "batch k"] | None = None,
+    whiten_advantages: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+    group: Any = None,
+    extra_inputs: Mapping[str, Any] | None = None,
+) -> dict[str, Tensor]:
+    r"""Score-to-batch: add old/ref log-probs, the token KL, values, advantages and returns to a rollout.
+
+    ``batch``: a :func:`~rl2fx.rollout.rollout` result (``input_ids``,
+    ``attention_mask``, ``response_ids``, ``response_mask``), ``G = group_size``
+    responses per prompt in contiguous rows. ``scores``: one outcome reward per
+    sequence, placed on its last response token (:func:`~rl2fx.rollout.scatter_last`).
+    With ``kl_in_reward`` the per-token penalty :math:`-\beta\,\widehat{KL}_t`
+    is folded into the rewards (Ziegler et al. 2019; ``kl_coef`` a float or a
+    KL controller state). The advantages are those of the registered estimator
+    ``estimator`` (:func:`rl2fx.returns.advantages`); estimators that read values
+    get the ``critic``'s and are whitened over the batch (``whiten_advantages``;
+    over ``group``'s ranks under ``torch.distributed``).
+
+    ``needs`` (default: :func:`experience_needs` of the estimator, with a reference
+    pass when ``ref_model`` is given or ``kl_in_reward``) selects the forward passes;
+    the result holds ``old_logprobs`` only when that pass ran (the PPO loss then
+    uses its own detached log-probs), ``ref_logprobs`` and ``kl`` (the token KL of
+    the sampler from the reference, ``kl_estimator``, 0 on masked-out tokens) only
+    with a reference pass. ``ref_model=None`` with a reference pass uses a PEFT
+    policy's adapter-disabled base (:func:`reference_logprobs`).
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from rl2fx.rollout import rollout
+    >>> _ = torch.manual_seed(0)
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
+    >>> b = rollout(m, torch.tensor([[1, 5, 7]]), responses_per_prompt=4, max_new_tokens=3, eos_token_id=2,
+    ...             pad_token_id=0)
+    >>> exp = make_experience(m, b, torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=4)
+    >>> sorted(k for k in exp if k not in b), exp["advantages"].shape == b["response_mask"].shape
+    (['advantages', 'returns', 'scores'], True)
+    """
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    spec = get_estimator(estimator)
+    mask = batch["response_mask"]
+    if scores.shape[0] != mask.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} entries but the batch has {mask.shape[0]} sequences")
+    if needs is None:
+        needs = experience_needs(estimator=estimator, kl_in_reward=kl_in_reward, with_entropy=with_entropy,
+                                 log_kl=ref_model is not None)
+    if kl_in_reward and not (needs.ref and needs.old):
+        raise ValueError("kl_in_reward needs the old and reference log-probs (needs.old and needs.ref)")
+    if needs.values and critic is None:
+        raise ValueError(f"estimator {estimator!r} reads values: pass a critic")
+    out: dict[str, Tensor] = dict(batch)
+    out["scores"] = scores
+    inner: Any = getattr(policy, "module", policy)
+    old_lp = ent = None
+    if needs.old:
+        was_training = inner.training
+        inner.eval()
+        try:
+            old_lp, ent = compute_logprobs(inner, out, temperature=temperature, chunk_size=chunk_size,
+                                           with_entropy=with_entropy)
+        finally:
+            inner.train(was_training)
+        out["old_logprobs"] = old_lp
+        if ent is not None:
+            out["entropy"] = ent
+    rewards = scatter_last(scores, mask)
+    if needs.ref:
+        ref_lp = reference_logprobs(policy, out, ref_model, temperature=temperature, chunk_size=chunk_size)
+        out["ref_logprobs"] = ref_lp
+        if old_lp is not None:
+            keep = mask != 0  # select before arithmetic: a masked-out position never changes a result
+            out["kl"] = torch.where(keep, kl_estimate(torch.where(keep, old_lp, 0.0), torch.where(keep, ref_lp, 0.0),
+                                                      kl_estimator), 0.0)
+            if kl_in_reward:
+                rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, kl_coef, estimator=kl_estimator, mask=mask)
+    dtype = old_lp.dtype if old_lp is not None else torch.float32
+    kw: dict[str, Any] = {"rewards": rewards, "mask": mask, "log_rhos": torch.zeros_like(rewards),
+                          "group_size": group_size, "group": group,
+                          "reward_components": (reward_components if reward_components is not None
+                                                else scores.unsqueeze(-1))}
+    if old_lp is not None:
+        kw["old_logprobs"] = old_lp
+    if critic is not None and needs.values:
+        c: Any = getattr(critic, "module", critic)
+        values = c(out["input_ids"], out["attention_mask"])[:, -mask.shape[1] - 1:-1]
+        out["old_values"] = values * mask
+        kw["values"] = out["old_values"]
+    kw.update(extra_inputs or {})
+    res = advantages(spec.name, **kw, **dict(estimator_params or {}))
+    adv = res["advantages"].to(dtype)
+    if adv.ndim == 1:
+        adv = adv.unsqueeze(-1) * mask
+    if whiten_advantages and spec.needs_values:
+        adv = whiten(adv, mask, group=group)
+    ret = res["returns"].to(dtype)
+    out["advantages"] = adv * mask
+    out["returns"] = (ret if ret.ndim == 2 else ret.unsqueeze(-1)) * mask
+    return out
