@@ -70,9 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "'rl2fx config registry' lists the estimators and policy losses.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train with PPOTrainer on the configured task",
+    p = sub.add_parser("train", help="train with PPOTrainer on the configured task or your own data",
                        description="Train with PPOTrainer (rollouts, rewards, advantages, PPO updates, "
-                                   "checkpoints, tracking) and print the end-of-run summary.")
+                                   "checkpoints, tracking) and print the end-of-run summary. Without --model/"
+                                   "--dataset/--reward it trains the built-in digits task.",
+                       epilog="example: rl2fx train --model ./my-model --dataset prompts.jsonl "
+                              "--reward my_rewards.py:accuracy --reward my_rewards.py:fmt "
+                              "rollout.max_new_tokens=64 actor.lora.enabled=true")
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="a model directory or a hub id in the local cache (actor.model_name)")
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help="prompts: a .jsonl/.json/.parquet file with a 'prompt' column (data.train_data_path)")
+    p.add_argument("--eval-dataset", default=None, metavar="PATH", help="eval prompts (data.test_data_path)")
+    p.add_argument("--reward", action="append", default=None, metavar="MODULE:FUNCTION",
+                   help="a reward function f(prompts, completions, **columns) as package.module:function or "
+                        "path/to/file.py:function; repeat for several (reward.functions)")
     _add_config_args(p)
     p.set_defaults(func=_command("cmd_train"))
 

@@ -64,7 +64,8 @@ def test_trainer_runs_with_estimator(tmp_path, estimator):
 
 def test_remax_baseline_is_the_greedy_rollout_reward(tmp_path):
     trainer = _trainer(tmp_path, "remax")
-    prompts = trainer.task.sample_prompts(3, torch.Generator().manual_seed(5))
+    trainer.source.n = 3
+    prompts = trainer.source.sample(torch.Generator().manual_seed(5))
     rng = torch.get_rng_state()
     g1 = trainer.greedy_rewards(prompts)
     assert torch.equal(rng, torch.get_rng_state())  # greedy decoding draws no random numbers

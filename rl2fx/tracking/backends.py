@@ -461,6 +461,10 @@ class MlflowBackend:
         else:
             self.client.log_artifact(self.run_id, path, rec.get("artifact_path"))
 
+    def _op_table(self, rec: Record) -> None:
+        # mlflow.log_table's format: readable with mlflow.load_table(artifact_file, run_ids=[...])
+        self.client.log_table(self.run_id, data=dict(rec["data"]), artifact_file=rec["artifact_file"])
+
     def _op_model(self, rec: Record) -> None:
         from mlflow.entities import LoggedModelOutput
         from mlflow.models import Model
@@ -553,6 +557,14 @@ class WandbBackend:
         else:
             art.add_file(path)
         self.run.log_artifact(art)
+
+    def _op_table(self, rec: Record) -> None:
+        import wandb
+
+        cols = list(rec["data"])
+        rows = [list(r) for r in zip(*(rec["data"][c] for c in cols), strict=True)]
+        key = rec["artifact_file"].rsplit(".", 1)[0].replace("/", "_")
+        self.run.log({key: wandb.Table(columns=cols, data=rows), "global_step": rec["step"]})
 
     def _op_model(self, rec: Record) -> None:
         import wandb

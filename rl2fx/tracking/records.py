@@ -39,7 +39,7 @@ __all__ = [
     "to_container",
 ]
 
-#: One tracking call: ``op`` (start, metrics, params, tags, artifact, model, finish),
+#: One tracking call: ``op`` (start, metrics, params, tags, artifact, table, model, finish),
 #: ``time_ms`` and the op's fields; buffered records also carry ``backend``.
 Record = dict[str, Any]
 

@@ -422,6 +422,29 @@ class ExperimentTracker:
             raise FileNotFoundError(f"path={str(path)!r} does not exist; cannot log it as an artifact")
         self._dispatch({"op": "artifact", "path": str(p.absolute()), "artifact_path": artifact_path})
 
+    def log_table(self, data: Mapping[str, Sequence[Any]], artifact_file: str, step: int = 0) -> None:
+        """Log a table (column name -> values, all of one length): an MLflow table artifact
+        (``mlflow.log_table``; read back with ``mlflow.load_table(artifact_file, run_ids=[run_id])``)
+        and a W&B ``wandb.Table`` logged at ``step``.
+
+        Values must be JSON scalars (str, int, float, bool, None): the record is buffered
+        as JSON during an outage like every other record.
+        """
+        if not self.active:
+            return
+        if not artifact_file.endswith(".json"):
+            raise ValueError(f"artifact_file={artifact_file!r} must end with '.json' (MLflow's table format)")
+        cols = {str(k): list(v) for k, v in data.items()}
+        lengths = {k: len(v) for k, v in cols.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"data columns must have one length, got {lengths}")
+        for k, v in cols.items():
+            bad = next((x for x in v if x is not None and not isinstance(x, str | int | float | bool)), None)
+            if bad is not None:
+                raise ValueError(f"data[{k!r}] holds a {type(bad).__name__} ({bad!r}); table values must be "
+                                 "str, int, float, bool or None")
+        self._dispatch({"op": "table", "data": cols, "artifact_file": artifact_file, "step": check_step(step)})
+
     def log_model(
         self,
         model: Any,

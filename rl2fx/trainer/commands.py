@@ -29,8 +29,23 @@ def _load(args: argparse.Namespace) -> DictConfig:
     return load_config(args.config, overrides=tuple(args.overrides))
 
 
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    """``--model/--dataset/--eval-dataset/--reward`` as the config overrides they stand for."""
+    out = []
+    if getattr(args, "model", None) is not None:
+        out.append(f"actor.model_name={args.model}")
+    if getattr(args, "dataset", None) is not None:
+        out.append(f"data.train_data_path={args.dataset}")
+    if getattr(args, "eval_dataset", None) is not None:
+        out.append(f"data.test_data_path={args.eval_dataset}")
+    if getattr(args, "reward", None):
+        out.append("reward.functions=[" + ",".join(repr(r) for r in args.reward) + "]")
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    run(_load(args))  # prints the end-of-run summary
+    cfg = load_config(args.config, overrides=(*_data_overrides(args), *args.overrides))
+    run(cfg)  # prints the end-of-run summary
     return 0
 
 

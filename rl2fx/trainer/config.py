@@ -50,6 +50,7 @@ import ast
 import dataclasses
 import difflib
 import importlib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -71,6 +72,7 @@ from rl2fx.memory.optimizer import MemoryOptimizer
 from rl2fx.memory.profiler import MemoryProfiler
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import check_hyperparameters, get_estimator, list_estimators
+from rl2fx.rewards import COMBINE_METHODS
 from rl2fx.step import check_step_args, make_ppo_loss, make_value_loss
 from rl2fx.trainer.tasks import VOCAB, DigitCopyTask, check_model_args
 from rl2fx.tuning.pruners import make_pruner
@@ -115,6 +117,31 @@ class DataConfig:
     test_data_path: str | None = None
     prompts_per_rollout: int | None = None
     responses_per_prompt: int | None = None
+    # rl2fx: the user's prompt data (train_data_path / test_data_path, or PPOTrainer(train_dataset=...))
+    prompt_column: str = "prompt"
+    max_prompt_length: int | None = None  # null: no limit; a longer prompt is an error, never truncated
+    shuffle: bool = True
+
+
+@dataclass
+class RewardConfig:
+    """The user's reward functions (rl2fx extension): ``module:function`` or ``file.py:function`` specs,
+    or ``PPOTrainer(reward_funcs=...)``; several are combined by ``combine`` with ``weights``."""
+
+    functions: list[str] = field(default_factory=list)
+    weights: list[float] | None = None  # null: all 1
+    combine: str = "weighted_sum"  # rl2fx.rewards.COMBINE_METHODS
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters through peft (rl2fx extension); ``PPOTrainer(peft_config=...)`` takes any peft config."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
 
 
 @dataclass
@@ -159,6 +186,9 @@ class KLConfig:
 @dataclass
 class ActorConfig:
     model_name: str | None = None
+    # rl2fx: a hub id is read from the local Hugging Face cache only, unless this is false
+    local_files_only: bool = True
+    lora: LoraSection = field(default_factory=LoraSection)
     lr: float = 1e-6
     clip: float = 0.2
     kl: KLConfig = field(default_factory=KLConfig)
@@ -333,6 +363,9 @@ class TrainerConfig:
     resume_from: str | None = None  # a checkpoint file, or "auto" (latest in output_dir)
     progress_bar: bool = True
     summary_window: int = 20  # steps averaged for the start/end reward summary
+    eval_interval: int = 0  # steps between evaluations on the eval data (0: never)
+    log_kl: bool = True  # measure KL(policy || reference) without a KL term (costs a reference forward)
+    merge_adapters: bool = False  # also save the LoRA-merged model at the end
 
 
 @dataclass
@@ -382,6 +415,7 @@ class RL2Config:
     #: modules imported before validation: where user estimators / policy losses register themselves
     imports: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     adv: AdvConfig = field(default_factory=AdvConfig)
     multi_objective: MultiObjectiveConfig = field(default_factory=MultiObjectiveConfig)
@@ -737,7 +771,23 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "trainer.save_interval", 0)
     _in(cfg, "trainer.summary_window", 1)
     _check_device(str(t.device))
-    _check_model_name(cfg.actor.model_name)
+    if cfg.actor.local_files_only:
+        _check_model_name(cfg.actor.model_name)
+    _in(cfg, "trainer.eval_interval", 0)
+    _in(cfg, "data.max_prompt_length", 1, optional=True)
+    rw = cfg.reward
+    if rw.combine not in COMBINE_METHODS:
+        _fail("reward.combine", rw.combine, f"must be one of {list(COMBINE_METHODS)}")
+    if rw.weights is not None:
+        bad = [w for w in rw.weights if not math.isfinite(float(w))]
+        if bad:
+            _fail("reward.weights", list(rw.weights), "must be finite numbers")
+        if rw.functions and len(rw.weights) != len(rw.functions):
+            _fail("reward.weights", list(rw.weights), f"must have one weight per reward.functions entry "
+                  f"({len(rw.functions)})")
+    _in(cfg, "actor.lora.r", 1)
+    _in(cfg, "actor.lora.alpha", 1)
+    _in(cfg, "actor.lora.dropout", 0.0, 1.0)
 
     _in(cfg, "rollout.max_new_tokens", 1, optional=True)
     _in(cfg, "rollout.temperature", 0.0, low_open=True)

@@ -17,13 +17,15 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import json
+import math
 import os
 import pickle
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +36,18 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 from rl2fx.control.kl import KLState, kl_init, kl_state_from_dict, kl_state_to_dict, kl_update
 from rl2fx.control.lagrangian import LagrangianState, lagrangian_init, lagrangian_update
-from rl2fx.losses import kl_estimate, kl_penalized_rewards
+from rl2fx.experience import experience_needs, make_experience
 from rl2fx.memory.context import memory_efficient_context
 from rl2fx.memory.optimizer import MemoryOptimizer, autocast_dtype
 from rl2fx.memory.profiler import MemoryProfiler
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
-from rl2fx.returns import advantages, get_estimator, whiten
-from rl2fx.rollout import rollout, scatter_last
-from rl2fx.step import compute_logprobs, make_ppo_loss, make_value_loss, train_step
+from rl2fx.returns import get_estimator
+from rl2fx.rewards import load_reward_func
+from rl2fx.rollout import rollout
+from rl2fx.step import make_ppo_loss, make_value_loss, train_step
 from rl2fx.tracking import ExperimentConfig, ExperimentTracker
 from rl2fx.trainer.config import (
     CONFIG_DIR,
@@ -60,6 +62,15 @@ from rl2fx.trainer.config import (
     structured_from_hydra,
     to_container,
 )
+from rl2fx.trainer.models import (
+    apply_peft,
+    build_critic,
+    frozen_copy,
+    is_peft_model,
+    load_model,
+    load_tokenizer,
+)
+from rl2fx.trainer.sources import DatasetSource, Prompts, TaskSource
 from rl2fx.trainer.tasks import DigitCopyTask, build_tiny_critic, build_tiny_lm, build_tokenizer
 
 try:  # exported by rl2fx.returns once the per-thread workspace is public
@@ -233,6 +244,68 @@ def _save_atomic(obj: Any, file: Path, trainer: PPOTrainer) -> None:
         raise trainer._checkpoint_write_error(file, e) from None
 
 
+CALLBACK_HOOKS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end")
+
+
+def _check_callbacks(callbacks: Sequence[Any] | None) -> list[Any]:
+    """Callback objects, each with at least one of :data:`CALLBACK_HOOKS` (called as ``hook(trainer, ...)``)."""
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, Sequence) or isinstance(callbacks, str):
+        callbacks = [callbacks]
+    for i, cb in enumerate(callbacks):
+        if not any(callable(getattr(cb, h, None)) for h in CALLBACK_HOOKS):
+            raise ConfigError(f"callbacks[{i}] ({type(cb).__name__}) has none of the hooks {list(CALLBACK_HOOKS)}")
+    return list(callbacks)
+
+
+def _reward_funcs(reward_funcs: Any, cfg: DictConfig) -> list[Any] | None:
+    """``reward_funcs`` (one callable or a list), else the config's ``reward.functions`` specs loaded."""
+    if reward_funcs is None:
+        specs = list(cfg.reward.functions)
+        return [load_reward_func(str(s)) for s in specs] if specs else None
+    funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
+    if not funcs:
+        raise ConfigError("reward_funcs is empty: pass at least one reward function")
+    for i, f in enumerate(funcs):
+        if not callable(f):
+            raise ConfigError(f"reward_funcs[{i}] is a {type(f).__name__}, not a callable "
+                              "f(prompts, completions, **columns) -> list[float | None]")
+    return funcs
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ConfigError("tokenizer.pad_token is not set; prompts are left-padded: set one, e.g. "
+                          "tokenizer.pad_token = tokenizer.eos_token")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ConfigError("tokenizer.eos_token is not set: a response ends at the first eos token")
+
+
+def _check_task_model(policy: torch.nn.Module, tokenizer: Any, spec: Any, key: str, task_tokenizer: Any,
+                      local: bool) -> None:
+    """A model for the built-in digits task must speak its vocabulary (e.g. a previous run's final_model)."""
+    try:
+        tok = load_tokenizer(tokenizer, spec, local_files_only=local)
+    except ConfigError:
+        tok = None
+    if tok is None or tok.get_vocab() != task_tokenizer.get_vocab():
+        raise ConfigError(f"{key} was given without train_dataset and reward_funcs, so the built-in digits task "
+                          "would train it, and its tokenizer is not the task's 16-token one: pass "
+                          "train_dataset=... (or data.train_data_path) and reward_funcs=... to train on your data")
+
+
+def _lora_from_config(cfg: DictConfig) -> Any:
+    lo = cfg.actor.lora
+    if not lo.enabled:
+        return None
+    from peft import LoraConfig
+
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules)
+    return LoraConfig(r=int(lo.r), lora_alpha=int(lo.alpha), lora_dropout=float(lo.dropout),
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
 class PPOTrainer:
     """The reference PPO/GRPO loop driven by the spec's configuration schema (:func:`rl2fx.load_config`).
 
@@ -255,14 +328,25 @@ class PPOTrainer:
     ``wall_time_s``, and the paths of the checkpoint, MLflow store and memory profile.
     """
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        ref_model: Any = None,
+        reward_funcs: Any = None,
+        reward_weights: Sequence[float] | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        peft_config: Any = None,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
         self.cfg = cfg = _as_config(config)
         self._given_cfg = config if isinstance(config, DictConfig) else None  # unresolved, for log_params
         t = cfg.trainer
-        if cfg.data.train_data_path is not None or cfg.data.test_data_path is not None:
-            raise ConfigError("config key 'data.train_data_path' / 'data.test_data_path' must be null: the "
-                              "built-in digits task generates its prompts (task.*)")
         _check_output_paths(cfg)
+        self.callbacks = _check_callbacks(callbacks)
         if t.num_threads is not None:
             torch.set_num_threads(int(t.num_threads))
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -284,35 +368,102 @@ class PPOTrainer:
         np.random.seed(seed % 2**32)
         random.seed(seed)
         self.prompt_generator = torch.Generator().manual_seed(seed)
-
-        self.tokenizer = build_tokenizer()
-        self.task = DigitCopyTask(n_digits=int(cfg.task.n_digits), mode=str(cfg.task.mode))
         self.prompts_per_rollout = int(cfg.data.prompts_per_rollout or 8)
         self.group_size = int(cfg.data.responses_per_prompt or 8)
-        self.max_new_tokens = int(cfg.rollout.max_new_tokens or self.task.answer_len + 1)
-        m = cfg.model
-        arch = dict(arch=m.arch, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                    intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
-                    pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id,
-                    eos_token_id=self.tokenizer.eos_token_id)
-        if cfg.actor.model_name is not None:
-            # local_files_only: a model name that is not a local directory fails instead of downloading
-            try:
-                policy = AutoModelForCausalLM.from_pretrained(cfg.actor.model_name, local_files_only=True)
-            except (OSError, ValueError) as e:  # a directory or cache entry without a loadable model
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"config key 'actor.model_name' {cfg.actor.model_name!r} cannot be loaded "
-                                  f"from local files: {first}") from None
+
+        # ---- what to train on: the user's data and reward functions, else the built-in digits task
+        funcs = _reward_funcs(reward_funcs, cfg)
+        weights = list(reward_weights) if reward_weights is not None else cfg.reward.weights
+        train_src = train_dataset if train_dataset is not None else cfg.data.train_data_path
+        eval_src = eval_dataset if eval_dataset is not None else cfg.data.test_data_path
+        self.user_data = funcs is not None or train_src is not None
+        model_spec = model if model is not None else cfg.actor.model_name
+        model_key = "model" if model is not None else "actor.model_name"
+        local = bool(cfg.actor.local_files_only)
+        if self.user_data:
+            if funcs is None:
+                raise ConfigError("train_dataset (or data.train_data_path) was given without reward functions: "
+                                  "pass reward_funcs=[f, ...] or set reward.functions=['module:function']")
+            if train_src is None:
+                raise ConfigError("reward_funcs were given without prompts: pass train_dataset=... or set "
+                                  "data.train_data_path")
+            if model_spec is None:
+                raise ConfigError("a model is required with train_dataset: pass model=<module, directory or hub "
+                                  "id> or set actor.model_name")
+            if cfg.rollout.max_new_tokens is None:
+                raise ConfigError("config key 'rollout.max_new_tokens' must be set when training on your own "
+                                  "data (the response length limit)")
+            policy = load_model(model_spec, key=model_key, local_files_only=local)
+            self.tokenizer = load_tokenizer(tokenizer, model_spec, local_files_only=local)
+            _check_tokenizer(self.tokenizer)
+            self.task = None
+            self.max_new_tokens = int(cfg.rollout.max_new_tokens)
         else:
-            policy = build_tiny_lm(len(self.tokenizer), seed=int(m.seed), **arch)
+            if eval_src is not None:
+                raise ConfigError("eval_dataset (data.test_data_path) needs train_dataset and reward_funcs; the "
+                                  "built-in digits task has no eval data")
+            self.tokenizer = build_tokenizer()
+            self.task = DigitCopyTask(n_digits=int(cfg.task.n_digits), mode=str(cfg.task.mode))
+            self.max_new_tokens = int(cfg.rollout.max_new_tokens or self.task.answer_len + 1)
+            if model_spec is not None:
+                policy = load_model(model_spec, key=model_key, local_files_only=local)
+                _check_task_model(policy, tokenizer, model_spec, model_key, self.tokenizer, local)
+            else:
+                m = cfg.model
+                policy = build_tiny_lm(len(self.tokenizer), seed=int(m.seed), **self._tiny_arch())
+        peft_cfg = peft_config if peft_config is not None else _lora_from_config(cfg)
+        if peft_cfg is not None:
+            policy = apply_peft(policy, peft_cfg)
         self.policy = policy.to(self.device)
-        self.ref_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.is_peft = is_peft_model(self.policy)
+
+        # ---- the forward passes this configuration needs (rl2fx.experience.experience_needs)
         self.estimator = get_estimator(str(cfg.adv.estimator))
         self.estimator_params = estimator_params(cfg)
+        ak, co = cfg.actor.kl.adaptive_kl, cfg.actor.kl.constraint_optimization
+        kl_on = float(cfg.actor.kl.coef) > 0 or bool(ak.enabled)
+        mo_on = bool(cfg.multi_objective.enabled)
+        self.needs = experience_needs(
+            estimator=self.estimator.name, update_epochs=int(t.update_epochs),
+            kl_in_loss=(t.kl_type == "loss" and kl_on) or bool(co.enabled)
+            or (mo_on and "kl_penalty" in cfg.multi_objective.objectives),
+            kl_in_reward=t.kl_type == "reward" and kl_on, log_kl=bool(t.log_kl) or ref_model is not None,
+            with_entropy=mo_on)
+        if self.needs.ref:
+            if ref_model is not None:
+                self.ref_model: torch.nn.Module | None = load_model(ref_model, key="ref_model", local_files_only=local)
+                self.ref_model = self.ref_model.to(self.device).eval().requires_grad_(False)
+            elif self.is_peft:
+                self.ref_model = None  # the adapter-disabled base of the policy: no second copy
+            else:
+                self.ref_model = frozen_copy(self.policy)
+        else:
+            self.ref_model = None
         need_values = self.estimator.needs_values
         self.use_critic = bool(need_values if cfg.critic.enabled is None else cfg.critic.enabled)
-        self.critic = (build_tiny_critic(len(self.tokenizer), seed=int(m.seed) + 1, **arch).to(self.device)
-                       if self.use_critic else None)
+        self.critic: torch.nn.Module | None = None
+        if self.use_critic:
+            self.critic = (build_tiny_critic(len(self.tokenizer), seed=int(cfg.model.seed) + 1, **self._tiny_arch())
+                           if self.task is not None and model_spec is None else build_critic(self.policy))
+            self.critic = self.critic.to(self.device)
+
+        if self.task is not None:
+            self.source: Any = TaskSource(self.task, self.tokenizer, self.prompts_per_rollout)
+        else:
+            self.source = DatasetSource(
+                train_src, self.tokenizer, funcs, prompts_per_rollout=self.prompts_per_rollout,
+                generator=self.prompt_generator, weights=weights, combine=str(cfg.reward.combine),
+                prompt_column=str(cfg.data.prompt_column), max_prompt_length=cfg.data.max_prompt_length,
+                shuffle=bool(cfg.data.shuffle), name="train_dataset" if train_dataset is not None
+                else "data.train_data_path")
+        self.eval_source: DatasetSource | None = None
+        if eval_src is not None:
+            self.eval_source = DatasetSource(
+                eval_src, self.tokenizer, funcs, prompts_per_rollout=self.prompts_per_rollout,
+                generator=torch.Generator().manual_seed(seed), weights=weights, combine=str(cfg.reward.combine),
+                prompt_column=str(cfg.data.prompt_column), max_prompt_length=cfg.data.max_prompt_length,
+                shuffle=False, name="eval_dataset" if eval_dataset is not None else "data.test_data_path",
+                evaluation=True)
 
         mem = cfg.memory_optimization
         self.memory_optimizer = None
@@ -320,6 +471,9 @@ class PPOTrainer:
         if mem.enabled:
             self.memory_optimizer = MemoryOptimizer.from_config(to_container(mem))
             self.memory_optimizer.optimize_model_memory(self.policy)
+            if self.is_peft and mem.enable_gradient_checkpointing:
+                # frozen embeddings: the checkpointed blocks' inputs must require grad for the adapters to get one
+                _unwrap(self.policy).enable_input_require_grads()
             if self.critic is not None:
                 self.memory_optimizer.optimize_model_memory(self.critic)
             if mem.enable_mixed_precision:
@@ -328,8 +482,9 @@ class PPOTrainer:
         self.profiler = MemoryProfiler(enabled=bool(prof.enabled) and self.rank == 0,
                                        profile_interval=float(prof.profile_interval), save_path=prof.save_path)
 
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=float(cfg.actor.lr),
-                                           weight_decay=float(t.weight_decay))
+        # only the trainable parameters: with adapters, the adapter weights
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=float(cfg.actor.lr), weight_decay=float(t.weight_decay))
         self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=float(cfg.critic.lr))
                                  if self.critic is not None else None)
         if self.distributed:
@@ -339,9 +494,7 @@ class PPOTrainer:
                 self.critic = DistributedDataParallel(self.critic, device_ids=ids)
 
         # The controllers are the loop's: stepped once per iteration in train_iteration.
-        ak = cfg.actor.kl.adaptive_kl
         self.kl_state: KLState | None = kl_init(**kl_controller_args(cfg)) if ak.enabled else None
-        co = cfg.actor.kl.constraint_optimization
         self.lagrangian_state: LagrangianState | None = (
             lagrangian_init(**lagrangian_args(cfg)) if co.enabled else None)
         self.multi_objective = (MultiObjectiveOptimizer(**multi_objective_args(cfg))
@@ -359,89 +512,125 @@ class PPOTrainer:
         self.mlflow_run_id: str | None = None  # from a resumed checkpoint, then the live tracker's run
         self._active_tracker: Any = None
         self.history: dict[str, list[float]] = {"reward": [], "kl": [], "kl_coef": []}
+        self.eval_history: list[dict[str, float]] = []
         if t.resume_from is not None:
             path = self.latest_checkpoint() if t.resume_from == "auto" else Path(t.resume_from)
             if path is not None:
                 self.load_checkpoint(path)
+
+    def _tiny_arch(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return dict(arch=m.arch, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                    intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
+                    pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id)
+
+    def _callback(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
 
     # ------------------------------------------------------------------ rollout
     def kl_coef(self) -> float:
         """The KL coefficient in force: the controller's, else ``actor.kl.coef``."""
         return float(self.kl_state.coef) if self.kl_state is not None else float(self.cfg.actor.kl.coef)
 
+    def _rollout(self, prompts: Prompts, n: int, *, do_sample: bool = True) -> dict[str, torch.Tensor]:
+        r = self.cfg.rollout
+        return rollout(self.policy, prompts.input_ids.to(self.device), prompt_mask=prompts.attention_mask.to(self.device),
+                       responses_per_prompt=n, max_new_tokens=self.max_new_tokens,
+                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                       temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), do_sample=do_sample)
+
     @torch.no_grad()
-    def greedy_rewards(self, prompts: Any) -> torch.Tensor:
-        """ReMax's baselines: the task reward of one greedy response per prompt, ``[n_prompts]``.
+    def greedy_rewards(self, prompts: Prompts) -> torch.Tensor:
+        """ReMax's baselines: the reward of one greedy response per prompt, ``[n_prompts]``.
 
         The greedy response goes through the same :func:`~rl2fx.rollout.rollout`
         path with ``do_sample=False`` (no RNG is drawn, so the sampled rollouts
-        are unchanged). The baseline is the task reward alone, without the KL
+        are unchanged). The baseline is the reward alone, without the KL
         penalty of ``kl_type=reward`` (as verl's ReMax).
         """
-        greedy = rollout(self.policy, prompts.input_ids.to(self.device), responses_per_prompt=1,
-                         max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                         pad_token_id=self.tokenizer.pad_token_id, do_sample=False)
-        return self.task.reward(greedy["response_ids"], prompts.answers.to(self.device))
+        greedy = self._rollout(prompts, 1, do_sample=False)
+        return self.source.score(prompts, greedy, 1).scores
 
     @torch.no_grad()
     def make_experience(self) -> dict[str, torch.Tensor]:
         """One rollout batch with rewards, old/ref log-probs, values and advantages.
 
-        The estimator gets the batch (``rewards``, ``values`` when there is a
-        critic, ``mask``, ``log_rhos`` = 0 since the rollout is on-policy,
-        ``group_size``, ``group`` = the process group, and ``greedy_rewards`` only
-        when it reads them: they cost a greedy rollout) plus its hyperparameters
-        (:func:`~rl2fx.trainer.config.estimator_params`); inputs it does not read
-        are ignored. Advantages of estimators that read values are whitened
-        (``trainer.whiten_advantages``), over all ranks.
+        Prompts come from the source (the user's data set or the digits task), the
+        rewards from its reward functions; :func:`rl2fx.experience.make_experience`
+        runs the forward passes ``self.needs`` lists (no old-log-prob pass with one
+        update epoch on on-policy data, no reference pass without a KL term or KL
+        logging) and the registered estimator ``adv.estimator`` with its
+        hyperparameters; ``greedy_rewards`` are computed only for an estimator that
+        reads them (a greedy rollout). Advantages of estimators that read values are
+        whitened (``trainer.whiten_advantages``), over all ranks.
         """
         cfg = self.cfg
-        prompts = self.task.sample_prompts(self.prompts_per_rollout, self.prompt_generator)
-        batch = rollout(self.policy, prompts.input_ids.to(self.device), responses_per_prompt=self.group_size,
-                        max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                        pad_token_id=self.tokenizer.pad_token_id, temperature=float(cfg.rollout.temperature),
-                        top_k=int(cfg.rollout.top_k), top_p=float(cfg.rollout.top_p))
-        answers = prompts.answers.repeat_interleave(self.group_size, 0).to(self.device)
-        scores = self.task.reward(batch["response_ids"], answers)
-        mask = batch["response_mask"]
-        temp, chunk = float(cfg.rollout.temperature), int(cfg.trainer.logprob_chunk_size)
-        self.policy.eval()
-        # the sampling policy's entropy locates the iteration in the Pareto archive's objective space
-        old_lp, old_ent = compute_logprobs(_unwrap(self.policy), batch, temperature=temp, chunk_size=chunk,
-                                           with_entropy=self.multi_objective is not None)
-        ref_lp, _ = compute_logprobs(self.ref_model, batch, temperature=temp, chunk_size=chunk)
-        self.policy.train()
-        kl_tok = kl_estimate(old_lp, ref_lp, cfg.trainer.kl_estimator) * mask
-        rewards = scatter_last(scores, mask)
-        if cfg.trainer.kl_type == "reward" and self.kl_coef() > 0:
-            coef = self.kl_state if self.kl_state is not None else float(cfg.actor.kl.coef)
-            rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, coef, estimator=cfg.trainer.kl_estimator,
-                                           mask=mask)
-        est = self.estimator
-        group = dist.group.WORLD if self.distributed else None
-        # On-policy rollouts: the behaviour policy is pi_old, so log rho = 0 here;
-        # the PPO ratio corrects for the drift of later epochs.
-        kw: dict[str, Any] = {"rewards": rewards, "mask": mask, "log_rhos": torch.zeros_like(old_lp),
-                              "group_size": self.group_size, "group": group, "old_logprobs": old_lp,
-                              "reward_components": scores.unsqueeze(-1)}
-        if self.critic is not None:
-            values = _unwrap(self.critic)(batch["input_ids"], batch["attention_mask"])[:, -mask.shape[1] - 1:-1]
-            batch["old_values"] = values * mask
-            kw["values"] = batch["old_values"]
-        if "greedy_rewards" in est.inputs:
-            kw["greedy_rewards"] = self.greedy_rewards(prompts)
-        out = advantages(est.name, **kw, **self.estimator_params)
-        adv = out["advantages"].to(old_lp.dtype)
-        if adv.ndim == 1:
-            adv = adv.unsqueeze(-1) * mask
-        if cfg.trainer.whiten_advantages and est.needs_values:
-            adv = whiten(adv, mask, group=group)
-        batch.update(scores=scores, old_logprobs=old_lp, ref_logprobs=ref_lp, advantages=adv * mask,
-                     returns=out["returns"].to(old_lp.dtype) * mask if out["returns"].ndim == 2 else
-                     out["returns"].unsqueeze(-1).to(old_lp.dtype) * mask, kl=kl_tok)
-        if old_ent is not None:
-            batch["entropy"] = old_ent
-        return batch
+        prompts = self.source.sample(self.prompt_generator)
+        batch = self._rollout(prompts, self.group_size)
+        scored = self.source.score(prompts, batch, self.group_size)
+        extra = ({"greedy_rewards": self.greedy_rewards(prompts)} if "greedy_rewards" in self.estimator.inputs
+                 else {})
+        coef = self.kl_state if self.kl_state is not None else float(cfg.actor.kl.coef)
+        exp = make_experience(
+            _unwrap(self.policy), batch, scored.scores, group_size=self.group_size, estimator=self.estimator.name,
+            estimator_params=self.estimator_params, ref_model=self.ref_model, critic=self.critic, needs=self.needs,
+            kl_coef=coef, kl_in_reward=cfg.trainer.kl_type == "reward" and self.needs.ref and self.kl_coef() > 0,
+            kl_estimator=str(cfg.trainer.kl_estimator), reward_components=scored.components,
+            whiten_advantages=bool(cfg.trainer.whiten_advantages), temperature=float(cfg.rollout.temperature),
+            chunk_size=int(cfg.trainer.logprob_chunk_size), with_entropy=self.multi_objective is not None,
+            group=dist.group.WORLD if self.distributed else None, extra_inputs=extra)
+        self._reward_metrics = scored.metrics
+        return exp
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Score one greedy response per eval prompt; returns ``eval/reward`` and ``eval/reward/<function>``.
+
+        The samples (step, prompt, completion, reward, each function's reward) are
+        written to ``<output_dir>/eval/step-NNNNNN.jsonl`` and logged as an MLflow
+        table (``mlflow.load_table("eval/step-NNNNNN.json", run_ids=[run_id])`` with the run's
+        experiment active) and a
+        W&B table. Greedy decoding draws no random numbers, so evaluating does not
+        change the training run.
+        """
+        if self.eval_source is None:
+            raise ValueError("no eval data: pass eval_dataset=... or set data.test_data_path")
+        rows: dict[str, list[Any]] = {"step": [], "prompt": [], "completion": [], "reward": []}
+        per: dict[str, list[float | None]] = {}
+        for prompts in self.eval_source.batches():
+            out = self._rollout(prompts, 1, do_sample=False)
+            sc = self.eval_source.score(prompts, out, 1)
+            rows["step"] += [self.step] * len(sc.completions)
+            rows["prompt"] += prompts.texts
+            rows["completion"] += sc.completions
+            rows["reward"] += [float(x) for x in sc.scores.tolist()]
+            assert sc.per_function is not None
+            for j, name in enumerate(sc.per_function.names):
+                col = sc.per_function.values[:, j].tolist()
+                per.setdefault(name, []).extend(None if math.isnan(v) else float(v) for v in col)
+        rows.update({f"reward/{k}": v for k, v in per.items()})
+        metrics = {"eval/reward": float(np.mean(rows["reward"]))}
+        for k, v in per.items():
+            vals = [x for x in v if x is not None]
+            if vals:
+                metrics[f"eval/reward/{k}"] = float(np.mean(vals))
+        if self.rank == 0:
+            name = f"step-{self.step:06d}"
+            d = self.output_dir / "eval"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / f"{name}.jsonl", "w") as f:
+                for i in range(len(rows["step"])):
+                    f.write(json.dumps({k: v[i] for k, v in rows.items()}) + "\n")
+            if self._active_tracker is not None:
+                self._active_tracker.log_table(rows, f"eval/{name}.json", step=self.step)
+                self._active_tracker.log_metrics(metrics, step=self.step)
+        self.eval_history.append({"step": float(self.step), **metrics})
+        self._callback("on_evaluate", metrics)
+        return metrics
 
     # ------------------------------------------------------------------ one step
     def train_iteration(self) -> dict[str, Any]:
@@ -455,7 +644,7 @@ class PPOTrainer:
             exp = self.make_experience()
         keys = ["input_ids", "attention_mask", "response_ids", "response_mask", "old_logprobs", "ref_logprobs",
                 "advantages"]
-        policy_batch = {k: exp[k] for k in keys}
+        policy_batch = {k: exp[k] for k in keys if k in exp}
         metrics: dict[str, Any] = {}
         # The controllers' values for this whole iteration: read by every update epoch, stepped once below.
         # kl_type=reward: the penalty is already in the rewards, so the loss gets no KL term.
@@ -478,21 +667,26 @@ class PPOTrainer:
                                       micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm,
                                       autocast_dtype=self.autocast_dtype, step=self.step)
                     metrics.update({f"critic/{k}": v for k, v in vout.items()})
-        stats = torch.stack([exp["scores"].mean(), exp["kl"].sum() / exp["response_mask"].sum().clamp_min(1.0),
-                             exp["response_mask"].sum(1).mean()]).double()
+        mask = exp["response_mask"]
+        kl_sum = exp["kl"].sum() if "kl" in exp else torch.zeros((), device=mask.device)
+        stats = torch.stack([exp["scores"].mean(), kl_sum / mask.sum().clamp_min(1.0), mask.sum(1).mean()]).double()
         if self.distributed:
             dist.all_reduce(stats)
             stats /= self.world_size
-        metrics.update(reward=float(stats[0]), rollout_kl=float(stats[1]), response_length=float(stats[2]),
-                       kl_coef=self.kl_coef())
-        self.step_controllers(reward=metrics["reward"], kl=metrics["rollout_kl"], entropy=first.get("entropy"))
+        metrics.update(reward=float(stats[0]), response_length=float(stats[2]), kl_coef=self.kl_coef())
+        metrics.update(self._reward_metrics)
+        kl = float(stats[1]) if "kl" in exp else None
+        if kl is not None:
+            metrics["rollout_kl"] = kl
+        self.step_controllers(reward=metrics["reward"], kl=kl, entropy=first.get("entropy"))
         if self.lagrangian_state is not None:
             metrics.update(kl_multiplier=self.lagrangian_state.kl_multiplier,
                            entropy_multiplier=self.lagrangian_state.entropy_multiplier)
         if self.multi_objective is not None:
             metrics["pareto_archive_size"] = float(len(self.multi_objective))
         self.history["reward"].append(metrics["reward"])
-        self.history["kl"].append(metrics["rollout_kl"])
+        if kl is not None:
+            self.history["kl"].append(kl)
         self.history.setdefault("kl_coef", []).append(float(metrics.get("kl_coef", 0.0)))
         self.step += 1
         return metrics
@@ -504,14 +698,15 @@ class PPOTrainer:
         mask = exp["response_mask"]
         n = mask.sum().clamp_min(1.0)
         ent = exp.get("entropy")
-        stats = torch.stack([exp["scores"].mean(), exp["kl"].sum() / n,
-                             torch.where(mask != 0, ent, 0.0).sum() / n if ent is not None else torch.zeros((), device=n.device)]).double()
+        zero = torch.zeros((), device=n.device)
+        stats = torch.stack([exp["scores"].mean(), exp["kl"].sum() / n if "kl" in exp else zero,
+                             torch.where(mask != 0, ent, 0.0).sum() / n if ent is not None else zero]).double()
         if self.distributed:
             dist.all_reduce(stats)
             stats /= self.world_size
         return {"reward": float(stats[0]), "kl_penalty": -max(float(stats[1]), 0.0), "entropy": float(stats[2])}
 
-    def step_controllers(self, *, reward: float, kl: float, entropy: float | None) -> None:
+    def step_controllers(self, *, reward: float, kl: float | None, entropy: float | None) -> None:
         """Step every controller once, from this iteration's measurements (the optax pattern).
 
         ``kl``: the rollout KL, the token mean of ``trainer.kl_estimator`` between
@@ -523,7 +718,8 @@ class PPOTrainer:
         The KL controller, the Lagrange multipliers and the Pareto archive each
         take one step; their new values act from the next iteration on.
         """
-        kl = max(kl, 0.0)  # k1 can be slightly negative on a finite sample
+        kl = max(kl, 0.0) if kl is not None else 0.0  # k1 can be slightly negative on a finite sample
+        # (None: KL is not measured, which the configuration allows only without KL controllers)
         if self.kl_state is not None:
             self.kl_state = kl_update(self.kl_state, kl, self.step)
         if self.lagrangian_state is not None:
@@ -567,12 +763,15 @@ class PPOTrainer:
                 "lagrangian_state": None if self.lagrangian_state is None else dataclasses.asdict(self.lagrangian_state),
                 "multi_objective": None if self.multi_objective is None else self.multi_objective.state_dict(),
                 "history": self.history,
+                "eval_history": self.eval_history,
+                "source": self.source.state_dict(),
                 "config": to_container(self.cfg),
                 "mlflow_run_id": self.mlflow_run_id,
             }
             _save_atomic(state, path / "state.pt", self)  # state.pt marks the checkpoint complete
         if self.distributed:
             dist.barrier()
+        self._callback("on_save", path)
         return path
 
     def _checkpoint_write_error(self, file: Path, e: BaseException) -> CheckpointError:
@@ -604,6 +803,8 @@ class PPOTrainer:
         if state["multi_objective"] is not None and self.multi_objective is not None:
             self.multi_objective.load_state_dict(state["multi_objective"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        self.eval_history = [dict(e) for e in state.get("eval_history", [])]
+        self.source.load_state_dict(state.get("source", {}))
         self.step = int(state["step"])
         self.mlflow_run_id = state.get("mlflow_run_id")
         _set_rng_state(_load_file(path / f"rng_rank{self.rank}.pt"), self.prompt_generator)
@@ -667,6 +868,7 @@ class PPOTrainer:
             if tracker is not None:
                 stack.push(self._track(tracker))
                 self._log_params(tracker)
+            self._callback("on_train_begin")
             with mem_ctx, self.profiler.profile_context("training"):
                 bar = tqdm(total=total, initial=self.step, disable=not t.progress_bar or self.rank != 0,
                            desc="rl2fx train", dynamic_ncols=True)
@@ -674,19 +876,30 @@ class PPOTrainer:
                     last = self.train_iteration()
                     if tracker is not None:
                         tracker.log_metrics({k: v for k, v in last.items() if isinstance(v, float)}, step=self.step)
-                    bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['rollout_kl']:.4f}",
-                                    kl_coef=f"{last['kl_coef']:.3g}")
+                    post = {"reward": f"{last['reward']:.3f}"}
+                    if "rollout_kl" in last:
+                        post.update(kl=f"{last['rollout_kl']:.4f}", kl_coef=f"{last['kl_coef']:.3g}")
+                    bar.set_postfix(post)
                     bar.update(1)
                     if on_step is not None:
                         on_step(self, last)
+                    self._callback("on_step_end", last)
+                    if (self.eval_source is not None and t.eval_interval
+                            and (self.step % int(t.eval_interval) == 0 or self.step == total)):
+                        last.update(self.evaluate())
                     if t.save_interval and self.step % int(t.save_interval) == 0 and self.step < total:
                         self.save_checkpoint()
                 bar.close()
             ckpt = self.save_checkpoint()
             model_dir = self.output_dir / "final_model"
             if self.rank == 0:
-                _unwrap(self.policy).save_pretrained(model_dir)
+                policy = _unwrap(self.policy)
+                policy.save_pretrained(model_dir)  # a PEFT model saves its adapters only
                 self.tokenizer.save_pretrained(model_dir)
+                if self.is_peft and t.merge_adapters:
+                    merged = copy.deepcopy(policy).merge_and_unload()
+                    merged.save_pretrained(self.output_dir / "final_model_merged")
+                    self.tokenizer.save_pretrained(self.output_dir / "final_model_merged")
             if self.profiler.enabled and self.profiler.save_path:
                 self.profiler.save()
             result = self.summary(time.perf_counter() - t0, ckpt, model_dir)
@@ -701,6 +914,7 @@ class PPOTrainer:
                 result["mlflow_run_id"] = tracker.mlflow_run_id
         result["wall_time_s"] = float(time.perf_counter() - t0)
         result.update({k: v for k, v in last.items() if isinstance(v, float) and k not in result})
+        self._callback("on_train_end", result)
         return result
 
     def summary(self, wall_time: float, ckpt: Path, model_dir: Path) -> dict[str, Any]:
@@ -715,8 +929,8 @@ class PPOTrainer:
         return {
             "reward_start": float(np.mean(r[:w])) if r else float("nan"),
             "reward_end": float(np.mean(r[-w:])) if r else float("nan"),
-            "chance_reward": self.task.chance_reward(len(self.tokenizer)),
-            "kl": float(np.mean(self.history["kl"][-w:])) if r else float("nan"),
+            "chance_reward": self.source.chance_reward(),
+            "kl": float(np.mean(self.history["kl"][-w:])) if self.history["kl"] else float("nan"),
             "steps": float(self.step),
             "wall_time_s": float(wall_time),
             "checkpoint": str(ckpt.resolve()),
@@ -735,9 +949,14 @@ def format_summary(result: Mapping[str, Any], window: int) -> str:
         f"  steps: {int(result['steps'])}   wall time: {result['wall_time_s']:.1f} s",
         f"  mean task reward, first {window} steps: {result['reward_start']:.3f}",
         f"  mean task reward, last {window} steps:  {result['reward_end']:.3f}",
-        f"  chance level (uniform over the vocabulary): {result['chance_reward']:.3f}  "
-        f"-> end / chance = {result['reward_end'] / result['chance_reward']:.1f}x",
-        f"  KL(policy || reference), last {window} steps: {result['kl']:.4f}",
+    ]
+    if math.isfinite(result.get("chance_reward", float("nan"))):
+        lines.append(f"  chance level (uniform over the vocabulary): {result['chance_reward']:.3f}  "
+                     f"-> end / chance = {result['reward_end'] / result['chance_reward']:.1f}x")
+    kl = result.get("kl", float("nan"))
+    lines += [
+        f"  KL(policy || reference), last {window} steps: "
+        + (f"{kl:.4f}" if math.isfinite(kl) else "not measured (no KL term; trainer.log_kl=false)"),
         f"  checkpoint: {result['checkpoint']}",
         f"  final model (save_pretrained): {result['final_model']}",
     ]
