@@ -68,12 +68,21 @@ _LAZY: dict[str, str] = {
     "list_policy_losses": "rl2fx.losses",
     # training: the core step, then the application layer (rl2fx.trainer)
     "train_step": "rl2fx.step",
+    "make_ppo_loss": "rl2fx.step",
+    # bring your own model: prompts, reward functions, and the batch between rollout and train_step
+    "load_prompts": "rl2fx.prompts",
+    "prepare_prompts": "rl2fx.prompts",
+    "score": "rl2fx.rewards",
+    "Scores": "rl2fx.rewards",
+    "make_experience": "rl2fx.experience",
+    "experience_needs": "rl2fx.experience",
     "PPOTrainer": "rl2fx.trainer.ppo",
     "load_config": "rl2fx.trainer.config",
 }
 
 _SUBMODULES = {"returns", "control", "pareto", "tuning", "memory", "tracking", "testing",
-               "losses", "logprobs", "rollout", "step", "trainer", "train", "cli"}
+               "losses", "logprobs", "rollout", "step", "trainer", "train", "cli", "experience", "rewards",
+               "prompts"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 
@@ -96,7 +105,10 @@ if TYPE_CHECKING:  # pragma: no cover - for static type checkers and IDEs only
     from rl2fx.tracking.tracker import ExperimentTracker
     from rl2fx.tracking.versioning import ModelVersioning
     from rl2fx.returns.registry import list_estimators, register_estimator
-    from rl2fx.step import train_step
+    from rl2fx.experience import experience_needs, make_experience
+    from rl2fx.prompts import load_prompts, prepare_prompts
+    from rl2fx.rewards import Scores, score
+    from rl2fx.step import make_ppo_loss, train_step
     from rl2fx.trainer.config import load_config
     from rl2fx.trainer.ppo import PPOTrainer
     from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs

@@ -25,7 +25,7 @@ import torch
 
 from rl2fx._typing import Float, Int, Tensor, check_range, typechecked
 
-__all__ = ["rollout", "response_mask", "scatter_last"]
+__all__ = ["rollout", "response_mask", "scatter_last", "concat_rollouts", "select_rows"]
 
 
 @typechecked
@@ -120,3 +120,59 @@ def rollout(
         "response_ids": resp,
         "response_mask": rmask,
     }
+
+
+def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The rollout's sequences ``rows`` (an index tensor), every tensor cut alike.
+
+    >>> b = {"input_ids": torch.arange(6).view(3, 2), "response_mask": torch.ones(3, 1)}
+    >>> select_rows(b, torch.tensor([2, 0]))["input_ids"].tolist()
+    [[4, 5], [0, 1]]
+    """
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def concat_rollouts(batches: list[dict[str, Tensor]], *, pad_token_id: int) -> dict[str, Tensor]:
+    """Stack rollouts whose prompt or response widths differ into one batch, rows in order.
+
+    A rollout's ``input_ids`` is its left-padded prompt block followed by its
+    right-padded response block (``response_ids``). The prompt blocks are
+    left-padded to the widest (``attention_mask`` 0 there) and the response
+    blocks right-padded (``response_mask`` and ``attention_mask`` 0), so every
+    real token keeps its position counted from the row's first real token, as
+    ``generate`` numbered it (:func:`rl2fx.logprobs.position_ids_from_mask`).
+    Per-sequence tensors of other names (``[rows, ...]``) are concatenated as they are.
+
+    >>> a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]]),
+    ...      "response_ids": torch.tensor([[7]]), "response_mask": torch.tensor([[1.0]])}
+    >>> b = {"input_ids": torch.tensor([[5, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 1]]),
+    ...      "response_ids": torch.tensor([[8, 9]]), "response_mask": torch.tensor([[1.0, 1.0]])}
+    >>> c = concat_rollouts([a, b], pad_token_id=0)
+    >>> c["input_ids"].tolist(), c["attention_mask"].tolist(), c["response_mask"].tolist()
+    ([[5, 6, 7, 0], [0, 5, 8, 9]], [[1, 1, 1, 0], [0, 1, 1, 1]], [[1.0, 0.0], [1.0, 1.0]])
+    """
+    if not batches:
+        raise ValueError("batches is empty: nothing to concatenate")
+    if len(batches) == 1:
+        return dict(batches[0])
+    keys = set(batches[0])
+    for i, b in enumerate(batches[1:], 1):
+        if set(b) != keys:
+            raise ValueError(f"batches[{i}] has keys {sorted(b)}, batches[0] has {sorted(keys)}")
+    widths = [(b["input_ids"].shape[1] - b["response_ids"].shape[1], b["response_ids"].shape[1]) for b in batches]
+    P, R = max(w[0] for w in widths), max(w[1] for w in widths)
+    out: dict[str, list[Tensor]] = {k: [] for k in keys}
+    for b, (p, r) in zip(batches, widths, strict=True):
+        for k, v in b.items():
+            if k in ("input_ids", "attention_mask"):
+                fill = pad_token_id if k == "input_ids" else 0
+                prompt = torch.nn.functional.pad(v[:, :p], (P - p, 0), value=fill)
+                resp = torch.nn.functional.pad(v[:, p:], (0, R - r), value=fill)
+                out[k].append(torch.cat([prompt, resp], dim=1))
+            elif k == "response_ids":
+                out[k].append(torch.nn.functional.pad(v, (0, R - r), value=pad_token_id))
+            elif v.ndim == 2 and v.shape[1] == r and k.startswith("response"):
+                out[k].append(torch.nn.functional.pad(v, (0, R - r), value=0))
+            else:
+                out[k].append(v)
+    return {k: torch.cat(v, dim=0) for k, v in out.items()}

@@ -291,3 +291,34 @@ def test_model_and_tokenizer_from_a_directory_and_resume(tmp_path):
     r_res = resumed.train()
     assert full.history["reward"] == resumed.history["reward"]  # same prompts, same samples after resume
     assert r_full["reward_end"] == r_res["reward_end"]
+
+
+def test_dynamic_sampling_drops_all_equal_groups_and_refills(tmp_path):
+    tok = char_tokenizer()
+    calls = {"n": 0}
+
+    def alternating(prompts, completions, answer, **kw):
+        # the first rollout's groups all score 1 (no signal); later rollouts vary within each group
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return [1.0] * len(completions)
+        return [float(i % 2) for i in range(len(completions))]
+
+    cfg = config(tmp_path, "experiment_tracking.enabled=false", "trainer.dynamic_sampling=true",
+                 "trainer.dynamic_sampling_max_rollouts=3")
+    trainer = PPOTrainer(cfg, model=tiny_model(tok), tokenizer=tok, reward_funcs=alternating, train_dataset=rows())
+    m = trainer.train_iteration()
+    assert m["dynamic_sampling/rollouts"] == 2.0 and m["dynamic_sampling/dropped_groups"] == 2.0
+    assert m["dynamic_sampling/filled_groups"] == 0.0
+    assert m["reward"] == pytest.approx((8 * 1.0 + 4.0) / 16)  # every sampled response
+    assert m["reward_trained"] == pytest.approx(0.5)  # the kept groups only
+    # never more than the cap: with no varied group at all, the batch is completed with dropped groups
+    calls["n"] = -100
+
+    def constant(prompts, completions, **kw):
+        return [0.0] * len(completions)
+
+    trainer = PPOTrainer(cfg, model=tiny_model(tok), tokenizer=tok, reward_funcs=constant, train_dataset=rows())
+    m = trainer.train_iteration()
+    assert m["dynamic_sampling/rollouts"] == 3.0 and m["dynamic_sampling/filled_groups"] == 2.0
+    assert m["dynamic_sampling/dropped_groups"] == 6.0

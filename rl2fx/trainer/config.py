@@ -366,6 +366,8 @@ class TrainerConfig:
     eval_interval: int = 0  # steps between evaluations on the eval data (0: never)
     log_kl: bool = True  # measure KL(policy || reference) without a KL term (costs a reference forward)
     merge_adapters: bool = False  # also save the LoRA-merged model at the end
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill from more rollouts
+    dynamic_sampling_max_rollouts: int = 4  # rollouts per iteration at most (then dropped groups fill the batch)
 
 
 @dataclass
@@ -774,6 +776,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if cfg.actor.local_files_only:
         _check_model_name(cfg.actor.model_name)
     _in(cfg, "trainer.eval_interval", 0)
+    _in(cfg, "trainer.dynamic_sampling_max_rollouts", 1)
     _in(cfg, "data.max_prompt_length", 1, optional=True)
     rw = cfg.reward
     if rw.combine not in COMBINE_METHODS:

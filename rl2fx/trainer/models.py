@@ -23,6 +23,11 @@ __all__ = ["resolve_pretrained", "load_model", "load_tokenizer", "apply_peft", "
            "build_critic"]
 
 
+def _name(key: str) -> str:
+    """A config key as the config errors name it; an argument name as it is."""
+    return f"config key '{key}'" if "." in key else key
+
+
 def resolve_pretrained(spec: str | os.PathLike[str], *, key: str, local_files_only: bool = True) -> str:
     """A local directory for ``spec`` (a directory, or a hub id in the local cache); else one
     :class:`ConfigError` naming ``key``, the value and how to supply it.
@@ -47,9 +52,9 @@ def resolve_pretrained(spec: str | os.PathLike[str], *, key: str, local_files_on
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, OSError, ValueError):
         pass
     if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not an "org/name" id
-        raise ConfigError(f"{key} {text!r}: no such directory") from None
+        raise ConfigError(f"{_name(key)} {text!r}: no such directory") from None
     raise ConfigError(
-        f"{key} {text!r} is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
+        f"{_name(key)} {text!r} is neither a local directory nor in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
         f"pass a local path, download it first (hf download {text}), or allow the network with "
         "actor.local_files_only=false") from None
 
@@ -68,7 +73,7 @@ def load_model(spec: Any, *, key: str = "model", local_files_only: bool = True) 
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only)
     except (OSError, ValueError) as e:  # a directory without a loadable model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key} {os.fspath(spec)!r} cannot be loaded: {first}") from None
+        raise ConfigError(f"{_name(key)} {os.fspath(spec)!r} cannot be loaded: {first}") from None
 
 
 def load_tokenizer(tokenizer: Any, model_spec: Any, *, local_files_only: bool = True) -> Any:
@@ -87,7 +92,7 @@ def load_tokenizer(tokenizer: Any, model_spec: Any, *, local_files_only: bool = 
         return AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key} {os.fspath(spec)!r}: no tokenizer can be loaded from it ({first}); "
+        raise ConfigError(f"{_name(key)} {os.fspath(spec)!r}: no tokenizer can be loaded from it ({first}); "
                           "pass tokenizer=...") from None
 
 

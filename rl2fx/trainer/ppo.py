@@ -46,7 +46,7 @@ from rl2fx.memory.profiler import MemoryProfiler
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import get_estimator
 from rl2fx.rewards import load_reward_func
-from rl2fx.rollout import rollout
+from rl2fx.rollout import concat_rollouts, rollout, select_rows
 from rl2fx.step import make_ppo_loss, make_value_loss, train_step
 from rl2fx.tracking import ExperimentConfig, ExperimentTracker
 from rl2fx.trainer.config import (
@@ -70,7 +70,7 @@ from rl2fx.trainer.models import (
     load_model,
     load_tokenizer,
 )
-from rl2fx.trainer.sources import DatasetSource, Prompts, TaskSource
+from rl2fx.trainer.sources import DatasetSource, Prompts, Scored, TaskSource
 from rl2fx.trainer.tasks import DigitCopyTask, build_tiny_critic, build_tiny_lm, build_tokenizer
 
 try:  # exported by rl2fx.returns once the per-thread workspace is public
@@ -555,6 +555,61 @@ class PPOTrainer:
         greedy = self._rollout(prompts, 1, do_sample=False)
         return self.source.score(prompts, greedy, 1).scores
 
+    def _draw(self) -> tuple[dict[str, torch.Tensor], Scored, torch.Tensor | None]:
+        prompts = self.source.sample(self.prompt_generator)
+        batch = self._rollout(prompts, self.group_size)
+        scored = self.source.score(prompts, batch, self.group_size)
+        greedy = self.greedy_rewards(prompts) if "greedy_rewards" in self.estimator.inputs else None
+        return batch, scored, greedy
+
+    def _sample_groups(self) -> tuple[dict[str, torch.Tensor], Scored, dict[str, Any]]:
+        """One rollout batch; with ``trainer.dynamic_sampling`` (DAPO, Yu et al. 2025, arXiv:2503.14476),
+        groups whose rewards are all equal (zero advantage under a group baseline) are dropped and
+        the batch refilled from further rollouts, at most ``trainer.dynamic_sampling_max_rollouts``
+        rollouts per iteration; short of groups then, the batch is completed with dropped ones.
+        Logged: ``dynamic_sampling/rollouts``, ``/dropped_groups``, ``/filled_groups``, and
+        ``reward_sampled`` (the mean reward over every sampled response, filtered or not)."""
+        t = self.cfg.trainer
+        batch, scored, greedy = self._draw()
+        if not t.dynamic_sampling:
+            self._sampling_metrics: dict[str, float] = {}
+            return batch, scored, ({} if greedy is None else {"greedy_rewards": greedy})
+        G, need = self.group_size, self.prompts_per_rollout
+        kept: list[tuple[Any, ...]] = []
+        spare: list[tuple[Any, ...]] = []
+        sampled: list[torch.Tensor] = []
+        metrics: list[dict[str, float]] = []
+        rollouts = 0
+        while True:
+            rollouts += 1
+            sampled.append(scored.scores)
+            metrics.append(scored.metrics)
+            s = scored.scores.view(-1, G)
+            varied = ~(s == s[:, :1]).all(1)
+            for g in range(s.shape[0]):
+                rows = torch.arange(g * G, (g + 1) * G, device=s.device)
+                item = (select_rows(batch, rows), scored.scores[rows], scored.components[rows],
+                        None if greedy is None else greedy[g:g + 1])
+                (kept if bool(varied[g]) else spare).append(item)
+            if len(kept) >= need or rollouts >= int(t.dynamic_sampling_max_rollouts):
+                break
+            batch, scored, greedy = self._draw()
+        filled = max(0, need - len(kept))
+        chosen = (kept + spare[:filled])[:need]
+        merged = concat_rollouts([c[0] for c in chosen], pad_token_id=self.tokenizer.pad_token_id)
+        out = Scored(scores=torch.cat([c[1] for c in chosen]), components=torch.cat([c[2] for c in chosen]),
+                     metrics={k: float(np.sum([m[k] for m in metrics]) if k.endswith("/skipped")
+                                        else np.mean([m[k] for m in metrics if k in m]))
+                              for k in metrics[0]})
+        self._sampling_metrics = {
+            "dynamic_sampling/rollouts": float(rollouts),
+            "dynamic_sampling/dropped_groups": float(len(spare)),
+            "dynamic_sampling/filled_groups": float(filled),
+            "reward_sampled": float(torch.cat(sampled).mean()),
+        }
+        extra = {} if greedy is None else {"greedy_rewards": torch.cat([c[3] for c in chosen])}
+        return merged, out, extra
+
     @torch.no_grad()
     def make_experience(self) -> dict[str, torch.Tensor]:
         """One rollout batch with rewards, old/ref log-probs, values and advantages.
@@ -569,11 +624,7 @@ class PPOTrainer:
         whitened (``trainer.whiten_advantages``), over all ranks.
         """
         cfg = self.cfg
-        prompts = self.source.sample(self.prompt_generator)
-        batch = self._rollout(prompts, self.group_size)
-        scored = self.source.score(prompts, batch, self.group_size)
-        extra = ({"greedy_rewards": self.greedy_rewards(prompts)} if "greedy_rewards" in self.estimator.inputs
-                 else {})
+        batch, scored, extra = self._sample_groups()
         coef = self.kl_state if self.kl_state is not None else float(cfg.actor.kl.coef)
         exp = make_experience(
             _unwrap(self.policy), batch, scored.scores, group_size=self.group_size, estimator=self.estimator.name,
@@ -669,12 +720,19 @@ class PPOTrainer:
                     metrics.update({f"critic/{k}": v for k, v in vout.items()})
         mask = exp["response_mask"]
         kl_sum = exp["kl"].sum() if "kl" in exp else torch.zeros((), device=mask.device)
-        stats = torch.stack([exp["scores"].mean(), kl_sum / mask.sum().clamp_min(1.0), mask.sum(1).mean()]).double()
+        sampled = self._sampling_metrics.pop("reward_sampled", None)
+        stats = torch.stack([exp["scores"].mean(), kl_sum / mask.sum().clamp_min(1.0), mask.sum(1).mean(),
+                             exp["scores"].mean() if sampled is None else torch.tensor(sampled)]).double()
         if self.distributed:
             dist.all_reduce(stats)
             stats /= self.world_size
-        metrics.update(reward=float(stats[0]), response_length=float(stats[2]), kl_coef=self.kl_coef())
+        # reward: over every response sampled this iteration (with dynamic sampling, also the dropped groups);
+        # reward_trained: over the batch the update used
+        metrics.update(reward=float(stats[3]), response_length=float(stats[2]), kl_coef=self.kl_coef())
+        if sampled is not None:
+            metrics["reward_trained"] = float(stats[0])
         metrics.update(self._reward_metrics)
+        metrics.update(self._sampling_metrics)
         kl = float(stats[1]) if "kl" in exp else None
         if kl is not None:
             metrics["rollout_kl"] = kl
