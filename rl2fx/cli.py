@@ -105,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
-    s = csub.add_parser("show", help="print the resolved configuration as YAML",
+    s = csub.add_parser("show", help="print the composed configuration as YAML",
                         description="Print the configuration after loading --config and applying the "
-                                    "overrides, validated against the schema, as YAML.")
+                                    "overrides, validated against the schema, as YAML. Paths derived from "
+                                    "trainer.output_dir are shown as ${trainer.output_dir}/... unless --resolve.")
+    s.add_argument("--resolve", action="store_true",
+                   help="print interpolations resolved (the values a run uses), as Hydra's --resolve")
     _add_config_args(s)
     s.set_defaults(func=_command("cmd_config_show"))
     s = csub.add_parser("registry", help="list the registered estimators and policy losses",

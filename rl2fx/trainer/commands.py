@@ -67,7 +67,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(OmegaConf.to_yaml(_load(args)), end="")
+    print(OmegaConf.to_yaml(_load(args), resolve=bool(getattr(args, "resolve", False))), end="")
     return 0
 
 
