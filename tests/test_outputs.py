@@ -74,3 +74,30 @@ def test_a_run_writes_only_under_output_dir(tmp_path, entry, where):
     assert {"mlruns.db", "mlartifacts", "memory_profile.json", "checkpoints", "final_model"} <= written, written
     assert ("wandb" in written) == ("experiment_tracking.enable_wandb=true" in entry)
     assert str(out / "mlruns.db") in r.stdout and str(out / "memory_profile.json") in r.stdout
+
+
+def test_tune_trials_track_into_the_base_output_dir(tmp_path, monkeypatch):
+    """Each trial trains in a temporary folder, but its tracking goes to the one store the base config
+    derives from its own trainer.output_dir (not to the deleted folder, not to the working directory)."""
+    import mlflow
+
+    from rl2fx.trainer.tune import tune_from_config
+    from rl2fx.tuning.space import HyperparameterConfig
+
+    cwd = tmp_path / "other"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    base = tmp_path / "base"
+    cfg = load_config("demo", overrides={
+        "trainer.output_dir": str(base), "trainer.total_steps": 2, "trainer.progress_bar": False,
+        "data.prompts_per_rollout": 2, "data.responses_per_prompt": 4, "memory_optimization.profiling.enabled": False,
+        "experiment_tracking.log_models": False, "experiment_tracking.log_system_metrics": False,
+        "hyperopt.optimizer_type": "grid", "hyperopt.grid.grid_size": 2, "hyperopt.n_trials": 2,
+        "hyperopt.save_dir": str(tmp_path / "study")})
+    tune_from_config(cfg, param_configs=[HyperparameterConfig("actor.clip", "float", low=0.1, high=0.3)],
+                     show_progress_bar=False, verbose=False)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{base / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("rl2fx_demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(float(r.data.params["actor.clip"]) for r in runs) == [0.1, 0.3]
+    assert list(cwd.iterdir()) == []
