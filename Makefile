@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all test-fast bench docs lint clean venv
+.PHONY: demo test test-all test-fast bench docs lint clean venv lab
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,14 @@ test-all: $(VENV)/.installed-dev
 	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q tests rl2fx
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/python -m pytest -q --nbmake notebooks; fi
 
+# JSON results go to outputs/benchmarks/; BENCH_OUT=benchmarks/results rewrites the committed ones.
+BENCH_OUT ?= outputs/benchmarks
 bench: $(VENV)/.installed-dev $(VENV)/.installed-bench
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b --out $(BENCH_OUT) || exit 1; done
+
+# JupyterLab on the notebooks (the `notebook` extra; `make test` only executes them).
+lab: $(VENV)/.installed-dev,notebook
+	$(BIN)/jupyter lab notebooks/
 
 docs: $(VENV)/.installed-dev
 	$(BIN)/mkdocs build --strict

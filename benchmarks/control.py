@@ -19,18 +19,18 @@ coefficient after settling, the peak KL/target of the transient, and the cost of
 
 The batch-sizer part compares AdaptiveBatchSizer with the naive
 "double until OOM, then halve" search on a device whose memory grows linearly
-with the batch size. Results go to benchmarks/results/control.json.
+with the batch size. Results go to <--out DIR>/control.json (default outputs/benchmarks;
+``--out benchmarks/results`` rewrites the committed table).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from _results import add_out_argument, write_json
 
 from rl2fx.control import AdaptiveBatchSizer, kl_init, kl_update
 from rl2fx.testing.control_plant import (
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 seeds, 400 steps")
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--out", default="benchmarks/results/control.json")
+    add_out_argument(ap)
     args = ap.parse_args()
     seeds = args.seeds or (3 if args.quick else 20)
     steps = args.steps or (400 if args.quick else 1000)
@@ -168,13 +168,11 @@ def main() -> None:
     for r in brows:
         print(f"| {r['sizer']} | {r['final_batch_size']:.1f} | {r['ooms']:.1f} | {r['samples_per_s']:.2f} |")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    print()
+    write_json(args.out, "control.json", {
         "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
         "steps": steps, "seeds": seeds, "target_kl": TARGET, "kl": rows, "batch_size": brows,
-    }, indent=2))
-    print(f"\nsaved {out}")
+    })
 
 
 if __name__ == "__main__":

@@ -29,19 +29,19 @@ step under ``torch.no_grad()`` (how old and reference log-probs are computed).
     PYTHONPATH=. python benchmarks/logprobs.py [--quick] [--section head|logits|all] [--shapes 1x512]
         [--memory-shapes 4x512] [--repeats 3] [--out PATH]
 
-Results go to ``outputs/benchmarks/logprobs.json`` unless ``--out`` is given.
+Results go to ``<--out DIR>/logprobs.json`` (default ``outputs/benchmarks``; ``--out benchmarks/results``
+rewrites the committed table).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _results import add_out_argument, write_json
 
 from rl2fx.logprobs import (
     linear_logprobs_and_entropy,
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--memory-shapes", default=None,
                     help="head section B x T list, peak memory only (default 4x512; 'none' for none)")
     ap.add_argument("--hidden", type=int, default=896, help="hidden size of the head section (Qwen2.5-0.5B: 896)")
-    ap.add_argument("--out", default="outputs/benchmarks/logprobs.json")
+    add_out_argument(ap)
     args = ap.parse_args()
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -247,12 +247,9 @@ def main() -> None:
             shape = f"{r['batch']}x{r['time']}x{r['vocab']}"
             ms = "-" if r["ms"] is None else f"{r['ms']:.1f}"
             print(f"{r['device']:6} {shape:>18} {r['impl']:28} {r['logits_MiB']:10.1f} {r['peak_MiB']:9.1f} {ms:>8}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "repeats": repeats, "see": "docs/performance.md"}
-    out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    print(f"saved {out}")
+    write_json(args.out, "logprobs.json", {**meta, "rows": rows})
 
 
 if __name__ == "__main__":

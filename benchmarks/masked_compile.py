@@ -17,13 +17,13 @@ elementwise floor, and what it costs. The 16-wide block products stay in BLAS
 Rounds interleave the methods (this machine's speed drifts by ~15% between runs);
 the table gives the median over rounds of per-round medians, and the first-call
 (compile) time separately. Every variant is checked against ``gae`` first. Results
-go to benchmarks/results/masked_compile.json.
+go to <--out DIR>/masked_compile.json (masked_compile_quick.json with --quick; default
+outputs/benchmarks, ``--out benchmarks/results`` rewrites the committed ones).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import add_out_argument, write_json  # noqa: E402
 from returns import keep_freed_memory  # noqa: E402
 
 from rl2fx.returns import gae  # noqa: E402
@@ -96,11 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="default: results/masked_compile[_quick].json")
+    add_out_argument(ap)
     args = ap.parse_args()
-    if args.out is None:
-        name = "masked_compile_quick.json" if args.quick else "masked_compile.json"
-        args.out = str(Path(__file__).parent / "results" / name)
     allocator = keep_freed_memory()
     torch.set_num_threads(args.threads)
     b, t_len = (64, 1024) if args.quick else (256, 4096)
@@ -153,7 +151,6 @@ def main() -> None:
         rows.append({"method": name, "median_ms": med, "x_floor": med / floor, "rounds_ms": ms, "first_call_s": first})
         first_txt = f"{first:13.2f}" if first is not None else f"{'':13}"
         print(f"{name:<26} {med:10.3f} {med / floor:8.1f} {first_txt}  " + " ".join(f"{x:.2f}" for x in ms))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "shape": [b, t_len],
         "threads": args.threads,
@@ -163,9 +160,9 @@ def main() -> None:
         "rounds": rounds,
         "calls_per_round": calls,
     }
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("first call: compile of what this process had not compiled yet (Inductor's on-disk cache may be warm)")
-    print(f"wrote {args.out}")
+    write_json(args.out, "masked_compile_quick.json" if args.quick else "masked_compile.json",
+               {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _results import add_out_argument, write_json
 
 from rl2fx.memory.optimizer import MemoryOptimizer, disable_checkpointing, enable_checkpointing
 from rl2fx.memory.profiler import TensorMemoryTracker
@@ -204,14 +203,10 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, one timed repeat")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/memory.json, memory_quick.json with --quick)")
+    add_out_argument(parser)  # writes memory.json there (memory_quick.json with --quick)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: CPU time is then a clean cost measure)")
     args = parser.parse_args(argv)
-    if args.out is None:
-        name = "memory_quick.json" if args.quick else "memory.json"
-        args.out = str(Path(__file__).parent / "results" / name)
     torch.set_num_threads(args.threads)
     if args.quick:
         sizes = dict(hidden=64, layers=2, vocab=512, batch=4, seq=128)
@@ -246,9 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nsaved {args.out} ({result['wall_s']:.0f} s)")
+    print(f"\n{result['wall_s']:.0f} s")
+    write_json(args.out, "memory_quick.json" if args.quick else "memory.json", result, indent=1)
     return result
 
 

@@ -8,20 +8,19 @@ a population); hypervolume on N mutually non-dominated points on the positive un
 sphere (the hard case: every point is on the front), reference point 0.
 Every time is the best of several repeats (wall clock, seconds). Results are checked
 for equality between libraries before they are timed. Prints a Markdown table and
-writes benchmarks/results/pareto.json.
+writes <--out DIR>/pareto.json (default outputs/benchmarks; ``--out benchmarks/results`` rewrites the committed one).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import moocore
 import numpy as np
 import torch
+from _results import add_out_argument, write_json
 from botorch.utils.multi_objective.hypervolume import Hypervolume as BoTorchHV
 from botorch.utils.multi_objective.pareto import is_non_dominated
 from pymoo.indicators.hv import HV
@@ -166,7 +165,7 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N = 1e3 and M in {2, 3} only")
-    ap.add_argument("--out", default="benchmarks/results/pareto.json")
+    add_out_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)  # moocore and pymoo are single-threaded; compare like with like
     sizes = [1000] if args.quick else [1000, 10_000]
@@ -192,10 +191,8 @@ def main():
                      "pymoo": __import__("pymoo").__version__, "botorch": __import__("botorch").__version__},
         "quick": args.quick,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets, "table": md}, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    write_json(args.out, "pareto.json", {"meta": meta, "rows": rows, "targets": targets, "table": md})
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ shape family) and never mixed into the medians. On a CUDA device the same table
 is produced for the GPU, with achieved bandwidth (bytes read + written by GAE /
 time) against the device's copy bandwidth and its spec-sheet peak.
 
-Results go to benchmarks/results/returns.json.
+Results go to <--out DIR>/returns.json (returns_scan.json with --scan; default outputs/benchmarks,
+``--out benchmarks/results`` rewrites the committed ones).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -32,9 +32,9 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _results import add_out_argument, write_json
 
 from rl2fx.returns import gae, reverse_scan
 
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shapes", default=None, help="comma-separated BxT list (default 64x1024,256x4096,1024x8192)"
     )
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "returns.json"))
+    add_out_argument(p)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 15)
     args.budget = args.budget or (3.0 if args.quick else 20.0)
@@ -569,10 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.scan:
         rows = scan_table(args)
-        out = Path(args.out).with_name("returns_scan.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        print(f"wrote {out}")
+        write_json(args.out, "returns_scan.json", {"meta": meta, "rows": rows}, indent=1)
         return 0
     rows: list[dict] = []
     accuracy = accuracy_table()
@@ -587,10 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     table = print_table(rows, cuda)
     print()
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "accuracy": accuracy}, indent=1))
-    print(f"\nwrote {out}")
+    print()
+    write_json(args.out, "returns.json", {"meta": meta, "rows": rows, "accuracy": accuracy}, indent=1)
     bad = [r for r in rows if r.get("matches_reference") is False]
     return 1 if bad else 0
 

@@ -38,14 +38,13 @@ with tracking off, with ``ExperimentTracker``, and with a tracker whose
 ``log_metrics`` sends synchronously (the previous behaviour); MLflow only, no
 model logging or system metrics, so the rows differ in metric logging alone.
 
-Results go to outputs/benchmarks/tracking.json unless --out says otherwise
-(the committed table is benchmarks/results/tracking.json).
+Results go to <--out DIR>/tracking.json (default outputs/benchmarks; the committed table is
+benchmarks/results/tracking.json, rewritten with ``--out benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import add_out_argument, write_json
 
 KEYS = ["loss", "reward", "kl", "entropy", "clip_frac", "grad_norm", "value_loss", "adv_mean",
         "adv_std", "lr"]
@@ -291,7 +291,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-demo", action="store_true")
-    ap.add_argument("--out", default="outputs/benchmarks/tracking.json")
+    add_out_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.steps, args.repeats, args.no_demo = 50, 1, True
@@ -323,14 +323,12 @@ def main() -> None:
         for r in demo:
             print(f"{r['variant']:<26}{r['train_s']:>9.2f} s{r['overhead_pct']:>9.1f}%")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    print()
+    write_json(args.out, "tracking.json", {
         "machine": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
         "torch": torch.__version__, "mlflow": mlflow.__version__, "steps": args.steps, "repeats": args.repeats,
         "loop": rows, "replay": replay, "demo": demo,
-    }, indent=2))
-    print(f"\nsaved {out}")
+    })
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ and the wall time from the study's start until the first complete trial whose re
 reaches the reference (``-`` when none does).
 
     PYTHONPATH=. python benchmarks/tune_pruning.py                # 10 trials x 100 steps
-    PYTHONPATH=. python benchmarks/tune_pruning.py --trials 4 --steps 40 --out /tmp/t.json
+    PYTHONPATH=. python benchmarks/tune_pruning.py --trials 4 --steps 40 --out /tmp/t
 
-Prints a table and writes outputs/tune_pruning.json (or ``--out``).
+Prints a table and writes <--out DIR>/tune_pruning.json (default outputs/benchmarks;
+``--out benchmarks/results`` rewrites the committed one).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from _results import add_out_argument, write_json  # noqa: E402
 
 from rl2fx.trainer.config import load_config  # noqa: E402
 from rl2fx.trainer.ppo import PPOTrainer  # noqa: E402
@@ -80,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--startup", type=int, default=3, help="hyperopt.median.n_startup_trials")
     ap.add_argument("--warmup", type=int, default=30, help="hyperopt.median.n_warmup_steps")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="outputs/tune_pruning.json")
+    add_out_argument(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     ref = reference(args.steps)
@@ -96,12 +98,10 @@ def main(argv=None):
     for r in rows:
         print(f"{r['pruner']:8} {r['wall_time_s']:7.1f} {r['n_pruned']:>3}/{r['n_trials']:<3} {r['steps_run']:9d} "
               f"{f(r['best_reward'], '.4f'):>11} {f(r['time_to_reference_s'], '.1f'):>14}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "reference": ref, "studies": rows,
-                               "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                           "torch": torch.__version__, "cpus": os.cpu_count()}}, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out, "tune_pruning.json",
+               {"settings": vars(args), "reference": ref, "studies": rows,
+                "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpus": os.cpu_count()}}, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ last ``trainer.summary_window`` steps) and KL of both, mean ± std, with the stu
         memory_optimization.profiling.enabled=false trainer.save_interval=0 trainer.output_dir=outputs/tune_demo/run
     PYTHONPATH=. python benchmarks/tuned_demo.py --study outputs/tune_demo
 
-Prints a table and writes ``outputs/tuned_demo.json`` and ``.png`` (or ``--out``).
+Prints a table and writes ``<--out DIR>/tuned_demo.json`` and ``tuned_demo.png`` (default
+``outputs/benchmarks``; the committed ones are ``benchmarks/results/tuned_demo.json``, ``--out
+benchmarks/results``, and the plot shown in docs/ablations.md, ``docs/ablations/tuned_demo.png``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from _results import add_out_argument, write_json  # noqa: E402
 
 from rl2fx.trainer.ablate import _RUN_OVERRIDES, _machine, _mean_std, run_one  # noqa: E402
 
@@ -42,7 +45,7 @@ def main() -> None:
     ap.add_argument("--study", default="outputs/tune_demo")
     ap.add_argument("--seeds", default="10,11,12", help="fresh seeds, comma-separated")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--out", default="outputs/tuned_demo.json")
+    add_out_argument(ap)
     args = ap.parse_args()
     study = Path(args.study)
     trials = _trials(study)
@@ -74,9 +77,7 @@ def main() -> None:
     for s in summary:
         print(f"| {s['arm']} | {s['reward_mean']:.3f} ± {s['reward_std']:.3f} | {s['kl_mean']:.3f} ± {s['kl_std']:.3f} |")
     print(f"\nbest params: {best['params']}")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    path = write_json(args.out, "tuned_demo.json", out, indent=1)
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [t["number"] for t in done]
     vals = [t["value"] for t in done]
@@ -90,7 +91,7 @@ def main() -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=110)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    print(f"saved {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ in enumeration order are evaluated).
     PYTHONPATH=. python benchmarks/tuning.py --quick    # 2 seeds, Branin + Hartmann6
     PYTHONPATH=. python benchmarks/tuning.py --problems hartmann6 --seeds 10
 
-Prints a table and writes benchmarks/results/tuning.json (or ``--out``).
+Prints a table and writes <--out DIR>/tuning.json (``--name`` for another file name; default
+folder outputs/benchmarks, ``--out benchmarks/results`` rewrites the committed one).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _results, also when imported as benchmarks.tuning
+
+from _results import add_out_argument, write_json  # noqa: E402
 
 from rl2fx.tuning import HyperparameterConfig, Study  # noqa: E402
 from rl2fx.tuning.samplers import make_sampler  # noqa: E402
@@ -165,7 +169,9 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
     ap.add_argument("--evals", type=int, default=30)
     ap.add_argument("--no-latency", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tuning.json"))
+    add_out_argument(ap)
+    ap.add_argument("--name", default="tuning.json",
+                    help="file name of the results in --out (the committed exploration_weight=0 run: tuning_xi0.json)")
     ap.add_argument("--bayesian-options", default="{}",
                     help='JSON settings for rl2fx bayesian, e.g. \'{"exploration_weight": 0.0}\'')
     ap.add_argument("--table-from", default=None, help="print the Markdown table of a saved JSON and exit")
@@ -212,7 +218,7 @@ def main(argv=None):
                                           "per_seed": regs, "seconds_per_run": statistics.fmean(secs)}
             row += f"{mean:>13.3f} ± {se:<5.3f}"
         print(row, flush=True)
-        _save(a.out, results)  # partial results survive an interrupted long run
+        _save(a.out, a.name, results)  # partial results survive an interrupted long run
     if not a.no_latency:
         print("\nseconds per ask with 100 observed trials, 6-D (median of 3 asks after one warm-up)")
         for m in methods:
@@ -221,7 +227,7 @@ def main(argv=None):
             wall, cpu = ask_latency(m)
             results["ask_latency_s"][m] = {"wall": wall, "cpu": cpu}
             print(f"  {m:<12} wall {wall:.3f}   cpu {cpu:.3f}", flush=True)
-    _save(a.out, results)
+    _save(a.out, a.name, results)
     print("\n" + markdown_table(results))
     print(f"\nsaved {a.out}")
     return results
@@ -250,10 +256,8 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
-def _save(path, results):
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+def _save(out_dir, name, results):
+    write_json(out_dir, name, results)
 
 
 if __name__ == "__main__":

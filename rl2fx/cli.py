@@ -35,9 +35,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from rl2fx.trainer.ablate_names import ABLATIONS
+from rl2fx.trainer.ablate_names import ABLATIONS, DEFAULT_OUT, SHIPPED_OUT
 
 BENCH_AREAS = ("returns", "pareto", "tuning", "control", "memory")
+#: Where ``rl2fx bench`` (and each ``benchmarks/*.py``) writes its JSON unless given ``--out``.
+BENCH_OUT = "outputs/benchmarks"
+#: The committed results: regenerating them takes ``--out benchmarks/results`` explicitly.
+BENCH_SHIPPED_OUT = "benchmarks/results"
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
@@ -97,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="run a documented ablation and write its table and plot",
                        description="Run one ablation of the demo task over several seeds and write "
-                                   "<out>/<name>.md (table), .json (every run) and .png (reward curves). "
+                                   "<out>/<name>.md (table), .json (every run) and .png (reward curves); "
+                                   f"regenerate a shipped page with --out {SHIPPED_OUT}. "
                                    "Overrides apply on top of every arm (trainer.total_steps=5 for a quick look). "
                                    "'estimators' compares every registered estimator.")
     p.add_argument("name", choices=ABLATIONS, help="which ablation: " + ", ".join(ABLATIONS))
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
-    p.add_argument("--out", default="docs/ablations", help="output folder (default docs/ablations)")
+    p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
+                   help=f"output folder (default {DEFAULT_OUT}; {SHIPPED_OUT} rewrites the shipped page)")
     p.add_argument("--arms", default=None, help="comma-separated subset of the arms (default all)")
     p.add_argument("--workers", type=int, default=2, help="runs at once, one process each (default 2)")
     _add_config_args(p, default_help="the shipped demo config")
@@ -110,16 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run benchmarks (from the repository root)",
                        description="Run benchmarks/<area>.py (all areas by default) from the repository root; "
-                                   "each prints its table and writes benchmarks/results/<area>.json.")
+                                   f"each prints its table and writes <out>/<area>.json (default {BENCH_OUT}; "
+                                   f"--out {BENCH_SHIPPED_OUT} rewrites the committed results).")
     p.add_argument("area", nargs="?", choices=BENCH_AREAS, help="one area (" + ", ".join(BENCH_AREAS) + "); default all")
     p.add_argument("--quick", action="store_true", help="small sizes for a fast look")
+    p.add_argument("--out", metavar="DIR", default=BENCH_OUT,
+                   help=f"folder for the JSON results (default {BENCH_OUT}; {BENCH_SHIPPED_OUT} rewrites the "
+                        "committed ones)")
     p.set_defaults(func=_command("cmd_bench"))
 
     p = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
-    s = csub.add_parser("show", help="print the resolved configuration as YAML",
+    s = csub.add_parser("show", help="print the composed configuration as YAML",
                         description="Print the configuration after loading --config and applying the "
-                                    "overrides, validated against the schema, as YAML.")
+                                    "overrides, validated against the schema, as YAML. Paths derived from "
+                                    "trainer.output_dir are shown as ${trainer.output_dir}/... unless --resolve.")
+    s.add_argument("--resolve", action="store_true",
+                   help="print interpolations resolved (the values a run uses), as Hydra's --resolve")
     _add_config_args(s)
     s.set_defaults(func=_command("cmd_config_show"))
     s = csub.add_parser("registry", help="list the registered estimators and policy losses",

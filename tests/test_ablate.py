@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from rl2fx.returns import get_estimator, list_estimators
 from rl2fx.trainer.ablate import (
     ABLATIONS,
     DEFAULT_STEPS,
+    _command,
     _run_overrides,
     ablation_arms,
     run_ablation,
@@ -114,6 +116,28 @@ def test_outputs_and_table_match_json(tmp_path):
         assert float(m.group(1)) == pytest.approx(s["reward_mean"], abs=5e-4)
     assert js["runs"][0]["overrides"]["multi_objective.enabled"] is False
     assert js["runs"][-1]["overrides"]["multi_objective.pareto_method"] == "tchebycheff"
+
+
+def test_default_folder_is_outputs_ablations_and_nothing_else_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_ablation("kl", seeds=1, arms=["exponential"], overrides=TINY, workers=1, show_progress_bar=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "outputs/ablations/kl.json", "outputs/ablations/kl.md", "outputs/ablations/kl.png"]
+    assert "--out" not in out["command"]  # the default folder needs no flag to reproduce
+
+
+def test_the_reproducing_command_names_a_non_default_folder():
+    assert _command("kl", 3, "outputs/ablations", [], None, None, 2) == "rl2fx ablate kl"
+    assert _command("kl", 3, "docs/ablations", [], None, None, 2) == "rl2fx ablate kl --out docs/ablations"
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_shipped_pages_regenerate_only_with_an_explicit_out(name):
+    """The command on each shipped page writes it back in place: it must name docs/ablations."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "ablations"
+    command = json.loads((docs / f"{name}.json").read_text())["command"]
+    assert command.startswith(f"rl2fx ablate {name}") and "--out docs/ablations" in command
+    assert f"\n{command}\n" in (docs / f"{name}.md").read_text()
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers():

@@ -29,10 +29,11 @@ HELP = {
     (): ["train", "tune", "ablate", "bench", "config"],
     ("train",): ["--config", "overrides"],
     ("tune",): ["--config", "overrides", "hyperopt"],
-    ("ablate",): ["--seeds", "--out", "--arms", "--workers", "--config", "estimators", "kl", "pareto"],
-    ("bench",): ["--quick", *BENCH_AREAS],
+    ("ablate",): ["--seeds", "--out", "outputs/ablations", "--arms", "--workers", "--config", "estimators", "kl",
+                  "pareto"],
+    ("bench",): ["--quick", "--out", "outputs/benchmarks", *BENCH_AREAS],
     ("config",): ["show"],
-    ("config", "show"): ["--config", "overrides"],
+    ("config", "show"): ["--config", "overrides", "--resolve"],
 }
 
 
@@ -131,14 +132,43 @@ def test_console_module_entry_point(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "'nope'" in r.stderr
 
 
-def test_bench_quick_runs_one_area(tmp_path):
-    # from a copy, so that --quick numbers do not overwrite the repository's benchmarks/results
+def test_bench_quick_runs_one_area_and_writes_under_outputs(tmp_path):
+    # from a copy of the scripts, so that a regression writing to benchmarks/results touches no tracked file
     (tmp_path / "benchmarks").mkdir()
-    shutil.copy(ROOT / "benchmarks" / "control.py", tmp_path / "benchmarks" / "control.py")
+    for name in ("control.py", "_results.py"):
+        shutil.copy(ROOT / "benchmarks" / name, tmp_path / "benchmarks" / name)
     r = _run(["bench", "control", "--quick"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "== control" in r.stdout
+    assert "== control" in r.stdout and "--out outputs/benchmarks" in r.stdout
+    assert json.loads((tmp_path / "outputs" / "benchmarks" / "control.json").read_text())
+    assert not (tmp_path / "benchmarks" / "results").exists()
+    # the committed results are rewritten only when asked for, by the same flag
+    r = _run(["bench", "control", "--quick", "--out", "benchmarks/results"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "benchmarks" / "results" / "control.json").read_text())
+
+
+def test_default_output_folders_are_under_outputs():
+    from rl2fx.cli import BENCH_OUT, build_parser
+    from rl2fx.trainer.ablate_names import DEFAULT_OUT
+
+    parser = build_parser()
+    assert parser.parse_args(["ablate", "kl"]).out == DEFAULT_OUT == "outputs/ablations"
+    assert parser.parse_args(["bench"]).out == BENCH_OUT == "outputs/benchmarks"
+    assert parser.parse_args(["ablate", "kl", "--out", "docs/ablations"]).out == "docs/ablations"
+
+
+BENCH_SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda p: p.name)
+def test_every_benchmark_script_takes_out_dir_and_writes_through_the_helper(script):
+    """Each script's JSON goes through benchmarks/_results.py (``--out DIR``, default outputs/benchmarks):
+    no script opens its own path, so none can write to benchmarks/results by default."""
+    text = script.read_text()
+    assert "add_out_argument(" in text and "write_json(" in text, script.name
+    assert "json.dumps(" not in text and "/ \"results\"" not in text and "benchmarks/results/" not in \
+        text.split('"""', 2)[-1], script.name
 
 
 def test_bench_outside_the_repository_is_a_one_line_error(tmp_path):

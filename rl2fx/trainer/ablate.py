@@ -8,7 +8,8 @@ with tracking, memory profiling and the per-run progress bar off. Seed ``s``
 sets ``trainer.seed=s`` and ``model.seed=s`` (prompts, samples and the initial
 weights), so a run is a pure function of its config and seed.
 
-Written to ``out_dir``:
+Written to ``out_dir`` (default ``outputs/ablations``; the shipped pages in
+``docs/ablations`` are regenerated only by asking for them, ``--out docs/ablations``):
 
 * ``<name>.md``: the reproducing command, machine, date, and a table of mean ±
   sample standard deviation over seeds of the final reward (mean task reward over
@@ -47,7 +48,7 @@ from transformers.utils import logging as hf_logging
 
 from rl2fx.losses import list_policy_losses
 from rl2fx.returns import list_estimators
-from rl2fx.trainer.ablate_names import ABLATIONS
+from rl2fx.trainer.ablate_names import ABLATIONS, DEFAULT_OUT
 from rl2fx.trainer.config import load_config, parse_override, trainer_supports
 from rl2fx.trainer.ppo import PPOTrainer
 
@@ -233,7 +234,7 @@ def _command(name: str, seeds: int, out_dir: str, user_overrides: Sequence[str],
         parts += ["--arms", ",".join(arm_names)]
     if workers != 2:
         parts += ["--workers", str(workers)]
-    if str(out_dir) != "docs/ablations":
+    if str(out_dir) != DEFAULT_OUT:
         parts += ["--out", str(out_dir)]
     if config is not None and config != DEFAULT_CONFIG:
         parts += ["--config", str(config)]
@@ -248,7 +249,7 @@ def _fmt(m: float, s: float, digits: int) -> str:
 def run_ablation(
     name: str,
     seeds: int = 3,
-    out_dir: str | os.PathLike[str] = "docs/ablations",
+    out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     overrides: Sequence[str] = (),
     config: str | os.PathLike[str] | None = None,
     *,
@@ -258,6 +259,8 @@ def run_ablation(
 ) -> dict[str, Any]:
     """Run ablation ``name`` (one of :data:`ABLATIONS`) and write its table, JSON and plot.
 
+    ``out_dir``: the folder for ``<name>.md``, ``.json`` and ``.png`` (default
+    ``outputs/ablations``; pass ``"docs/ablations"`` to regenerate a shipped page).
     ``seeds``: seeds ``0 .. seeds-1`` per arm. ``overrides``: dotted ``key=value``
     strings applied on top of every arm (``trainer.total_steps=5`` for a quick look).
     ``config``: base YAML (default: the shipped ``demo``). ``arms``: a subset of the

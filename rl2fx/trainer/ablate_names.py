@@ -1,3 +1,9 @@
-"""Names of the documented ablations (kept apart so ``rl2fx --help`` imports nothing heavy)."""
+"""Names and output folders of the documented ablations (kept apart so ``rl2fx --help`` imports nothing heavy)."""
 
 ABLATIONS = ("estimators", "kl", "kl_frontier", "losses", "pareto")
+
+#: Where ``rl2fx ablate`` writes unless given ``--out`` (under the ignored ``outputs/``).
+DEFAULT_OUT = "outputs/ablations"
+
+#: Where the shipped pages live: regenerating them takes ``--out docs/ablations`` explicitly.
+SHIPPED_OUT = "docs/ablations"

@@ -73,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         script = root / "benchmarks" / f"{area}.py"
         if not script.is_file():
             raise ValueError(f"no benchmark script {script}: run 'rl2fx bench' from the repository root")
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(script), "--out", str(args.out)] + (["--quick"] if args.quick else [])
         print(f"== {area}: {' '.join(cmd)}", flush=True)
         rc = subprocess.call(cmd)
         if rc != 0:
@@ -82,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(OmegaConf.to_yaml(_load(args)), end="")
+    print(OmegaConf.to_yaml(_load(args), resolve=bool(getattr(args, "resolve", False))), end="")
     return 0
 
 

@@ -292,7 +292,8 @@ class HyperoptConfig:
 class ProfilingConfig:
     enabled: bool = False
     profile_interval: float = 1.0
-    save_path: str = "memory_profile.json"
+    # the spec's file name, under the run's folder: moving trainer.output_dir moves the profile too
+    save_path: str = "${trainer.output_dir}/memory_profile.json"
 
 
 @dataclass
@@ -333,8 +334,11 @@ class ExperimentTrackingConfig:
     log_artifacts: bool = True
     log_system_metrics: bool = True
     model_versioning: ModelVersioningConfig = field(default_factory=ModelVersioningConfig)
-    # rl2fx: where MLflow writes (the design's embedded SQLite store by default)
-    tracking_uri: str = "sqlite:///mlruns.db"
+    # rl2fx: where MLflow writes: the design's embedded SQLite store, in the run's folder (artifacts and
+    # models go to mlartifacts/ beside it), so that everything a run writes is under trainer.output_dir
+    tracking_uri: str = "sqlite:///${trainer.output_dir}/mlruns.db"
+    # rl2fx: the folder W&B writes its wandb/ run folders under (null: $WANDB_DIR or the working directory)
+    wandb_dir: str | None = "${trainer.output_dir}"
 
 
 # ----------------------------------------------------------------------------- rl2fx sections
@@ -651,13 +655,37 @@ def _validate_adv(cfg: DictConfig) -> None:
                  {"group_size": "data.responses_per_prompt"}, "data.responses_per_prompt")
 
 
+def _raw_leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> unresolved value of every leaf of ``node`` (a plain container)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _raw_leaves(sub, f"{prefix}{key}.").items()}
+    if isinstance(node, list):
+        return {k: v for i, sub in enumerate(node) for k, v in _raw_leaves(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: node}
+
+
 def _check_interpolations(cfg: DictConfig) -> None:
-    """Resolve every ``${...}`` now, so a missing key is named at load time, not deep in the run."""
+    """Resolve every ``${...}`` now, so a missing key is named at load time, not deep in the run.
+
+    The key named is the one whose own text holds the broken reference: a default that merely
+    interpolates it (``memory_optimization.profiling.save_path: ${trainer.output_dir}/...``) fails
+    too, but is not where the user has to look.
+    """
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raws = _raw_leaves(OmegaConf.to_container(cfg, resolve=False))
+        errors: dict[str, OmegaConfBaseException] = {}
+        for key, raw in raws.items():
+            if isinstance(raw, str) and "${" in raw:
+                try:
+                    OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+                except OmegaConfBaseException as inner:
+                    errors[key] = inner
+        roots = [k for k in errors if not any("${" + other in str(raws[k]) for other in errors if other != k)]
+        key = (roots or list(errors) or [getattr(e, "full_key", None) or "?"])[0]
+        err = errors.get(key, e)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"config key '{key}' holds an interpolation that cannot be resolved: {msg}") from None
 
 

@@ -167,8 +167,13 @@ def _objective(cfg: DictConfig):
 
     def fn(params: dict[str, Any], trial: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="rl2fx-tune-") as tmp:
+            # checkpoints go to a folder deleted after the trial, but every trial's tracking goes to
+            # the study's one store: the paths the base config derives from its trainer.output_dir
+            et = cfg.experiment_tracking
             run_cfg = apply_params(cfg, {**params, "trainer.output_dir": tmp, "trainer.progress_bar": False,
                                          "trainer.resume_from": None,
+                                         "experiment_tracking.tracking_uri": str(et.tracking_uri),
+                                         "experiment_tracking.wandb_dir": et.wandb_dir,
                                          "memory_optimization.profiling.save_path": str(Path(tmp) / "mem.json")})
             result = PPOTrainer(run_cfg).train(on_step=_reporter(trial, interval, window))
         return {"reward": float(result["reward_end"]), "reward_start": float(result["reward_start"]),
