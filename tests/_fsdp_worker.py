@@ -5,11 +5,10 @@
 - ``update STRATEGY OUT``: ``STEPS`` PPO steps on this rank's half of :func:`global_batch`;
   rank 0 writes the full parameters and the metrics to ``OUT`` (plus the message of
   ``wrap_policy(..., "single")`` under 2 processes).
-- ``save DIR``: one FSDP2 step, :func:`rl2fx.distributed.save_sharded` to ``DIR/ckpt``, the
-  gathered full state to ``DIR/full.pt``, then one more step (the uninterrupted run) with its
-  parameters in ``DIR/uninterrupted.pt``.
-- ``resume DIR``: a fresh FSDP2 model loads ``DIR/ckpt`` and takes the next step; rank 0
-  writes its parameters to ``DIR/resumed2.pt``.
+- ``checkpoint DIR``: one FSDP2 step, :func:`rl2fx.distributed.save_sharded` to ``DIR/ckpt``
+  and the gathered full state to ``DIR/full.pt``; one more step (the uninterrupted run); then a
+  new model and optimizer load ``DIR/ckpt`` and take that step again (the resumed run). Rank 0
+  writes both runs' parameters to ``DIR/runs.pt``.
 
 Everything is float32 and deterministic: the model and the batch come from fixed seeds.
 """
@@ -24,7 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rl2fx.distributed import load_sharded, save_sharded, wrap_policy
+from rl2fx.distributed import (
+    generate_kwargs,
+    load_sharded,
+    reshard,
+    save_sharded,
+    unwrap,
+    wrap_policy,
+)
 from rl2fx.step import compute_logprobs, make_ppo_loss, train_step
 
 STEPS = 2
@@ -94,6 +100,19 @@ def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _count_reduce_scatters() -> list[None]:
+    """Record each gradient reduce-scatter FSDP2 issues from now on (it calls ``dist.reduce_scatter_single``)."""
+    calls: list[None] = []
+    inner = dist.reduce_scatter_single
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return inner(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    return calls
+
+
 def _update(strategy: str, out: Path) -> None:
     try:
         wrap_policy(tiny_llama(), "single")
@@ -104,13 +123,20 @@ def _update(strategy: str, out: Path) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     b = _local(global_batch())
     # 4 rows per rank, micro-batches of 2: two micro-batches, gradient sync on the second only
+    scatters = _count_reduce_scatters() if strategy == "fsdp" else []
     metrics = [step(model, opt, b, i, 2) for i in range(STEPS)]
     params = full_params(model)
+    # rollout with the sharded model: ranks sample different prompts; synced_gpus keeps their passes in step
+    prompts = b["input_ids"][:, :PROMPT]
+    gen = unwrap(model).generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=3,
+                                 do_sample=False, pad_token_id=0, **generate_kwargs(model))
+    reshard(model)
     if dist.get_rank() == 0:
-        torch.save({"params": params, "metrics": metrics, "single_error": single_error}, out)
+        torch.save({"params": params, "metrics": metrics, "single_error": single_error,
+                    "generated": tuple(gen.shape), "reduce_scatters": len(scatters)}, out)
 
 
-def _save(out: Path) -> None:
+def _checkpoint(out: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model = wrap_policy(tiny_llama(), "fsdp", device="cpu")
@@ -121,20 +147,16 @@ def _save(out: Path) -> None:
     # copies: the optimizer's step counters are host tensors that the next step increments in place
     full = copy.deepcopy(get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     step(model, opt, b, 1, 2)
-    after = full_params(model)
-    if dist.get_rank() == 0:
-        torch.save({"model": full[0], "optim": full[1]}, out / "full.pt")
-        torch.save(after, out / "uninterrupted.pt")
-
-
-def _resume(out: Path) -> None:
-    model = wrap_policy(tiny_llama(seed=7), "fsdp", device="cpu")  # other weights: the load must replace them
+    uninterrupted = full_params(model)
+    # the resumed run: a new model with other weights and a new optimizer, filled from the files alone
+    model = wrap_policy(tiny_llama(seed=7), "fsdp", device="cpu")
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     extra = load_sharded(out / "ckpt", model, opt)
-    step(model, opt, _local(global_batch()), int(extra["step"]), 2)
-    after = full_params(model)
+    step(model, opt, b, int(extra["step"]), 2)
+    resumed = full_params(model)
     if dist.get_rank() == 0:
-        torch.save({"params": after, "extra": extra}, out / "resumed2.pt")
+        torch.save({"model": full[0], "optim": full[1]}, out / "full.pt")
+        torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "extra": extra}, out / "runs.pt")
 
 
 def main(argv: list[str]) -> None:
@@ -142,12 +164,10 @@ def main(argv: list[str]) -> None:
     try:
         if argv[0] == "update":
             _update(argv[1], Path(argv[2]))
-        elif argv[0] == "save":
-            _save(Path(argv[1]))
-        elif argv[0] == "resume":
-            _resume(Path(argv[1]))
+        elif argv[0] == "checkpoint":
+            _checkpoint(Path(argv[1]))
         else:
-            raise ValueError(f"mode must be update, save or resume, got {argv[0]!r}")
+            raise ValueError(f"mode must be update or checkpoint, got {argv[0]!r}")
     finally:
         dist.destroy_process_group()
 
