@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_worker.py MODE OUT``:
 
-- ``update STRATEGY OUT``: ``STEPS`` PPO steps on this rank's half of :func:`global_batch`;
+- ``update STRATEGY OUT``: ``STEPS`` PPO steps on this rank's half of :func:`global_batch`, its
+  advantages whitened with global statistics;
   rank 0 writes the full parameters and the metrics to ``OUT`` (plus the message of
   ``wrap_policy(..., "single")`` under 2 processes).
 - ``checkpoint DIR``: one FSDP2 step, :func:`rl2fx.distributed.save_sharded` to ``DIR/ckpt``
@@ -31,6 +32,7 @@ from rl2fx.distributed import (
     unwrap,
     wrap_policy,
 )
+from rl2fx.returns import whiten
 from rl2fx.step import compute_logprobs, make_ppo_loss, train_step
 
 STEPS = 2
@@ -68,6 +70,13 @@ def global_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return b
 
 
+def whitened_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`global_batch` with its advantages whitened over the whole batch (one process)."""
+    b = global_batch(seed)
+    b["advantages"] = whiten(b["advantages"], b["response_mask"])
+    return b
+
+
 def loss_fn() -> Any:
     return make_ppo_loss(clip=0.2, kl_coef=0.1, entropy_coef=0.01, agg_mode="token-mean")
 
@@ -79,10 +88,10 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, to
 
 
 def single_process(steps: int = STEPS) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """The reference: the whole batch in one process, 2 micro-batches of 4 rows."""
+    """The reference: the whole batch in one process (advantages whitened), 2 micro-batches of 4 rows."""
     model = tiny_llama()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    b = global_batch()
+    b = whitened_batch()
     metrics = [step(model, opt, b, i, ROWS // 2) for i in range(steps)]
     return [p.detach().clone() for p in model.parameters()], metrics
 
@@ -122,6 +131,8 @@ def _update(strategy: str, out: Path) -> None:
     model = wrap_policy(tiny_llama(), strategy, device="cpu")
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     b = _local(global_batch())
+    # whitened with the mean and variance of the global batch (one all-reduce)
+    b["advantages"] = whiten(b["advantages"], b["response_mask"], group=dist.group.WORLD)
     # 4 rows per rank, micro-batches of 2: two micro-batches, gradient sync on the second only
     scatters = _count_reduce_scatters() if strategy == "fsdp" else []
     metrics = [step(model, opt, b, i, 2) for i in range(STEPS)]

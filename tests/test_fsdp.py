@@ -13,7 +13,16 @@ import copy
 import pytest
 import torch
 from _dist_helpers import torchrun
-from _fsdp_worker import LR, ROWS, STEPS, global_batch, single_process, step, tiny_llama
+from _fsdp_worker import (
+    LR,
+    ROWS,
+    STEPS,
+    global_batch,
+    single_process,
+    step,
+    tiny_llama,
+    whitened_batch,
+)
 
 from rl2fx.distributed import (
     STRATEGIES,
@@ -133,7 +142,7 @@ def world_of_one(tmp_path):
 
 def test_fsdp_world_of_one_with_activation_checkpointing_equals_single(world_of_one, monkeypatch):
     ref, _ = single_process(steps=1)
-    batch = global_batch()
+    batch = whitened_batch()
     model = wrap_policy(tiny_llama(), "fsdp", device="cpu", activation_checkpointing=True)
     assert sum(type(m).__name__ == "FSDPLlamaDecoderLayer" for m in model.modules()) == 2
     mlp_cls = type(model.model.layers[0].mlp)
@@ -238,7 +247,7 @@ def test_fsdp_bf16_parameters_on_cuda(nccl_world_of_one, cpu_offload):
     ref, _ = single_process(steps=1)
     model = wrap_policy(tiny_llama(), "fsdp", device="cuda", mixed_precision=torch.bfloat16, cpu_offload=cpu_offload)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    batch = {k: v.cuda() for k, v in global_batch().items()}
+    batch = {k: v.cuda() for k, v in whitened_batch().items()}
     out = step(model, opt, batch, 0, ROWS // 2)
     assert torch.isfinite(torch.tensor(out["loss"]))
     params = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
