@@ -10,6 +10,7 @@
   and the gathered full state to ``DIR/full.pt``; one more step (the uninterrupted run); then a
   new model and optimizer load ``DIR/ckpt`` and take that step again (the resumed run). Rank 0
   writes both runs' parameters to ``DIR/runs.pt``.
+- ``fail``: rank 1 raises while rank 0 starts a training step (which waits for rank 1).
 
 Everything is float32 and deterministic: the model and the batch come from fixed seeds.
 """
@@ -170,6 +171,15 @@ def _checkpoint(out: Path) -> None:
         torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "extra": extra}, out / "runs.pt")
 
 
+def _fail() -> None:
+    """Rank 1 raises while rank 0 waits for it in a collective: both must exit, not hang."""
+    model = wrap_policy(tiny_llama(), "fsdp", device="cpu")
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 fails on purpose")
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    step(model, opt, _local(global_batch()), 0, 2)
+
+
 def main(argv: list[str]) -> None:
     dist.init_process_group("gloo")
     try:
@@ -177,8 +187,10 @@ def main(argv: list[str]) -> None:
             _update(argv[1], Path(argv[2]))
         elif argv[0] == "checkpoint":
             _checkpoint(Path(argv[1]))
+        elif argv[0] == "fail":
+            _fail()
         else:
-            raise ValueError(f"mode must be update or checkpoint, got {argv[0]!r}")
+            raise ValueError(f"mode must be update, checkpoint or fail, got {argv[0]!r}")
     finally:
         dist.destroy_process_group()
 

@@ -127,6 +127,14 @@ def test_two_process_checkpoint_resumes_in_two_and_one_process(tmp_path):
     assert worst <= 1e-5, worst
 
 
+def test_a_failing_rank_ends_every_rank_with_its_error():
+    # rank 0 waits for rank 1 in an all-gather; rank 1 raises: the run exits (the subprocess
+    # timeout guards against a hang) and the failing rank's error is in the output
+    proc = torchrun(WORKER, "fail", timeout=180)
+    assert proc.returncode != 0
+    assert "ValueError: rank 1 fails on purpose" in proc.stderr
+
+
 # --------------------------------------------------------------------------- one process, world 1
 @pytest.fixture
 def world_of_one(tmp_path):
