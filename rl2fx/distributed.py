@@ -113,7 +113,10 @@ def find_block_class(model: nn.Module, wrap_cls: str | None = None) -> type[nn.M
     """
     by_name: dict[str, type[nn.Module]] = {}
     for m in model.modules():
-        by_name.setdefault(type(m).__name__, type(m))
+        # fully_shard swaps a module's class for a generated FSDP<Name> subclass: match the user's names too
+        for c in type(m).__mro__:
+            if issubclass(c, nn.Module) and c is not nn.Module:
+                by_name.setdefault(c.__name__, type(m))
     if wrap_cls is not None:
         if wrap_cls not in by_name:
             raise ValueError(f"trainer.fsdp_wrap (wrap_cls) = {wrap_cls!r} names no module class of "
@@ -178,6 +181,8 @@ def wrap_policy(
     """
     world = world_size()
     _check_strategy(strategy, world)
+    if is_sharded(model) or unwrap(model) is not model:
+        raise ValueError(f"model is already wrapped ({type(model).__name__}); pass the unwrapped model to wrap_policy")
     if strategy != "fsdp" and (mixed_precision is not None or cpu_offload or wrap_cls is not None):
         raise ValueError(f"mixed_precision={mixed_precision}, cpu_offload={cpu_offload} and wrap_cls={wrap_cls!r} "
                          f"are FSDP2 policies (strategy='fsdp'); strategy={strategy!r} takes none of them "
@@ -192,6 +197,10 @@ def wrap_policy(
         if device.type != "cuda":
             raise ValueError(f"mixed_precision={mixed_precision} (FSDP2 low-precision parameters) needs a CUDA "
                              f"device, got device={device}; on CPU keep float32 parameters (mixed_precision=None)")
+    if cpu_offload and device.type != "cuda":
+        raise ValueError(f"cpu_offload=True (FSDP2's CPUOffloadPolicy) keeps the shards in host memory while an "
+                         f"accelerator computes; device={device} computes in host memory already: "
+                         "use cpu_offload=False")
     if activation_checkpointing:
         from rl2fx.memory.optimizer import enable_checkpointing
 

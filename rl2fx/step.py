@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from rl2fx._typing import check_choice, check_range
 from rl2fx.control.lagrangian import LagrangianState, lagrangian_penalty
-from rl2fx.distributed import gradient_sync, reshard, total_grad_norm
+from rl2fx.distributed import gradient_sync, is_sharded, reshard, total_grad_norm, unwrap
 from rl2fx.logprobs import response_logits, token_logprobs_and_entropy
 from rl2fx.losses import (
     AGG_MODES,
@@ -174,8 +174,13 @@ def train_step(
     counts = torch.tensor([float(mask.sum()), float(n)], dtype=torch.float64, device=mask.device)
     world = 1
     if _dist_on(process_group):
-        dist.all_reduce(counts, group=process_group)
         world = dist.get_world_size(process_group)
+        if not (is_sharded(model) or unwrap(model) is not model or hasattr(model, "no_sync")):
+            # the loss is scaled by the world size for a wrapper that averages gradients;
+            # a bare model would step on its own, world-times-scaled gradient
+            raise ValueError(f"train_step under torch.distributed ({world} processes) needs a data-parallel "
+                             f"model (DDP or FSDP2: rl2fx.distributed.wrap_policy), got {type(model).__name__}")
+        dist.all_reduce(counts, group=process_group)
     ctx = LossContext(
         global_tokens=float(counts[0].clamp_min(1.0)), global_seqs=float(counts[1]),
         kl_coef=None if kl_coef is None else float(kl_coef), lagrangian=lagrangian,

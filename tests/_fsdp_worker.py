@@ -129,6 +129,12 @@ def _update(strategy: str, out: Path) -> None:
         single_error = ""
     except ValueError as e:
         single_error = str(e)
+    bare = tiny_llama()
+    try:
+        train_step(bare, torch.optim.Adam(bare.parameters()), _local(global_batch()), loss_fn=loss_fn())
+        bare_error = ""
+    except ValueError as e:
+        bare_error = str(e)
     model = wrap_policy(tiny_llama(), strategy, device="cpu")
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     b = _local(global_batch())
@@ -144,7 +150,7 @@ def _update(strategy: str, out: Path) -> None:
                                  do_sample=False, pad_token_id=0, **generate_kwargs(model))
     reshard(model)
     if dist.get_rank() == 0:
-        torch.save({"params": params, "metrics": metrics, "single_error": single_error,
+        torch.save({"params": params, "metrics": metrics, "single_error": single_error, "bare_error": bare_error,
                     "generated": tuple(gen.shape), "reduce_scatters": len(scatters)}, out)
 
 

@@ -67,6 +67,7 @@ def test_two_process_update_equals_single_process(strategy, tmp_path, reference)
         for k in theirs:
             assert mine[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6), k
     assert "strategy='single' runs in one process, but this run has 2 processes" in got["single_error"]
+    assert "train_step under torch.distributed (2 processes) needs a data-parallel model" in got["bare_error"]
     assert got["generated"] == (ROWS // 2, 4 + 3)
     if strategy == "fsdp":
         # one reduce-scatter per sharded group (2 blocks + the root) per step: the first
@@ -211,6 +212,12 @@ def test_fsdp_policies_are_rejected_where_they_do_not_apply(world_of_one):
         wrap_policy(tiny_llama(), "ddp", device="cpu", cpu_offload=True)
     with pytest.raises(ValueError, match=r"mixed_precision must be a floating torch.dtype"):
         wrap_policy(tiny_llama(), "fsdp", device="cpu", mixed_precision=torch.int8)
+    with pytest.raises(ValueError, match=r"cpu_offload=True .* device=cpu computes in host memory already"):
+        wrap_policy(tiny_llama(), "fsdp", device="cpu", cpu_offload=True)
+    sharded = wrap_policy(tiny_llama(), "fsdp", device="cpu")
+    assert find_block_class(sharded).__name__ == "FSDPLlamaDecoderLayer"  # found by the user's class name
+    with pytest.raises(ValueError, match=r"model is already wrapped \(FSDPLlamaForCausalLM\)"):
+        wrap_policy(sharded, "fsdp", device="cpu")
 
 
 def test_checkpoint_from_another_config_is_one_clear_error(tmp_path):
