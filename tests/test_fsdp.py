@@ -17,6 +17,7 @@ from _fsdp_worker import (
     LR,
     ROWS,
     STEPS,
+    VOCAB,
     global_batch,
     single_process,
     step,
@@ -170,6 +171,48 @@ def test_fsdp_world_of_one_with_activation_checkpointing_equals_single(world_of_
 
     got = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()}
     assert _worst(got, ref) <= 1e-6
+
+
+def test_no_grad_log_probs_leave_the_sharded_model_resharded(world_of_one):
+    from torch.distributed.tensor import DTensor
+
+    from rl2fx.step import compute_logprobs
+
+    model = wrap_policy(tiny_llama(), "fsdp", device="cpu")
+    batch = global_batch()
+    with torch.no_grad():
+        model(batch["input_ids"])  # a bare forward keeps the root's parameters gathered (a backward would free them)
+    assert {n for n, p in model.named_parameters() if not isinstance(p, DTensor)} == {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    model.reshard()
+    with torch.no_grad():
+        lp, _ = compute_logprobs(model, batch)  # a reference / old log-prob pass
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    with torch.no_grad():
+        want, _ = compute_logprobs(tiny_llama(), batch)
+    assert torch.allclose(lp, want, atol=1e-6)
+
+
+def test_critic_under_fsdp_equals_single(world_of_one):
+    from torch.distributed.tensor import DTensor
+
+    from rl2fx.step import make_value_loss, train_step
+    from rl2fx.trainer.tasks.model import build_tiny_critic
+
+    def update(strategy):
+        critic = wrap_policy(build_tiny_critic(VOCAB, hidden_size=32, num_layers=2, num_heads=2, seed=0), strategy,
+                             device="cpu")
+        opt = torch.optim.Adam(critic.parameters(), lr=LR)
+        b = global_batch()
+        g = torch.Generator().manual_seed(4)
+        b["old_values"] = torch.randn(b["response_mask"].shape, generator=g)
+        b["returns"] = torch.randn(b["response_mask"].shape, generator=g)
+        train_step(critic, opt, b, loss_fn=make_value_loss(), micro_batch_size=ROWS // 2, max_grad_norm=1.0)
+        return {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in critic.named_parameters()}
+
+    single, sharded = update("single"), update("fsdp")
+    assert single.keys() == sharded.keys()
+    assert max((single[n] - sharded[n]).abs().max().item() for n in single) <= 1e-6
 
 
 def test_save_consolidated_loads_with_from_pretrained(world_of_one, tmp_path):
