@@ -351,6 +351,12 @@ def save_sharded(
     numbers, strings, nested dicts/lists of them: controller states, counters) is
     global: rank 0's is written to ``extra_state.pt``. Per-rank state such as RNG
     belongs in a file per rank, written by the caller. Returns ``path``.
+
+    >>> import tempfile  # one process, no torch.distributed (DCP warns, then works)
+    >>> m = torch.nn.Linear(2, 2); opt = torch.optim.Adam(m.parameters())
+    >>> d = save_sharded(tempfile.mkdtemp() + "/step-1", m, opt, extra_state={"step": 1})
+    >>> sorted(p.name for p in d.iterdir())
+    ['.metadata', '__0_0.distcp', 'extra_state.pt']
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -384,6 +390,16 @@ def load_sharded(
     (Adam's moments and step counts, the learning rates) are restored exactly. A
     checkpoint whose tensors differ in name or shape from ``model``'s raises one
     ``ValueError`` listing them. Returns the ``extra_state`` saved with it (``{}`` if none).
+
+    >>> import tempfile  # one process, no torch.distributed (DCP warns, then works)
+    >>> m = torch.nn.Linear(2, 2); d = save_sharded(tempfile.mkdtemp(), m, extra_state={"step": 3})
+    >>> other = torch.nn.Linear(2, 2)
+    >>> load_sharded(d, other), torch.equal(other.weight, m.weight)
+    ({'step': 3}, True)
+    >>> load_sharded(d, torch.nn.Linear(3, 2))
+    Traceback (most recent call last):
+    ...
+    ValueError: checkpoint ... does not fit this model (a different model config?): shape differs: ['weight (2, 2) vs (2, 3)']
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -421,6 +437,14 @@ def save_consolidated(model: nn.Module, tokenizer: Any, directory: str | Path) -
     (``StateDictOptions(full_state_dict=True, cpu_offload=True)``), so no GPU ever holds
     the whole model. The result loads with ``from_pretrained`` outside rl2fx. Returns the
     directory on rank 0, ``None`` on the others.
+
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+    ...                                  num_hidden_layers=1, num_attention_heads=2))
+    >>> d = save_consolidated(m, None, tempfile.mkdtemp())
+    >>> torch.equal(AutoModelForCausalLM.from_pretrained(d).lm_head.weight, m.lm_head.weight)
+    True
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -215,6 +215,26 @@ def test_critic_under_fsdp_equals_single(world_of_one):
     assert max((single[n] - sharded[n]).abs().max().item() for n in single) <= 1e-6
 
 
+def test_ddp_checkpoint_loads_into_fsdp(world_of_one, tmp_path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ddp = wrap_policy(tiny_llama(), "ddp", device="cpu")
+    opt = torch.optim.Adam(ddp.parameters(), lr=LR)
+    step(ddp, opt, whitened_batch(), 0, ROWS // 2)
+    save_sharded(tmp_path / "ckpt", ddp, opt)
+    want = copy.deepcopy(get_state_dict(ddp, opt, options=full))
+    fsdp = wrap_policy(tiny_llama(seed=7), "fsdp", device="cpu")
+    fsdp_opt = torch.optim.Adam(fsdp.parameters(), lr=LR)
+    load_sharded(tmp_path / "ckpt", fsdp, fsdp_opt)
+    got = get_state_dict(fsdp, fsdp_opt, options=full)
+    for mine, theirs in zip(got, want, strict=True):
+        a, b = _flat(mine), _flat(theirs)
+        assert a.keys() == b.keys()
+        for k in b:
+            assert _same(a[k], b[k]), k
+
+
 def test_save_consolidated_loads_with_from_pretrained(world_of_one, tmp_path):
     from transformers import AutoModelForCausalLM
 
