@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -260,32 +261,63 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return x.full_tensor() if isinstance(x, DTensor) else x
+def _comm_device(mesh: Any) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
 
 
 def total_grad_norm(params: list[torch.Tensor], max_norm: float | None = None) -> float:
     """The 2-norm of all gradients of ``params`` over all shards; clips to ``max_norm`` if given.
 
-    :math:`\\lVert g\\rVert = (\\sum_p \\lVert g_p\\rVert^2)^{1/2}` over the *whole* parameters: for
-    FSDP2's sharded ``DTensor`` gradients the per-shard squares are summed across ranks,
-    so every rank gets the same norm and scales by the same factor
-    ``min(1, max_norm / (‖g‖ + 1e-6))`` (``torch.nn.utils.clip_grad_norm_``).
+    :math:`\\lVert g\\rVert = (\\sum_p \\lVert g_p\\rVert^2)^{1/2}` over the *whole* parameters,
+    and every gradient is scaled by ``min(1, max_norm / (‖g‖ + 1e-6))`` (the rule of
+    ``torch.nn.utils.clip_grad_norm_``). For FSDP2's sharded ``DTensor`` gradients each rank
+    sums the squares of its shards and one all-reduce adds them up, so every rank gets the
+    same norm and scales by the same factor. The all-reduce runs on the mesh's device:
+    with ``CPUOffloadPolicy`` the shards are in host memory but the NCCL group has no CPU
+    backend, where ``clip_grad_norm_`` on the ``DTensor`` gradients fails
+    (pytorch/pytorch#148532).
 
     >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
     >>> total_grad_norm([w], max_norm=1.0), [round(v, 4) for v in w.grad.tolist()]
     (5.0, [0.6, 0.8])
     """
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    if max_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    return float(_full(norm))
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        if max_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1 or any(g.device_mesh != mesh or not all(pl.is_shard() for pl in g.placements)
+                             for g in sharded):
+        raise ValueError("total_grad_norm handles gradients sharded over one 1-D mesh (FSDP2's); got placements "
+                         f"{sorted({str(g.placements) for g in sharded})} on {len({id(g.device_mesh) for g in sharded})} "
+                         "mesh(es)")
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+
+    def squares(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        # one sum per device where the tensors live, then one copy each: no host sync per tensor
+        out = torch.zeros((), dtype=torch.float64, device=device)
+        for dev in {t.device for t in ts}:
+            out += torch.stack([t.detach().double().pow(2).sum() for t in ts if t.device == dev]).sum().to(device)
+        return out
+
+    comm = _comm_device(mesh)
+    sq = squares([g.to_local() for g in sharded], comm)
+    dist.all_reduce(sq, group=mesh.get_group())
+    total = math.sqrt(float(sq + squares(plain, comm)))
+    if max_norm is not None and math.isfinite(total):
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+    return total
 
 
 def reshard(model: nn.Module) -> None:

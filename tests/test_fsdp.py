@@ -322,16 +322,17 @@ def nccl_world_of_one(tmp_path):
 def test_fsdp_bf16_parameters_on_cuda(nccl_world_of_one, cpu_offload):
     from torch.distributed.tensor import DTensor
 
-    ref, _ = single_process(steps=1)
+    _, ref_metrics = single_process(steps=1)
     model = wrap_policy(tiny_llama(), "fsdp", device="cuda", mixed_precision=torch.bfloat16, cpu_offload=cpu_offload)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     batch = {k: v.cuda() for k, v in whitened_batch().items()}
+    before = {n: p.full_tensor().cpu() for n, p in model.named_parameters()}
     out = step(model, opt, batch, 0, ROWS // 2)
-    assert torch.isfinite(torch.tensor(out["loss"]))
-    params = {n: p.full_tensor() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
-    assert all(p.dtype == torch.float32 for p in params.values())  # the master copy stays float32
+    # the forward and backward ran in bf16: loss and gradient norm agree with float32 to bf16 precision
+    assert out["loss"] == pytest.approx(ref_metrics[0]["loss"], rel=5e-2)
+    assert out["grad_norm"] == pytest.approx(ref_metrics[0]["grad_norm"], rel=5e-2)
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in model.parameters())  # fp32 masters
     want = "cpu" if cpu_offload else "cuda"
-    assert all(p.device.type == want for p in model.parameters())
-    # one Adam step of size ~lr, computed in bf16: close to the float32 step, not equal
-    got = {n: p.detach().float().cpu() for n, p in params.items()}
-    assert _worst(got, ref) <= 2e-3
+    assert all(p.to_local().device.type == want for p in model.parameters())
+    after = {n: p.full_tensor().cpu() for n, p in model.named_parameters()}
+    assert max((after[n] - before[n]).abs().max().item() for n in after) > 1e-3  # the step moved the masters
