@@ -157,8 +157,8 @@ def wrap_policy(
 ) -> nn.Module:
     """``model`` prepared for ``strategy`` (``single``, ``ddp`` or ``fsdp``); see the module docstring.
 
-    ``device``: where parameters live (default: ``cuda:LOCAL_RANK``'s current device when CUDA
-    is available, else CPU). Under ``fsdp`` the mesh's device decides (``mesh`` default:
+    ``device``: where parameters live (default: the current CUDA device when CUDA is
+    available, else CPU; under ``torchrun`` call ``torch.cuda.set_device(LOCAL_RANK)`` first). Under ``fsdp`` the mesh's device decides (``mesh`` default:
     ``init_device_mesh(device.type, (world,))``) and parameters move there shard by shard.
     ``mixed_precision`` (``fsdp`` only, CUDA only): FSDP2's ``MixedPrecisionPolicy`` with
     parameters all-gathered and computed in that dtype (e.g. ``torch.bfloat16``) and
