@@ -191,6 +191,15 @@ def train_step(
     total_loss = torch.zeros((), dtype=torch.float64, device=mask.device)
     sums: dict[str, torch.Tensor] = {}
     starts = list(range(0, n, mb))
+    if world > 1 and is_sharded(model):
+        # every forward pass of an FSDP2 model all-gathers with the other ranks: a rank with
+        # fewer micro-batches would leave the others waiting; all ranks see this and raise
+        spread = torch.tensor([len(starts), -len(starts)], dtype=torch.float64, device=mask.device)
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=process_group)
+        if spread[0] != -spread[1]:
+            raise ValueError(f"under FSDP2 every rank must run the same number of micro-batches; they range from "
+                             f"{int(-spread[1])} to {int(spread[0])} (this rank: {n} rows, micro_batch_size={mb}); "
+                             "give every rank the same number of rows")
     for i, s in enumerate(starts):
         micro = _slice(batch, s, min(s + mb, n))
         weight = micro["response_mask"].sum().to(torch.float64)

@@ -138,6 +138,13 @@ def _update(strategy: str, out: Path) -> None:
     model = wrap_policy(tiny_llama(), strategy, device="cpu")
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     b = _local(global_batch())
+    uneven_error = ""
+    if strategy == "fsdp":  # rank 0: 4 rows (2 micro-batches), rank 1: 2 rows (1 micro-batch)
+        cut = b if dist.get_rank() == 0 else {k: v[:2] for k, v in b.items()}
+        try:
+            train_step(model, opt, cut, loss_fn=loss_fn(), micro_batch_size=2)
+        except ValueError as e:
+            uneven_error = str(e)
     # whitened with the mean and variance of the global batch (one all-reduce)
     b["advantages"] = whiten(b["advantages"], b["response_mask"], group=dist.group.WORLD)
     # 4 rows per rank, micro-batches of 2: two micro-batches, gradient sync on the second only
@@ -150,7 +157,7 @@ def _update(strategy: str, out: Path) -> None:
                                  do_sample=False, pad_token_id=0, **generate_kwargs(model))
     reshard(model)
     if dist.get_rank() == 0:
-        torch.save({"params": params, "metrics": metrics, "single_error": single_error, "bare_error": bare_error,
+        torch.save({"params": params, "metrics": metrics, "single_error": single_error, "bare_error": bare_error, "uneven_error": uneven_error,
                     "generated": tuple(gen.shape), "reduce_scatters": len(scatters)}, out)
 
 

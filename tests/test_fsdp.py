@@ -71,6 +71,7 @@ def test_two_process_update_equals_single_process(strategy, tmp_path, reference)
     assert "train_step under torch.distributed (2 processes) needs a data-parallel model" in got["bare_error"]
     assert got["generated"] == (ROWS // 2, 4 + 3)
     if strategy == "fsdp":
+        assert "every rank must run the same number of micro-batches; they range from 1 to 2" in got["uneven_error"]
         # one reduce-scatter per sharded group (2 blocks + the root) per step: the first
         # micro-batch's backward accumulated locally, only the last one synced
         assert got["reduce_scatters"] == 3 * STEPS
