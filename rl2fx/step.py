@@ -139,7 +139,8 @@ def train_step(
     of DDP and of FSDP2 (:func:`rl2fx.distributed.wrap_policy`) yields the gradient
     of the global-batch loss; gradient sync happens on the last micro-batch only
     (:func:`rl2fx.distributed.gradient_sync`: DDP's ``no_sync``, FSDP2's
-    ``set_requires_gradient_sync``). Then the gradient norm, over all parameters
+    ``set_requires_gradient_sync``; under FSDP2 every rank must have the same number
+    of micro-batches, else all raise). Then the gradient norm, over all parameters
     and, under FSDP2, over all their shards, is clipped to ``max_grad_norm`` and
     ``optimizer.step()`` runs.
 
