@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from rl2fx._typing import check_choice, check_range
 from rl2fx.control.lagrangian import LagrangianState, lagrangian_penalty
+from rl2fx.distributed import gradient_sync, is_sharded, reshard, total_grad_norm, unwrap
 from rl2fx.logprobs import response_logits, token_logprobs_and_entropy
 from rl2fx.losses import (
     AGG_MODES,
@@ -134,10 +135,14 @@ def train_step(
     for each, ``loss_fn(model, micro_batch, ctx)`` returns the micro-batch's share
     of the batch loss (normalised by ``ctx.global_tokens`` / ``ctx.global_seqs``),
     which is back-propagated. Under ``torch.distributed`` the counts are summed
-    over ranks and the loss multiplied by the world size, so DDP's gradient
-    averaging yields the gradient of the global-batch loss; gradient sync happens
-    on the last micro-batch only (``no_sync``). Then the gradient norm is clipped
-    to ``max_grad_norm`` and ``optimizer.step()`` runs.
+    over ranks and the loss multiplied by the world size, so the gradient averaging
+    of DDP and of FSDP2 (:func:`rl2fx.distributed.wrap_policy`) yields the gradient
+    of the global-batch loss; gradient sync happens on the last micro-batch only
+    (:func:`rl2fx.distributed.gradient_sync`: DDP's ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync``; under FSDP2 every rank must have the same number
+    of micro-batches, else all raise). Then the gradient norm, over all parameters
+    and, under FSDP2, over all their shards, is clipped to ``max_grad_norm`` and
+    ``optimizer.step()`` runs.
 
     Controllers are the caller's: ``kl_coef`` (e.g. ``kl_state.coef`` of a
     :class:`~rl2fx.control.kl.KLState`), ``lagrangian`` (a frozen
@@ -170,8 +175,13 @@ def train_step(
     counts = torch.tensor([float(mask.sum()), float(n)], dtype=torch.float64, device=mask.device)
     world = 1
     if _dist_on(process_group):
-        dist.all_reduce(counts, group=process_group)
         world = dist.get_world_size(process_group)
+        if not (is_sharded(model) or unwrap(model) is not model or hasattr(model, "no_sync")):
+            # the loss is scaled by the world size for a wrapper that averages gradients;
+            # a bare model would step on its own, world-times-scaled gradient
+            raise ValueError(f"train_step under torch.distributed ({world} processes) needs a data-parallel "
+                             f"model (DDP or FSDP2: rl2fx.distributed.wrap_policy), got {type(model).__name__}")
+        dist.all_reduce(counts, group=process_group)
     ctx = LossContext(
         global_tokens=float(counts[0].clamp_min(1.0)), global_seqs=float(counts[1]),
         kl_coef=None if kl_coef is None else float(kl_coef), lagrangian=lagrangian,
@@ -182,14 +192,22 @@ def train_step(
     total_loss = torch.zeros((), dtype=torch.float64, device=mask.device)
     sums: dict[str, torch.Tensor] = {}
     starts = list(range(0, n, mb))
+    if world > 1 and is_sharded(model):
+        # every forward pass of an FSDP2 model all-gathers with the other ranks: a rank with
+        # fewer micro-batches would leave the others waiting; all ranks see this and raise
+        spread = torch.tensor([len(starts), -len(starts)], dtype=torch.float64, device=mask.device)
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=process_group)
+        if spread[0] != -spread[1]:
+            raise ValueError(f"under FSDP2 every rank must run the same number of micro-batches; they range from "
+                             f"{int(-spread[1])} to {int(spread[0])} (this rank: {n} rows, micro_batch_size={mb}); "
+                             "give every rank the same number of rows")
     for i, s in enumerate(starts):
         micro = _slice(batch, s, min(s + mb, n))
         weight = micro["response_mask"].sum().to(torch.float64)
         last = i == len(starts) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         amp = (torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype is not None
                else contextlib.nullcontext())
-        with sync:
+        with gradient_sync(model, last):
             with amp:
                 loss, metrics = loss_fn(model, micro, ctx)
             (loss * world).backward()
@@ -205,12 +223,7 @@ def train_step(
     out: dict[str, Any] = {"loss": float(packed[0])}
     out.update({k: float(packed[2 + j]) / tokens for j, k in enumerate(names)})
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if max_grad_norm is not None:
-        gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else \
-            torch.zeros(())
-    out["grad_norm"] = float(gn)
+    out["grad_norm"] = total_grad_norm(params, max_grad_norm)
     if not math.isfinite(out["grad_norm"]):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite gradient norm ({out['grad_norm']}) at step {step}; step skipped")
@@ -231,9 +244,16 @@ def compute_logprobs(
     chunk_size: int = 256,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of ``batch["response_ids"]`` under ``model``: ``[batch, response_len]``."""
+    """Log-probs (and entropies) of ``batch["response_ids"]`` under ``model``: ``[batch, response_len]``.
+
+    Without gradients (old and reference log-probs) an FSDP2 model is resharded after
+    the forward pass, so no rank keeps gathered parameters between passes.
+    """
     resp = batch["response_ids"]
     logits = response_logits(model, batch["input_ids"], batch.get("attention_mask"), resp.shape[-1])
+    if not torch.is_grad_enabled():
+        # no backward follows to free an FSDP2 model's gathered root parameters
+        reshard(model)
     return token_logprobs_and_entropy(logits, resp, temperature=temperature, chunk_size=chunk_size,
                                       with_entropy=with_entropy)
 
