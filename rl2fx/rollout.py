@@ -68,8 +68,12 @@ def rollout(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    generate_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Sample ``responses_per_prompt`` responses per prompt with ``model.generate`` (ancestral sampling).
+
+    ``generate_kwargs``: extra ``generate`` arguments a parallel strategy needs
+    (:func:`rl2fx.distributed.generate_kwargs`: ``synced_gpus=True`` for FSDP2 on several ranks).
 
     ``do_sample=False`` decodes greedily instead (argmax at every step; the
     temperature and top-k/top-p settings are then unused and no RNG is drawn),
@@ -108,7 +112,8 @@ def rollout(
     was_training = unwrapped.training
     unwrapped.eval()
     try:
-        seqs = unwrapped.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg)
+        seqs = unwrapped.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg,
+                                  **dict(generate_kwargs or {}))
     finally:
         unwrapped.train(was_training)
     resp = seqs[:, ids.shape[1]:]

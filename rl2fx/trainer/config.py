@@ -67,6 +67,7 @@ from rl2fx.control.batch_size import batch_size_init
 from rl2fx.control.kl import DEFAULTS as KL_DEFAULTS
 from rl2fx.control.kl import kl_init
 from rl2fx.control.lagrangian import lagrangian_init
+from rl2fx.distributed import STRATEGIES
 from rl2fx.losses import get_policy_loss, kl_coef_value
 from rl2fx.memory.optimizer import MemoryOptimizer
 from rl2fx.memory.profiler import MemoryProfiler
@@ -370,6 +371,11 @@ class TrainerConfig:
     eval_interval: int = 0  # steps between evaluations on the eval data (0: never)
     log_kl: bool = True  # measure KL(policy || reference) without a KL term (costs a reference forward)
     merge_adapters: bool = False  # also save the LoRA-merged model at the end
+    # parallel strategy: auto = ddp under torchrun (WORLD_SIZE > 1), else single; fsdp = FSDP2 per decoder block
+    strategy: str = "auto"
+    fsdp_wrap: str | None = None  # the decoder block's class name, for models without _no_split_modules
+    fsdp_cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy (CUDA only)
+    fsdp_param_dtype: str | None = None  # FSDP2 MixedPrecisionPolicy parameter dtype, e.g. bfloat16 (CUDA only)
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill from more rollouts
     dynamic_sampling_max_rollouts: int = 4  # rollouts per iteration at most (then dropped groups fill the batch)
 
@@ -805,6 +811,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         _check_model_name(cfg.actor.model_name)
     _in(cfg, "trainer.eval_interval", 0)
     _in(cfg, "trainer.dynamic_sampling_max_rollouts", 1)
+    if t.strategy not in ("auto", *STRATEGIES):
+        _fail("trainer.strategy", t.strategy, f"must be one of {['auto', *STRATEGIES]}")
+    if t.fsdp_param_dtype is not None and t.fsdp_param_dtype not in ("bfloat16", "float16", "float32"):
+        _fail("trainer.fsdp_param_dtype", t.fsdp_param_dtype, "must be null, 'bfloat16', 'float16' or 'float32'")
+    if t.strategy != "fsdp" and (t.fsdp_cpu_offload or t.fsdp_param_dtype is not None or t.fsdp_wrap is not None):
+        key = next(k for k in ("fsdp_cpu_offload", "fsdp_param_dtype", "fsdp_wrap") if t[k] not in (None, False))
+        _fail(f"trainer.{key}", t[key], f"is an FSDP2 setting: it needs trainer.strategy=fsdp (got {t.strategy!r})")
     _in(cfg, "data.max_prompt_length", 1, optional=True)
     rw = cfg.reward
     if rw.combine not in COMBINE_METHODS:

@@ -39,6 +39,14 @@ from tqdm.auto import tqdm
 
 from rl2fx.control.kl import KLState, kl_init, kl_state_from_dict, kl_state_to_dict, kl_update
 from rl2fx.control.lagrangian import LagrangianState, lagrangian_init, lagrangian_update
+from rl2fx.distributed import (
+    generate_kwargs,
+    load_sharded,
+    reshard,
+    save_consolidated,
+    save_sharded,
+    wrap_policy,
+)
 from rl2fx.experience import experience_needs, make_experience
 from rl2fx.memory.context import memory_efficient_context
 from rl2fx.memory.optimizer import MemoryOptimizer, autocast_dtype
@@ -350,9 +358,12 @@ class PPOTrainer:
         if t.num_threads is not None:
             torch.set_num_threads(int(t.num_threads))
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        backend = "nccl" if torch.cuda.is_available() and t.device != "cpu" else "gloo"
         if self.distributed and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and t.device != "cpu" else "gloo"
             dist.init_process_group(backend=backend)
+        elif t.strategy == "fsdp" and not dist.is_initialized():
+            # FSDP2 in one process (e.g. resuming a sharded run on one machine): a process group of one
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         if t.device == "auto":
@@ -482,12 +493,31 @@ class PPOTrainer:
         self.profiler = MemoryProfiler(enabled=bool(prof.enabled) and self.rank == 0,
                                        profile_interval=float(prof.profile_interval), save_path=prof.save_path)
 
+        # the parallel strategy (rl2fx.distributed.wrap_policy); FSDP2 shards before the optimizer is built
+        self.strategy = str(t.strategy) if t.strategy != "auto" else ("ddp" if self.distributed else "single")
+        if self.strategy == "fsdp" and self.is_peft:
+            raise ConfigError("config key 'trainer.strategy' 'fsdp' with LoRA adapters is not supported: use "
+                              "trainer.strategy=ddp with peft_config, or full fine-tuning with fsdp")
+        if self.strategy == "fsdp":
+            fsdp = {"device": self.device, "wrap_cls": t.fsdp_wrap, "cpu_offload": bool(t.fsdp_cpu_offload),
+                    "mixed_precision": getattr(torch, t.fsdp_param_dtype) if t.fsdp_param_dtype else None}
+            try:
+                self.policy = wrap_policy(self.policy, "fsdp", **fsdp)
+                if self.ref_model is not None:
+                    self.ref_model = wrap_policy(self.ref_model, "fsdp", **fsdp)
+                if self.critic is not None:
+                    self.critic = wrap_policy(self.critic, "fsdp", **fsdp)
+            except ValueError as e:
+                raise ConfigError(f"config key 'trainer.strategy' 'fsdp': {e}") from None
         # only the trainable parameters: with adapters, the adapter weights
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=float(cfg.actor.lr), weight_decay=float(t.weight_decay))
         self.critic_optimizer = (torch.optim.AdamW(self.critic.parameters(), lr=float(cfg.critic.lr))
                                  if self.critic is not None else None)
-        if self.distributed:
+        if self.strategy == "single" and self.distributed:
+            raise ConfigError(f"config key 'trainer.strategy' 'single' runs one process, but WORLD_SIZE is "
+                              f"{self.world_size}: use ddp or fsdp under torchrun")
+        if self.strategy == "ddp" and self.distributed:  # (one process: DDP would only add a wrapper)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.policy = DistributedDataParallel(self.policy, device_ids=ids)
             if self.critic is not None:
@@ -541,7 +571,8 @@ class PPOTrainer:
         return rollout(self.policy, prompts.input_ids.to(self.device), prompt_mask=prompts.attention_mask.to(self.device),
                        responses_per_prompt=n, max_new_tokens=self.max_new_tokens,
                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                       temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), do_sample=do_sample)
+                       temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), do_sample=do_sample,
+                       generate_kwargs=generate_kwargs(self.policy))
 
     @torch.no_grad()
     def greedy_rewards(self, prompts: Prompts) -> torch.Tensor:
@@ -635,6 +666,9 @@ class PPOTrainer:
             chunk_size=int(cfg.trainer.logprob_chunk_size), with_entropy=self.multi_objective is not None,
             group=dist.group.WORLD if self.distributed else None, extra_inputs=extra)
         self._reward_metrics = scored.metrics
+        for m in (self.policy, self.ref_model, self.critic):  # free FSDP2 parameters the no-grad passes gathered
+            if m is not None:
+                reshard(m)
         return exp
 
     @torch.no_grad()
@@ -809,14 +843,21 @@ class PPOTrainer:
         if self.distributed:
             dist.barrier()
         _save_atomic(_rng_state(self.prompt_generator), path / f"rng_rank{self.rank}.pt", self)
+        sharded = self.strategy == "fsdp"
+        if sharded:  # every rank writes its shards (torch.distributed.checkpoint); any world size reads them
+            save_sharded(path / "policy", self.policy, self.optimizer)
+            if self.critic is not None:
+                save_sharded(path / "critic", self.critic, self.critic_optimizer)
         if self.rank == 0:
             state = {
                 "step": self.step,
                 "world_size": self.world_size,
-                "policy": _unwrap(self.policy).state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "critic": None if self.critic is None else _unwrap(self.critic).state_dict(),
-                "critic_optimizer": None if self.critic_optimizer is None else self.critic_optimizer.state_dict(),
+                "sharded": sharded,
+                "policy": None if sharded else _unwrap(self.policy).state_dict(),
+                "optimizer": None if sharded else self.optimizer.state_dict(),
+                "critic": None if self.critic is None or sharded else _unwrap(self.critic).state_dict(),
+                "critic_optimizer": (None if self.critic_optimizer is None or sharded
+                                     else self.critic_optimizer.state_dict()),
                 "kl_state": None if self.kl_state is None else kl_state_to_dict(self.kl_state),
                 "lagrangian_state": None if self.lagrangian_state is None else dataclasses.asdict(self.lagrangian_state),
                 "multi_objective": None if self.multi_objective is None else self.multi_objective.state_dict(),
@@ -844,16 +885,27 @@ class PPOTrainer:
         if not (path / "state.pt").exists():
             raise FileNotFoundError(f"no checkpoint at {path} (expected {path / 'state.pt'})")
         state = _load_file(path / "state.pt", map_location=self.device)
-        if state["world_size"] != self.world_size:
+        sharded = bool(state.get("sharded", False))
+        if sharded != (self.strategy == "fsdp"):
+            raise CheckpointError(f"checkpoint {path} was written with trainer.strategy="
+                                  f"{'fsdp' if sharded else 'single/ddp'}; this run uses {self.strategy!r}: "
+                                  "resume with the same kind of strategy")
+        if state["world_size"] != self.world_size and not (sharded and self.world_size < state["world_size"]):
+            # a sharded checkpoint reshards onto fewer ranks; the per-rank RNG files of more ranks do not exist
             raise ValueError(f"checkpoint {path} was written with world_size={state['world_size']}, "
                              f"this run has {self.world_size}")
-        _unwrap(self.policy).load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.critic is not None:
-            if state["critic"] is None:
-                raise ValueError(f"checkpoint {path} has no critic but this config uses one")
-            _unwrap(self.critic).load_state_dict(state["critic"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        if self.critic is not None and not (path / "critic").exists() and state["critic"] is None:
+            raise ValueError(f"checkpoint {path} has no critic but this config uses one")
+        if sharded:
+            load_sharded(path / "policy", self.policy, self.optimizer)
+            if self.critic is not None:
+                load_sharded(path / "critic", self.critic, self.critic_optimizer)
+        else:
+            _unwrap(self.policy).load_state_dict(state["policy"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.critic is not None:
+                _unwrap(self.critic).load_state_dict(state["critic"])
+                self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         if state["kl_state"] is not None and self.kl_state is not None:
             self.kl_state = kl_state_from_dict(state["kl_state"])
         if state["lagrangian_state"] is not None and self.lagrangian_state is not None:
@@ -950,7 +1002,9 @@ class PPOTrainer:
                 bar.close()
             ckpt = self.save_checkpoint()
             model_dir = self.output_dir / "final_model"
-            if self.rank == 0:
+            if self.strategy == "fsdp":  # gathered to rank 0 tensor by tensor; every rank takes part
+                save_consolidated(self.policy, self.tokenizer, model_dir)
+            elif self.rank == 0:
                 policy = _unwrap(self.policy)
                 policy.save_pretrained(model_dir)  # a PEFT model saves its adapters only
                 self.tokenizer.save_pretrained(model_dir)
@@ -968,7 +1022,10 @@ class PPOTrainer:
                     if result["memory_profile"]:
                         tracker.log_artifact(result["memory_profile"])
                 if cfg.experiment_tracking.log_models:
-                    tracker.log_model(_unwrap(self.policy), "policy", step=self.step)
+                    if self.strategy == "fsdp":  # the sharded module cannot be pickled whole: log the consolidated one
+                        tracker.log_artifact(str(model_dir), "policy")
+                    else:
+                        tracker.log_model(_unwrap(self.policy), "policy", step=self.step)
                 result["mlflow_run_id"] = tracker.mlflow_run_id
         result["wall_time_s"] = float(time.perf_counter() - t0)
         result.update({k: v for k, v in last.items() if isinstance(v, float) and k not in result})
@@ -1035,14 +1092,14 @@ def format_summary(result: Mapping[str, Any], window: int) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train with ``cfg`` and print the summary on rank 0."""
-    trainer = PPOTrainer(cfg)
     try:
+        trainer = PPOTrainer(cfg)
         result = trainer.train()
         if trainer.rank == 0:
             print(format_summary(result, int(trainer.cfg.trainer.summary_window)), flush=True)
         return result
     finally:
-        if trainer.distributed and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
