@@ -143,6 +143,8 @@ def make_experience(
     kl_coef: float | Any = 0.0,
     kl_in_reward: bool = False,
     kl_estimator: str = "k3",
+    kl_log_ratio_clamp: float | None = None,
+    kl_value_clamp: float | None = None,
     reward_components: Float[Tensor, "batch k"] | None = None,
     whiten_advantages: bool = True,
     temperature: float = 1.0,
@@ -169,7 +171,8 @@ def make_experience(
     the result holds ``old_logprobs`` only when that pass ran (the PPO loss then
     uses its own detached log-probs), ``ref_logprobs`` and ``kl`` (the token KL of
     the sampler from the reference, ``kl_estimator``, 0 on masked-out tokens) only
-    with a reference pass. ``ref_model=None`` with a reference pass uses a PEFT
+    with a reference pass (``kl_log_ratio_clamp`` / ``kl_value_clamp``: verl's ``low_var_kl`` clamps).
+    ``ref_model=None`` with a reference pass uses a PEFT
     policy's adapter-disabled base (:func:`reference_logprobs`).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -216,10 +219,12 @@ def make_experience(
         out["ref_logprobs"] = ref_lp
         if old_lp is not None:
             keep = mask != 0  # select before arithmetic: a masked-out position never changes a result
+            clamps = {"log_ratio_clamp": kl_log_ratio_clamp, "value_clamp": kl_value_clamp}
             out["kl"] = torch.where(keep, kl_estimate(torch.where(keep, old_lp, 0.0), torch.where(keep, ref_lp, 0.0),
-                                                      kl_estimator), 0.0)
+                                                      kl_estimator, **clamps), 0.0)
             if kl_in_reward:
-                rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, kl_coef, estimator=kl_estimator, mask=mask)
+                rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, kl_coef, estimator=kl_estimator, mask=mask,
+                                               **clamps)
     dtype = old_lp.dtype if old_lp is not None else torch.float32
     kw: dict[str, Any] = {"rewards": rewards, "mask": mask, "log_rhos": torch.zeros_like(rewards),
                           "group_size": group_size, "group": group,

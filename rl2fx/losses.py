@@ -126,6 +126,8 @@ def kl_penalized_rewards(
     *,
     estimator: str = "k1",
     mask: MaskT | Tensor = None,
+    log_ratio_clamp: float | int | None = None,
+    value_clamp: float | int | None = None,
 ) -> Float[Tensor, "*batch time"]:
     """KL in the reward: :math:`\\tilde r_t = r_t - \\beta\\,\\widehat{KL}_t` on every masked-in token.
 
@@ -138,6 +140,7 @@ def kl_penalized_rewards(
     ``coef`` is :math:`\\beta`: a float or a KL controller state (its ``.coef``,
     see :func:`kl_coef_value`). Masked-out positions keep their reward. No
     gradient is meant to flow (the rewards are data), but nothing is detached.
+    ``log_ratio_clamp`` / ``value_clamp``: verl's ``low_var_kl`` clamps (:func:`kl_estimate`).
 
     >>> r = torch.tensor([[0.0, 1.0]]); lp = torch.tensor([[-1.0, -2.0]]); ref = torch.tensor([[-1.5, -2.0]])
     >>> kl_penalized_rewards(r, lp, ref, 0.5).tolist()  # 0 - 0.5 * 0.5, 1 - 0.5 * 0
@@ -145,7 +148,7 @@ def kl_penalized_rewards(
     """
     beta = kl_coef_value(coef)
     logprobs, ref_logprobs = _masked_in(mask, logprobs, ref_logprobs)
-    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    kl = kl_estimate(logprobs, ref_logprobs, estimator, log_ratio_clamp=log_ratio_clamp, value_clamp=value_clamp)
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
     return rewards - beta * kl
@@ -160,6 +163,9 @@ def kl_loss(
     estimator: str = "k3",
     mask: MaskT | Tensor = None,
     agg_mode: str = "token-mean",
+    old_logprobs: Float[Tensor, "*batch time"] | None = None,
+    log_ratio_clamp: float | int | None = None,
+    value_clamp: float | int | None = None,
     **agg_kwargs: float | None,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """KL in the loss: :math:`\\beta \\cdot \\mathrm{agg}(\\widehat{KL}_t)`, to be added to the policy loss.
@@ -171,6 +177,8 @@ def kl_loss(
     a KL controller state); ``agg_mode`` and ``agg_kwargs`` (``global_tokens``,
     ``global_seqs``, ``normalizer``) are those of :func:`aggregate`. Returns the
     term and ``kl`` (the detached token-mean KL estimate, a metric).
+    ``old_logprobs`` (the sampler's) is read by the ``k3_unbiased`` estimator;
+    ``log_ratio_clamp`` / ``value_clamp`` are verl's ``low_var_kl`` clamps (:func:`kl_estimate`).
 
     >>> lp = torch.tensor([[-1.0, -2.0]], requires_grad=True); ref = torch.tensor([[-1.5, -2.0]])
     >>> term, metrics = kl_loss(lp, ref, 0.5, estimator="k1")
@@ -179,7 +187,10 @@ def kl_loss(
     """
     beta = kl_coef_value(coef)
     logprobs, ref_logprobs = _masked_in(mask, logprobs, ref_logprobs)
-    kl = kl_estimate(logprobs, ref_logprobs, estimator)
+    if old_logprobs is not None:
+        (old_logprobs,) = _masked_in(mask, old_logprobs)
+    kl = kl_estimate(logprobs, ref_logprobs, estimator, old_logprobs=old_logprobs, log_ratio_clamp=log_ratio_clamp,
+                     value_clamp=value_clamp)
     m = _mask_like(kl, mask)
     term = beta * aggregate(kl, m, agg_mode, **agg_kwargs)
     return term, {"kl": _masked_mean(kl, m).detach()}

@@ -272,6 +272,8 @@ def make_ppo_loss(
     temperature: float = 1.0,
     chunk_size: int = 256,
     tis_cap: float | None = None,
+    kl_log_ratio_clamp: float | None = None,
+    kl_value_clamp: float | None = None,
 ) -> LossFn:
     """The PPO policy loss as a ``loss_fn`` for :func:`train_step`.
 
@@ -283,7 +285,8 @@ def make_ppo_loss(
     :math:`\\mathcal{L}^{PG}` is the registered policy loss ``loss_type``
     (:func:`~rl2fx.losses.register_policy_loss`; ``vanilla``: PPO's clipped
     surrogate, Schulman et al. 2017). ``clip``, ``clip_high``, ``dual_clip`` and
-    ``tis_cap`` go to every policy loss that takes them; ``loss_params`` holds its
+    ``tis_cap`` go to every policy loss that takes them; ``kl_log_ratio_clamp`` and
+    ``kl_value_clamp`` are verl's ``low_var_kl`` clamps of the KL estimate; ``loss_params`` holds its
     other hyperparameters. Both are checked by the loss's own rules here, before
     any training. The loss is
 
@@ -304,6 +307,11 @@ def make_ppo_loss(
     """
     check_choice("agg_mode", agg_mode, AGG_MODES)
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    if kl_log_ratio_clamp is not None:
+        check_range("kl_log_ratio_clamp", kl_log_ratio_clamp, 0.0, None, low_inclusive=False)
+    if kl_value_clamp is not None:
+        check_range("kl_value_clamp", kl_value_clamp, 0.0, None, low_inclusive=False)
+    clamps = {"log_ratio_clamp": kl_log_ratio_clamp, "value_clamp": kl_value_clamp}
     spec = get_policy_loss(loss_type)
     shared = {"clip": clip, "clip_high": clip_high, "dual_clip": dual_clip, "tis_cap": tis_cap}
     params = {**{k: v for k, v in shared.items() if k in spec.hyperparameters}, **dict(loss_params or {})}
@@ -325,7 +333,7 @@ def make_ppo_loss(
         loss = pg
         if "ref_logprobs" in mb:
             kl_term, kl_metrics = kl_loss(lp, mb["ref_logprobs"], beta, estimator=kl_estimator, mask=mask,
-                                          agg_mode=agg_mode, **agg)
+                                          agg_mode=agg_mode, old_logprobs=old, **clamps, **agg)
             metrics.update(kl_metrics)
             if beta > 0:
                 loss = loss + kl_term
@@ -344,7 +352,8 @@ def make_ppo_loss(
             # select before any arithmetic: a NaN/inf at a padded position times 0 is NaN (and so is its gradient)
             keep = mask != 0
             if "ref_logprobs" in mb:
-                kl_t = kl_estimate(torch.where(keep, lp, 0.0), torch.where(keep, mb["ref_logprobs"], 0.0), kl_estimator)
+                kl_t = kl_estimate(torch.where(keep, lp, 0.0), torch.where(keep, mb["ref_logprobs"], 0.0), kl_estimator,
+                                   old_logprobs=torch.where(keep, old, 0.0), **clamps)
                 kl_mean = (kl_t * mask).sum() / n_tok
             else:
                 kl_mean = torch.zeros((), device=lp.device)

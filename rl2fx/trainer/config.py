@@ -356,7 +356,9 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     agg_mode: str = "token-mean"
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_estimator: str = "k3"  # rl2fx.losses.KL_ESTIMATORS: k1 | k2 | k3 | abs | k1+ | k3+ | k3_unbiased
+    kl_log_ratio_clamp: float | None = None  # clamp log(pi/pi_ref) to [-c, c] before the estimate (verl: 20)
+    kl_value_clamp: float | None = None  # clamp the estimate to [-v, v] (verl's low_var_kl: 10)
     kl_type: str = "loss"  # loss: beta * KL added to the loss; reward: -beta * KL folded into rewards
     clip_high: float | None = None  # DAPO clip-higher; null = actor.clip
     dual_clip: float | None = None
@@ -799,10 +801,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     loss_keys = {**_keys("actor.loss_params", get_policy_loss(str(cfg.actor.loss_type)).hyperparameters),
                  "clip": "actor.clip", "clip_high": "trainer.clip_high", "dual_clip": "trainer.dual_clip",
                  "agg_mode": "trainer.agg_mode", "kl_estimator": "trainer.kl_estimator",
+                 "kl_log_ratio_clamp": "trainer.kl_log_ratio_clamp", "kl_value_clamp": "trainer.kl_value_clamp",
                  "chunk_size": "trainer.logprob_chunk_size"}
     _checked(make_ppo_loss, {"loss_type": str(cfg.actor.loss_type), "loss_params": policy_loss_params(cfg),
                              "clip": cfg.actor.clip, "clip_high": t.clip_high, "dual_clip": t.dual_clip,
-                             "agg_mode": t.agg_mode, "kl_estimator": t.kl_estimator}, loss_keys, "actor")
+                             "agg_mode": t.agg_mode, "kl_estimator": t.kl_estimator,
+                             "kl_log_ratio_clamp": t.kl_log_ratio_clamp, "kl_value_clamp": t.kl_value_clamp},
+             loss_keys, "actor")
     _in(cfg, "trainer.logprob_chunk_size", 1)
     _in(cfg, "trainer.save_interval", 0)
     _in(cfg, "trainer.summary_window", 1)

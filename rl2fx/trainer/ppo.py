@@ -534,7 +534,8 @@ class PPOTrainer:
             clip=float(cfg.actor.clip), clip_high=t.clip_high, dual_clip=t.dual_clip,
             kl_coef=float(cfg.actor.kl.coef) if t.kl_type == "loss" else 0.0, kl_estimator=t.kl_estimator,
             entropy_coef=float(t.entropy_coef), agg_mode=t.agg_mode, temperature=float(cfg.rollout.temperature),
-            chunk_size=int(t.logprob_chunk_size))
+            chunk_size=int(t.logprob_chunk_size), kl_log_ratio_clamp=t.kl_log_ratio_clamp,
+            kl_value_clamp=t.kl_value_clamp)
         self.value_loss_fn = make_value_loss(clip=cfg.critic.clip, coef=float(cfg.critic.coef), agg_mode=t.agg_mode)
 
         self.output_dir = Path(t.output_dir)
@@ -661,7 +662,8 @@ class PPOTrainer:
             _unwrap(self.policy), batch, scored.scores, group_size=self.group_size, estimator=self.estimator.name,
             estimator_params=self.estimator_params, ref_model=self.ref_model, critic=self.critic, needs=self.needs,
             kl_coef=coef, kl_in_reward=cfg.trainer.kl_type == "reward" and self.needs.ref and self.kl_coef() > 0,
-            kl_estimator=str(cfg.trainer.kl_estimator), reward_components=scored.components,
+            kl_estimator=str(cfg.trainer.kl_estimator), kl_log_ratio_clamp=cfg.trainer.kl_log_ratio_clamp,
+            kl_value_clamp=cfg.trainer.kl_value_clamp, reward_components=scored.components,
             whiten_advantages=bool(cfg.trainer.whiten_advantages), temperature=float(cfg.rollout.temperature),
             chunk_size=int(cfg.trainer.logprob_chunk_size), with_entropy=self.multi_objective is not None,
             group=dist.group.WORLD if self.distributed else None, extra_inputs=extra)
