@@ -33,6 +33,7 @@ from rl2fx._typing import Float, Tensor, check_choice, typechecked
 from rl2fx.losses import KL_ESTIMATORS, kl_estimate, kl_penalized_rewards
 from rl2fx.returns import advantages, get_estimator, whiten
 from rl2fx.rollout import scatter_last
+from rl2fx.rollout_correction import masked_is, mismatch_metrics, truncated_is_weights
 from rl2fx.step import compute_logprobs
 
 __all__ = ["ExperienceNeeds", "experience_needs", "reference_logprobs", "make_experience"]
@@ -152,6 +153,12 @@ def make_experience(
     with_entropy: bool = False,
     group: Any = None,
     extra_inputs: Mapping[str, Any] | None = None,
+    rollout_is: str | None = None,
+    rollout_is_cap: float = 2.0,
+    rollout_rs: str | None = None,
+    rollout_rs_low: float = 0.5,
+    rollout_rs_high: float = 2.0,
+    stats: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
     r"""Score-to-batch: add old/ref log-probs, the token KL, values, advantages and returns to a rollout.
 
@@ -174,6 +181,19 @@ def make_experience(
     with a reference pass (``kl_log_ratio_clamp`` / ``kl_value_clamp``: verl's ``low_var_kl`` clamps).
     ``ref_model=None`` with a reference pass uses a PEFT
     policy's adapter-disabled base (:func:`reference_logprobs`).
+
+    **Rollout correction** (Yao et al. 2025; verl's ``rollout_is`` / ``rollout_rs``): when the
+    batch holds the sampler's ``behavior_logprobs`` (a rollout engine's, or
+    ``rollout(..., return_logprobs=True)``) and the old-log-prob pass runs, the
+    mismatch between them is measured (into ``stats``, if given, as ``rollout_mismatch/<name>``
+    for each of :func:`~rl2fx.rollout_correction.mismatch_metrics`, and
+    ``rollout_rs/masked_tokens``); ``rollout_rs``
+    (``token``/``sequence``/``geometric``) masks out the tokens or sequences whose ratio
+    :math:`\pi_{old}/\mu` leaves ``[rollout_rs_low, rollout_rs_high]`` (they then count
+    nowhere: not in the advantages, not in the loss); ``rollout_is`` (``token``/``sequence``)
+    multiplies the advantages by the truncated weights :math:`\min(\pi_{old}/\mu, C)`,
+    ``C = rollout_is_cap``, which weights every term of a surrogate linear in the
+    advantage (the PPO clip objective included, the weight being >= 0).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from rl2fx.rollout import rollout
@@ -213,6 +233,24 @@ def make_experience(
         out["old_logprobs"] = old_lp
         if ent is not None:
             out["entropy"] = ent
+    behavior = out.get("behavior_logprobs")
+    if (rollout_is is not None or rollout_rs is not None) and (behavior is None or old_lp is None):
+        raise ValueError("rollout_is / rollout_rs need the sampler's behavior_logprobs in the batch and the "
+                         "old-log-prob pass (needs.old): rollout(..., return_logprobs=True) and "
+                         "experience_needs(..., off_policy=True)")
+    weights = None
+    if behavior is not None and old_lp is not None:
+        if stats is not None:
+            stats.update({f"rollout_mismatch/{k}": float(v)
+                          for k, v in mismatch_metrics(old_lp, behavior, mask, cap=rollout_is_cap).items()})
+        if rollout_rs is not None:
+            keep = masked_is(old_lp, behavior, mask, level=rollout_rs, low=rollout_rs_low, high=rollout_rs_high)
+            if stats is not None:
+                stats["rollout_rs/masked_tokens"] = float((mask != 0).sum() - keep.sum())
+            mask = keep.to(mask.dtype)
+            out["response_mask"] = mask
+        if rollout_is is not None:
+            weights = truncated_is_weights(old_lp, behavior, mask, level=rollout_is, cap=rollout_is_cap)
     rewards = scatter_last(scores, mask)
     if needs.ref:
         ref_lp = reference_logprobs(policy, out, ref_model, temperature=temperature, chunk_size=chunk_size)
@@ -245,6 +283,8 @@ def make_experience(
     if whiten_advantages and spec.needs_values:
         adv = whiten(adv, mask, group=group)
     ret = res["returns"].to(dtype)
+    if weights is not None:
+        adv = adv * weights.to(adv.dtype)
     out["advantages"] = adv * mask
     out["returns"] = (ret if ret.ndim == 2 else ret.unsqueeze(-1)) * mask
     return out

@@ -69,8 +69,15 @@ def rollout(
     top_p: float = 1.0,
     do_sample: bool = True,
     generate_kwargs: dict[str, Any] | None = None,
+    return_logprobs: bool = False,
 ) -> dict[str, Tensor]:
     """Sample ``responses_per_prompt`` responses per prompt with ``model.generate`` (ancestral sampling).
+
+    ``return_logprobs``: also return ``behavior_logprobs`` ``[N*G, response]``, the
+    sampler's log-probs of the sampled tokens from the logits ``generate`` computed
+    (``log_softmax(logits / temperature)``, before top-k/top-p filtering: the policy's
+    own distribution, which a trainer compares with its recomputed log-probs; 0 after
+    the response ends). A rollout engine such as vLLM supplies the same field.
 
     ``generate_kwargs``: extra ``generate`` arguments a parallel strategy needs
     (:func:`rl2fx.distributed.generate_kwargs`: ``synced_gpus=True`` for FSDP2 on several ranks).
@@ -112,19 +119,31 @@ def rollout(
     was_training = unwrapped.training
     unwrapped.eval()
     try:
-        seqs = unwrapped.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg,
-                                  **dict(generate_kwargs or {}))
+        extra = {"output_logits": True, "return_dict_in_generate": True} if return_logprobs else {}
+        out = unwrapped.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg,
+                                 **extra, **dict(generate_kwargs or {}))
     finally:
         unwrapped.train(was_training)
+    seqs = out.sequences if return_logprobs else out
     resp = seqs[:, ids.shape[1]:]
     rmask = response_mask(resp, eos_token_id)
     resp = torch.where(rmask > 0, resp, torch.full_like(resp, pad_token_id))
-    return {
+    batch = {
         "input_ids": torch.cat([ids, resp], dim=1),
         "attention_mask": torch.cat([pmask, rmask.long()], dim=1),
         "response_ids": resp,
         "response_mask": rmask,
     }
+    if return_logprobs:
+        logits = torch.stack(out.logits, dim=1).float() / (temperature if do_sample else 1.0)
+        lp = torch.log_softmax(logits, -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+        batch["behavior_logprobs"] = torch.where(rmask > 0, lp, 0.0)
+    return batch
+
+
+#: per-token tensors laid out like ``response_ids`` (``[rows, response]``), padded with 0 on concatenation
+TIME_ALIGNED = ("behavior_logprobs", "old_logprobs", "ref_logprobs", "kl", "entropy", "advantages", "returns",
+                "rewards", "old_values")
 
 
 def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
@@ -146,7 +165,9 @@ def concat_rollouts(batches: list[dict[str, Tensor]], *, pad_token_id: int) -> d
     blocks right-padded (``response_mask`` and ``attention_mask`` 0), so every
     real token keeps its position counted from the row's first real token, as
     ``generate`` numbered it (:func:`rl2fx.logprobs.position_ids_from_mask`).
-    Per-sequence tensors of other names (``[rows, ...]``) are concatenated as they are.
+    The per-token tensors named in :data:`TIME_ALIGNED` are right-padded with 0 like
+    ``response_mask``; per-sequence tensors of other names (``[rows, ...]``) are
+    concatenated as they are.
 
     >>> a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]]),
     ...      "response_ids": torch.tensor([[7]]), "response_mask": torch.tensor([[1.0]])}
@@ -176,7 +197,7 @@ def concat_rollouts(batches: list[dict[str, Tensor]], *, pad_token_id: int) -> d
                 out[k].append(torch.cat([prompt, resp], dim=1))
             elif k == "response_ids":
                 out[k].append(torch.nn.functional.pad(v, (0, R - r), value=pad_token_id))
-            elif v.ndim == 2 and v.shape[1] == r and k.startswith("response"):
+            elif k.startswith("response") or k in TIME_ALIGNED:
                 out[k].append(torch.nn.functional.pad(v, (0, R - r), value=0))
             else:
                 out[k].append(v)

@@ -125,3 +125,46 @@ def test_scores_of_the_wrong_length_are_an_error():
     model = tiny_gpt2()
     with pytest.raises(ValueError, match="scores has 3 entries but the batch has 8"):
         make_experience(model, left_padded_batch(model), torch.zeros(3), group_size=4)
+
+
+def test_rollout_returns_the_samplers_logprobs():
+    model = tiny_gpt2()
+    ids = torch.tensor([[0, 0, 1, 5, 6], [1, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    torch.manual_seed(0)
+    b = rollout(model, ids, prompt_mask=mask, responses_per_prompt=3, max_new_tokens=5, eos_token_id=2,
+                pad_token_id=0, temperature=0.7, return_logprobs=True)
+    with torch.no_grad():
+        lp, _ = compute_logprobs(model, b, temperature=0.7)
+    m = b["response_mask"] != 0
+    assert (b["behavior_logprobs"] - lp)[m].abs().max() <= 1e-5
+    assert (b["behavior_logprobs"][~m] == 0).all()
+
+
+def test_rollout_correction_masks_and_weights_from_the_behavior_logprobs():
+    from rl2fx.rollout_correction import truncated_is_weights
+
+    model = tiny_gpt2()
+    batch = left_padded_batch(model)
+    with torch.no_grad():
+        old, _ = compute_logprobs(model, batch)
+    mask = batch["response_mask"]
+    behavior = old.clone()
+    behavior[0] -= 1.5  # row 0: the sampler gave its tokens lower probability, ratio e^1.5 > 2
+    behavior[1] += 0.3  # row 1: ratio e^-0.3 = 0.74, inside [0.5, 2]: kept, weighted 0.74
+    batch = {**batch, "behavior_logprobs": torch.where(mask != 0, behavior, 0.0)}
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
+    needs = experience_needs(estimator="grpo", off_policy=True)
+    rs_only = make_experience(model, batch, scores, group_size=4, needs=needs, rollout_rs="token")
+    stats: dict = {}
+    exp = make_experience(model, batch, scores, group_size=4, needs=needs, rollout_is="token", rollout_rs="token",
+                          stats=stats)
+    assert (exp["response_mask"][0] == 0).all() and stats["rollout_rs/masked_tokens"] == float(mask[0].sum())
+    assert torch.equal(exp["response_mask"][1:], mask[1:])
+    w = truncated_is_weights(old, batch["behavior_logprobs"], mask, cap=2.0)
+    # the masked sequence counts nowhere (its group's baseline changes, as rs_only shows); the kept ones are weighted
+    torch.testing.assert_close(exp["advantages"][1], rs_only["advantages"][1] * w[1] * mask[1])
+    assert (w[1][mask[1] != 0] < 1).all()
+    assert stats["rollout_mismatch/ratio_max"] > 2.0
+    with pytest.raises(ValueError, match="need the sampler's behavior_logprobs"):
+        make_experience(model, left_padded_batch(model), scores, group_size=4, needs=needs, rollout_is="token")

@@ -53,3 +53,17 @@ def test_trainer_runs_each_estimator_with_clamps(tmp_path, estimator):
         "memory_optimization.profiling.enabled=false"])
     m = PPOTrainer(cfg).train_iteration()
     assert torch.isfinite(torch.tensor([m["loss"], m["rollout_kl"]])).all()
+
+
+def test_trainer_rollout_correction_on_matching_sampler(tmp_path):
+    """HF generate is the trainer's own forward pass: ratios are 1, nothing masked, weights 1."""
+    cfg = load_config("demo", overrides=[
+        f"trainer.output_dir={tmp_path}", "trainer.total_steps=1", "trainer.progress_bar=false",
+        "experiment_tracking.enabled=false", "data.prompts_per_rollout=2", "adv.estimator=grpo",
+        "trainer.rollout_is=token", "trainer.rollout_rs=sequence", "memory_optimization.enabled=false"])
+    trainer = PPOTrainer(cfg)
+    assert trainer.needs.old
+    m = trainer.train_iteration()
+    assert abs(m["rollout_mismatch/kl_k1"]) < 1e-5 and m["rollout_rs/masked_tokens"] == 0.0
+    with pytest.raises(ConfigError, match="trainer.rollout_rs"):
+        load_config("demo", overrides=["trainer.rollout_rs=tokens"])

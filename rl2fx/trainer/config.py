@@ -74,6 +74,8 @@ from rl2fx.memory.profiler import MemoryProfiler
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import check_hyperparameters, get_estimator, list_estimators
 from rl2fx.rewards import COMBINE_METHODS
+from rl2fx.rollout_correction import LEVELS as IS_LEVELS
+from rl2fx.rollout_correction import RS_LEVELS
 from rl2fx.step import check_step_args, make_ppo_loss, make_value_loss
 from rl2fx.trainer.tasks import VOCAB, DigitCopyTask, check_model_args
 from rl2fx.tuning.pruners import make_pruner
@@ -378,6 +380,13 @@ class TrainerConfig:
     fsdp_wrap: str | None = None  # the decoder block's class name, for models without _no_split_modules
     fsdp_cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy (CUDA only)
     fsdp_param_dtype: str | None = None  # FSDP2 MixedPrecisionPolicy parameter dtype, e.g. bfloat16 (CUDA only)
+    # rollout correction (Yao et al. 2025; verl's rollout_is / rollout_rs): the sampler's log-probs vs the trainer's
+    rollout_is: str | None = None  # null | token | sequence: advantages times min(pi_old / mu, rollout_is_cap)
+    rollout_is_cap: float = 2.0
+    rollout_rs: str | None = None  # null | token | sequence | geometric: mask ratios outside [low, high]
+    rollout_rs_low: float = 0.5
+    rollout_rs_high: float = 2.0
+    log_rollout_mismatch: bool = False  # sampler log-probs and mismatch metrics without a correction
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill from more rollouts
     dynamic_sampling_max_rollouts: int = 4  # rollouts per iteration at most (then dropped groups fill the batch)
 
@@ -816,6 +825,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         _check_model_name(cfg.actor.model_name)
     _in(cfg, "trainer.eval_interval", 0)
     _in(cfg, "trainer.dynamic_sampling_max_rollouts", 1)
+    if t.rollout_is is not None and t.rollout_is not in IS_LEVELS:
+        _fail("trainer.rollout_is", t.rollout_is, f"must be null or one of {list(IS_LEVELS)}")
+    if t.rollout_rs is not None and t.rollout_rs not in RS_LEVELS:
+        _fail("trainer.rollout_rs", t.rollout_rs, f"must be null or one of {list(RS_LEVELS)}")
+    _in(cfg, "trainer.rollout_is_cap", 1.0)
+    _in(cfg, "trainer.rollout_rs_low", 0.0, low_open=True)
+    if not t.rollout_rs_high > t.rollout_rs_low:
+        _fail("trainer.rollout_rs_high", t.rollout_rs_high, f"must be > trainer.rollout_rs_low ({t.rollout_rs_low})")
     if t.strategy not in ("auto", *STRATEGIES):
         _fail("trainer.strategy", t.strategy, f"must be one of {['auto', *STRATEGIES]}")
     if t.fsdp_param_dtype is not None and t.fsdp_param_dtype not in ("bfloat16", "float16", "float32"):

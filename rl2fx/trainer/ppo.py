@@ -439,7 +439,7 @@ class PPOTrainer:
             kl_in_loss=(t.kl_type == "loss" and kl_on) or bool(co.enabled)
             or (mo_on and "kl_penalty" in cfg.multi_objective.objectives),
             kl_in_reward=t.kl_type == "reward" and kl_on, log_kl=bool(t.log_kl) or ref_model is not None,
-            with_entropy=mo_on)
+            with_entropy=mo_on, off_policy=self._wants_behavior(t))
         if self.needs.ref:
             if ref_model is not None:
                 self.ref_model: torch.nn.Module | None = load_model(ref_model, key="ref_model", local_files_only=local)
@@ -549,6 +549,11 @@ class PPOTrainer:
             if path is not None:
                 self.load_checkpoint(path)
 
+    @staticmethod
+    def _wants_behavior(t: Any) -> bool:
+        """Whether rollouts return the sampler's log-probs: a rollout correction or mismatch logging asks."""
+        return t.rollout_is is not None or t.rollout_rs is not None or bool(t.log_rollout_mismatch)
+
     def _tiny_arch(self) -> dict[str, Any]:
         m = self.cfg.model
         return dict(arch=m.arch, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
@@ -573,7 +578,8 @@ class PPOTrainer:
                        responses_per_prompt=n, max_new_tokens=self.max_new_tokens,
                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                        temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), do_sample=do_sample,
-                       generate_kwargs=generate_kwargs(self.policy))
+                       generate_kwargs=generate_kwargs(self.policy),
+                       return_logprobs=do_sample and self._wants_behavior(self.cfg.trainer))
 
     @torch.no_grad()
     def greedy_rewards(self, prompts: Prompts) -> torch.Tensor:
@@ -657,6 +663,7 @@ class PPOTrainer:
         """
         cfg = self.cfg
         batch, scored, extra = self._sample_groups()
+        stats: dict[str, float] = {}
         coef = self.kl_state if self.kl_state is not None else float(cfg.actor.kl.coef)
         exp = make_experience(
             _unwrap(self.policy), batch, scored.scores, group_size=self.group_size, estimator=self.estimator.name,
@@ -666,8 +673,11 @@ class PPOTrainer:
             kl_value_clamp=cfg.trainer.kl_value_clamp, reward_components=scored.components,
             whiten_advantages=bool(cfg.trainer.whiten_advantages), temperature=float(cfg.rollout.temperature),
             chunk_size=int(cfg.trainer.logprob_chunk_size), with_entropy=self.multi_objective is not None,
-            group=dist.group.WORLD if self.distributed else None, extra_inputs=extra)
-        self._reward_metrics = scored.metrics
+            group=dist.group.WORLD if self.distributed else None, extra_inputs=extra,
+            rollout_is=cfg.trainer.rollout_is, rollout_is_cap=float(cfg.trainer.rollout_is_cap),
+            rollout_rs=cfg.trainer.rollout_rs, rollout_rs_low=float(cfg.trainer.rollout_rs_low),
+            rollout_rs_high=float(cfg.trainer.rollout_rs_high), stats=stats)
+        self._reward_metrics = {**scored.metrics, **stats}
         for m in (self.policy, self.ref_model, self.critic):  # free FSDP2 parameters the no-grad passes gathered
             if m is not None:
                 reshard(m)
