@@ -21,9 +21,18 @@ from rl2fx.cli import BENCH_OUT, BENCH_SHIPPED_OUT
 __all__ = ["BENCH_OUT", "BENCH_SHIPPED_OUT", "add_out_argument", "result_path", "write_json"]
 
 
+def _out_dir(text: str) -> str:
+    """``--out``'s value: a folder. A ``.json`` path (the old meaning of ``--out``) is refused before
+    the benchmark runs, not after."""
+    if Path(text).suffix == ".json":
+        raise argparse.ArgumentTypeError(f"{text!r} looks like a file; --out takes a folder "
+                                         "(the script writes its <name>.json in it)")
+    return text
+
+
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--out DIR`` (default :data:`BENCH_OUT`) to a benchmark's parser."""
-    parser.add_argument("--out", metavar="DIR", default=BENCH_OUT,
+    parser.add_argument("--out", metavar="DIR", type=_out_dir, default=BENCH_OUT,
                         help=f"folder for the JSON results (default {BENCH_OUT}; "
                              f"--out {BENCH_SHIPPED_OUT} rewrites the committed ones)")
 
@@ -33,9 +42,6 @@ def result_path(out_dir: str | os.PathLike[str], name: str) -> Path:
     if Path(name).name != name:
         raise ValueError(f"name={name!r} must be a file name without folders; the folder is --out")
     out = Path(out_dir)
-    if out.suffix == ".json":
-        raise ValueError(f"--out {str(out_dir)!r} looks like a file; --out takes a folder (the script writes "
-                         f"{name} in it)")
     out.mkdir(parents=True, exist_ok=True)
     return out / name
 

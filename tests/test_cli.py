@@ -158,6 +158,15 @@ def test_default_output_folders_are_under_outputs():
     assert parser.parse_args(["ablate", "kl", "--out", "docs/ablations"]).out == "docs/ablations"
 
 
+def test_benchmark_out_must_be_a_folder(tmp_path):
+    """The old ``--out file.json`` is refused at parse time (exit 2, one line), before any benchmark runs."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "control.py"), "--out", "x.json"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--out takes a folder" in r.stderr and "'x.json'" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 BENCH_SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
 
 

@@ -18,6 +18,11 @@ Configuration Schema", with the same keys and defaults. rl2fx adds:
   once its module is imported: list the module under the top-level ``imports``
   key (``imports=[my_pkg.my_estimators]``), which :func:`load_config` imports
   before validating;
+* paths derived from ``trainer.output_dir``, so that everything a run writes is in its
+  folder and overriding ``trainer.output_dir`` alone moves it all:
+  ``experiment_tracking.tracking_uri`` (``sqlite:///${trainer.output_dir}/mlruns.db``),
+  ``experiment_tracking.wandb_dir`` and ``memory_optimization.profiling.save_path``
+  (the spec's ``memory_profile.json``, in that folder);
 * new sections for what a runnable trainer needs: ``trainer`` (steps, seed,
   optimisation and loss settings, output, checkpoints), ``rollout``
   (generation), ``task`` (the verifiable-reward task), ``model`` (the tiny
