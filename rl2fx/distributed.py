@@ -390,23 +390,59 @@ def save_sharded(
     >>> sorted(p.name for p in d.iterdir())
     ['.metadata', '__0_0.distcp', 'extra_state.pt']
     """
+    import shutil
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if extra_state is not None:
+        _check_extra("extra_state", extra_state)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    on = dist.is_available() and dist.is_initialized()
+    lead = not on or dist.get_rank() == 0
+    # written under a temporary name and renamed when complete: a crash mid-save never
+    # leaves a directory that looks like a checkpoint (nor mixes old and new files)
+    partial = path.parent / f".{path.name}.partial"
+    if lead:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if on:
+        dist.barrier()
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_model_state_dict(model)}
-    dcp.save(state, checkpoint_id=str(path))
-    on = dist.is_available() and dist.is_initialized()
-    if extra_state is not None and (not on or dist.get_rank() == 0):
-        torch.save(dict(extra_state), path / _EXTRA_FILE)
+    dcp.save(state, checkpoint_id=str(partial))
+    if on:
+        dist.barrier()
+    if lead:
+        if extra_state is not None:
+            torch.save(dict(extra_state), partial / _EXTRA_FILE)
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
     if on:
         dist.barrier()
     return path
+
+
+_EXTRA_TYPES = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def _check_extra(where: str, value: Any) -> None:
+    """``extra_state`` must load with ``torch.load(weights_only=True)``: check at save time, naming the entry."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise ValueError(f"{where} keys must be str or int, got {k!r} ({type(k).__name__})")
+            _check_extra(f"{where}[{k!r}]", v)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_extra(f"{where}[{i}]", v)
+    elif not isinstance(value, _EXTRA_TYPES):
+        raise ValueError(f"{where} is a {type(value).__name__}; extra_state holds tensors, numbers, strings, None "
+                         "and dicts/lists of them (e.g. a controller's state_dict(), or dataclasses.asdict(state))")
 
 
 def load_sharded(

@@ -301,6 +301,26 @@ def test_checkpoint_from_another_config_is_one_clear_error(tmp_path):
     assert load_sharded(tmp_path / "ckpt", model) == {}
 
 
+def test_save_replaces_a_checkpoint_whole_and_checks_extra_state(tmp_path):
+    import dataclasses
+
+    model = tiny_llama()
+    save_sharded(tmp_path / "ckpt", model, extra_state={"step": 1})
+    (tmp_path / "ckpt" / "stale.txt").write_text("from an older save")
+    save_sharded(tmp_path / "ckpt", model)  # no extra_state this time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directory left
+    assert not (tmp_path / "ckpt" / "stale.txt").exists()
+    assert load_sharded(tmp_path / "ckpt", tiny_llama(seed=1)) == {}  # not the older save's extra_state
+
+    @dataclasses.dataclass
+    class State:
+        coef: float
+
+    with pytest.raises(ValueError, match=r"extra_state\['kl'\]\[0\] is a State; extra_state holds tensors"):
+        save_sharded(tmp_path / "other", model, extra_state={"kl": [State(0.1)]})
+    assert not (tmp_path / "other").exists() and not (tmp_path / ".other.partial").exists()
+
+
 # --------------------------------------------------------------------------- CUDA only
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
