@@ -158,8 +158,10 @@ def wrap_policy(
     """``model`` prepared for ``strategy`` (``single``, ``ddp`` or ``fsdp``); see the module docstring.
 
     ``device``: where parameters live (default: the current CUDA device when CUDA is
-    available, else CPU; under ``torchrun`` call ``torch.cuda.set_device(LOCAL_RANK)`` first). Under ``fsdp`` the mesh's device decides (``mesh`` default:
+    available, else CPU; under ``torchrun`` call ``torch.cuda.set_device(LOCAL_RANK)``
+    first). Under ``fsdp`` the mesh's device decides (``mesh`` default:
     ``init_device_mesh(device.type, (world,))``) and parameters move there shard by shard.
+    Every setting is checked before the model is touched.
     ``mixed_precision`` (``fsdp`` only, CUDA only): FSDP2's ``MixedPrecisionPolicy`` with
     parameters all-gathered and computed in that dtype (e.g. ``torch.bfloat16``) and
     gradients reduced in float32; the sharded master parameters and the optimizer state
@@ -202,6 +204,7 @@ def wrap_policy(
         raise ValueError(f"cpu_offload=True (FSDP2's CPUOffloadPolicy) keeps the shards in host memory while an "
                          f"accelerator computes; device={device} computes in host memory already: "
                          "use cpu_offload=False")
+    block_cls = find_block_class(model, wrap_cls) if strategy == "fsdp" else None
     if activation_checkpointing:
         from rl2fx.memory.optimizer import enable_checkpointing
 
@@ -222,7 +225,7 @@ def wrap_policy(
         fully_shard,
     )
 
-    block_cls = find_block_class(model, wrap_cls)
+    assert block_cls is not None
     blocks = [m for m in model.modules() if isinstance(m, block_cls)]
     if mesh is None:
         mesh = init_device_mesh(device.type, (world,))
