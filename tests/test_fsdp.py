@@ -278,7 +278,7 @@ def test_fsdp_policies_are_rejected_where_they_do_not_apply(world_of_one):
         wrap_policy(tiny_llama(), "fsdp", device="cpu", mixed_precision=torch.int8)
     with pytest.raises(ValueError, match=r"cpu_offload=True .* device=cpu computes in host memory already"):
         wrap_policy(tiny_llama(), "fsdp", device="cpu", cpu_offload=True)
-    from rl2fx.memory import is_checkpointed
+    from rl2fx.memory.optimizer import is_checkpointed
 
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     with pytest.raises(ValueError, match=r"found no decoder block in Sequential.*trainer\.fsdp_wrap"):
