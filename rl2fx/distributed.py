@@ -158,8 +158,10 @@ def wrap_policy(
     """``model`` prepared for ``strategy`` (``single``, ``ddp`` or ``fsdp``); see the module docstring.
 
     ``device``: where parameters live (default: the current CUDA device when CUDA is
-    available, else CPU; under ``torchrun`` call ``torch.cuda.set_device(LOCAL_RANK)`` first). Under ``fsdp`` the mesh's device decides (``mesh`` default:
+    available, else CPU; under ``torchrun`` call ``torch.cuda.set_device(LOCAL_RANK)``
+    first). Under ``fsdp`` the mesh's device decides (``mesh`` default:
     ``init_device_mesh(device.type, (world,))``) and parameters move there shard by shard.
+    Every setting is checked before the model is touched.
     ``mixed_precision`` (``fsdp`` only, CUDA only): FSDP2's ``MixedPrecisionPolicy`` with
     parameters all-gathered and computed in that dtype (e.g. ``torch.bfloat16``) and
     gradients reduced in float32; the sharded master parameters and the optimizer state
@@ -202,6 +204,7 @@ def wrap_policy(
         raise ValueError(f"cpu_offload=True (FSDP2's CPUOffloadPolicy) keeps the shards in host memory while an "
                          f"accelerator computes; device={device} computes in host memory already: "
                          "use cpu_offload=False")
+    block_cls = find_block_class(model, wrap_cls) if strategy == "fsdp" else None
     if activation_checkpointing:
         from rl2fx.memory.optimizer import enable_checkpointing
 
@@ -222,7 +225,7 @@ def wrap_policy(
         fully_shard,
     )
 
-    block_cls = find_block_class(model, wrap_cls)
+    assert block_cls is not None
     blocks = [m for m in model.modules() if isinstance(m, block_cls)]
     if mesh is None:
         mesh = init_device_mesh(device.type, (world,))
@@ -390,23 +393,59 @@ def save_sharded(
     >>> sorted(p.name for p in d.iterdir())
     ['.metadata', '__0_0.distcp', 'extra_state.pt']
     """
+    import shutil
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if extra_state is not None:
+        _check_extra("extra_state", extra_state)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    on = dist.is_available() and dist.is_initialized()
+    lead = not on or dist.get_rank() == 0
+    # written under a temporary name and renamed when complete: a crash mid-save never
+    # leaves a directory that looks like a checkpoint (nor mixes old and new files)
+    partial = path.parent / f".{path.name}.partial"
+    if lead:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    if on:
+        dist.barrier()
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_model_state_dict(model)}
-    dcp.save(state, checkpoint_id=str(path))
-    on = dist.is_available() and dist.is_initialized()
-    if extra_state is not None and (not on or dist.get_rank() == 0):
-        torch.save(dict(extra_state), path / _EXTRA_FILE)
+    dcp.save(state, checkpoint_id=str(partial))
+    if on:
+        dist.barrier()
+    if lead:
+        if extra_state is not None:
+            torch.save(dict(extra_state), partial / _EXTRA_FILE)
+        if path.exists():
+            shutil.rmtree(path)
+        partial.rename(path)
     if on:
         dist.barrier()
     return path
+
+
+_EXTRA_TYPES = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def _check_extra(where: str, value: Any) -> None:
+    """``extra_state`` must load with ``torch.load(weights_only=True)``: check at save time, naming the entry."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise ValueError(f"{where} keys must be str or int, got {k!r} ({type(k).__name__})")
+            _check_extra(f"{where}[{k!r}]", v)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_extra(f"{where}[{i}]", v)
+    elif not isinstance(value, _EXTRA_TYPES):
+        raise ValueError(f"{where} is a {type(value).__name__}; extra_state holds tensors, numbers, strings, None "
+                         "and dicts/lists of them (e.g. a controller's state_dict(), or dataclasses.asdict(state))")
 
 
 def load_sharded(

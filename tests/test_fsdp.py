@@ -278,6 +278,12 @@ def test_fsdp_policies_are_rejected_where_they_do_not_apply(world_of_one):
         wrap_policy(tiny_llama(), "fsdp", device="cpu", mixed_precision=torch.int8)
     with pytest.raises(ValueError, match=r"cpu_offload=True .* device=cpu computes in host memory already"):
         wrap_policy(tiny_llama(), "fsdp", device="cpu", cpu_offload=True)
+    from rl2fx.memory.optimizer import is_checkpointed
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"found no decoder block in Sequential.*trainer\.fsdp_wrap"):
+        wrap_policy(plain, "fsdp", device="cpu", activation_checkpointing=True)
+    assert not is_checkpointed(plain)  # checked before the model is touched
     sharded = wrap_policy(tiny_llama(), "fsdp", device="cpu")
     assert find_block_class(sharded).__name__ == "FSDPLlamaDecoderLayer"  # found by the user's class name
     with pytest.raises(ValueError, match=r"model is already wrapped \(FSDPLlamaForCausalLM\)"):
@@ -299,6 +305,26 @@ def test_checkpoint_from_another_config_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no torch.distributed.checkpoint at .*nowhere"):
         load_sharded(tmp_path / "nowhere", model)
     assert load_sharded(tmp_path / "ckpt", model) == {}
+
+
+def test_save_replaces_a_checkpoint_whole_and_checks_extra_state(tmp_path):
+    import dataclasses
+
+    model = tiny_llama()
+    save_sharded(tmp_path / "ckpt", model, extra_state={"step": 1})
+    (tmp_path / "ckpt" / "stale.txt").write_text("from an older save")
+    save_sharded(tmp_path / "ckpt", model)  # no extra_state this time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial directory left
+    assert not (tmp_path / "ckpt" / "stale.txt").exists()
+    assert load_sharded(tmp_path / "ckpt", tiny_llama(seed=1)) == {}  # not the older save's extra_state
+
+    @dataclasses.dataclass
+    class State:
+        coef: float
+
+    with pytest.raises(ValueError, match=r"extra_state\['kl'\]\[0\] is a State; extra_state holds tensors"):
+        save_sharded(tmp_path / "other", model, extra_state={"kl": [State(0.1)]})
+    assert not (tmp_path / "other").exists() and not (tmp_path / ".other.partial").exists()
 
 
 # --------------------------------------------------------------------------- CUDA only
