@@ -22,7 +22,7 @@ each rank builds before ``wrap_policy`` shards it; they are not the sharded figu
 The 2-process runs are 2 gloo processes under ``torchrun`` (``--worker`` mode of this
 script); the single-process run is a fresh process too, so no run inherits another's peak.
 
-    PYTHONPATH=. python benchmarks/scale.py            # 58 M-parameter Llama, about 1-2 min on 2 cores
+    PYTHONPATH=. python benchmarks/scale.py            # 58 M-parameter Llama, about 4 min on 2 busy cores
     PYTHONPATH=. python benchmarks/scale.py --quick    # 1.4 M parameters, a minute (process start-up)
 """
 
@@ -124,7 +124,8 @@ def measure(strategy: str, size: str) -> dict[str, Any]:
 
     ``ddp`` and ``fsdp`` need ``torch.distributed`` initialised (every rank calls this). Returns
     the exact local bytes of parameters, gradients and optimizer state, their total, the
-    process's RSS at the start, after the step and at its peak (MiB), and the step's loss.
+    process's RSS (MiB) at the start, after ``wrap_policy``, after the step and at its peak, and
+    the step's loss and gradient norm.
     """
     import torch.distributed as dist
     import transformers.models.llama.modeling_llama  # noqa: F401  (the runtime counts in the start RSS)
@@ -132,6 +133,7 @@ def measure(strategy: str, size: str) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     rss_start = _rss_now_mib()
     model = wrap_policy(build_model(size), strategy, device="cpu")
+    rss_wrapped = _rss_now_mib()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     batch = synthetic_batch(SIZES[size]["vocab_size"], seed=1 + rank)
     metrics = train_step(model, opt, batch, loss_fn=make_ppo_loss(), max_grad_norm=1.0)
@@ -143,7 +145,7 @@ def measure(strategy: str, size: str) -> dict[str, Any]:
         "optim_bytes": sum(local_bytes(v) for s in opt.state.values() for v in s.values()
                            if isinstance(v, torch.Tensor)),
         "grads_missing": sum(p.grad is None for p in params),
-        "rss_start_mib": rss_start, "rss_after_mib": _rss_now_mib(),
+        "rss_start_mib": rss_start, "rss_wrapped_mib": rss_wrapped, "rss_after_mib": _rss_now_mib(),
         "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
     }
     row["rss_peak_mib"] = _rss_peak_mib()
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args.worker, size, args.result_dir)
         return 0
     n = parameter_count(size)
+    print(f"{cpu_model()}, torch {torch.__version__}")
     print(f"LlamaForCausalLM {SIZES[size]}: {n:,} parameters ({n * 4 / MIB:.1f} MiB float32); "
           f"per rank {ROWS} sequences x {PROMPT + RESP} tokens, one AdamW step", flush=True)
     rows: list[dict[str, Any]] = []
