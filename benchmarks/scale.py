@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_per_rank": {"rows": ROWS, "prompt": PROMPT, "response": RESP}, "optimizer": "AdamW",
         "fsdp_ratio": fsdp, "rows": rows,
     }
-    write_json(args.out, "scale_quick.json" if args.quick else "scale.json", result)
+    write_json(args.out, "scale.json" if size == "full" else f"scale_{size}.json", result)
     return 0
 
 

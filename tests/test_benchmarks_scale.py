@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -9,8 +10,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import scale  # noqa: E402
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+# the script imports its folder's _results helper; appended, so the folder's modules
+# (memory.py, returns.py, ...) never shadow an installed package of the same name
+sys.path.append(str(BENCH))
+_spec = importlib.util.spec_from_file_location("rl2fx_benchmarks_scale", BENCH / "scale.py")
+scale = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scale)
 
 
 def test_measure_counts_params_grads_and_adamw_state_exactly():
