@@ -37,7 +37,7 @@ from typing import NoReturn
 
 from rl2fx.trainer.ablate_names import ABLATIONS, DEFAULT_OUT, SHIPPED_OUT
 
-BENCH_AREAS = ("returns", "pareto", "tuning", "control", "memory")
+BENCH_AREAS = ("returns", "pareto", "tuning", "control", "memory", "scale")
 #: Where ``rl2fx bench`` (and each ``benchmarks/*.py``) writes its JSON unless given ``--out``.
 BENCH_OUT = "outputs/benchmarks"
 #: The committed results: regenerating them takes ``--out benchmarks/results`` explicitly.
