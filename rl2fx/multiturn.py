@@ -1,0 +1,348 @@
+r"""Multi-turn rollouts with an environment, token in, token out.
+
+:func:`multi_turn_rollout` alternates the model and an environment
+(:mod:`rl2fx.envs`, RL2's ``env_step`` protocol) for up to ``max_turns`` turns:
+
+1. every trajectory still running is continued from its own tokens: one batched
+   ``generate`` call per turn over the running trajectories only (finished ones
+   leave the batch), left-padded so each keeps the positions it will have in
+   the final batch;
+2. the sampled tokens are appended exactly as ``generate`` returned them, up to
+   and including the first ``eos_token_id`` (never decoded and re-encoded: that
+   round trip is not the identity, the mismatch OpenRLHF #1094 and slime #117
+   fixed), with ``action_mask`` 1 and their log-probs under the sampler;
+3. the environment sees the decoded response (``sample.action_text``) and returns
+   ``next_state``, ``reward``, ``done``; the reward goes on the last token of the
+   turn; the text that ``next_state`` adds after ``state_text + action_text`` is
+   tokenised and appended with ``action_mask`` 0. A ``next_state`` that does not
+   extend the previous text starts a new *segment*: a fresh context, tokenised
+   from ``next_state``, as RL2's ``add_env_response`` does; the trajectory then
+   spans several rows of the batch.
+
+**The result** (``R`` rows: one per segment, a trajectory's segments in order and
+contiguous, the trajectories of one prompt contiguous; ``R = B = N * G`` when no
+segment breaks, then the batch goes straight to
+:func:`rl2fx.experience.make_experience`):
+
+- ``input_ids``, ``attention_mask`` ``[R, P + T]``: each row's start (the prompt,
+  or a segment's fresh state) left-padded to ``P``, everything after it
+  right-padded to ``T``;
+- ``response_ids`` ``[R, T]``: all tokens after the start, model and environment;
+- ``response_mask`` ``[R, T]`` (float): the action mask, 1 on model tokens, 0 on
+  environment tokens and padding: the ``mask`` every estimator takes
+  (masked equals packed, DESIGN.md);
+- ``rewards`` ``[R, T]``: each turn's reward on the last model token of that turn;
+- ``behavior_logprobs`` ``[R, T]``: :math:`\log\mathrm{softmax}(z/\tau)_a` of each
+  sampled token ``a`` from the sampler's raw logits ``z`` at temperature
+  :math:`\tau` (0 where the mask is 0). These are the log-probs of the
+  temperature-scaled distribution *before* top-k/top-p truncation, the quantity
+  :func:`rl2fx.logprobs.response_logprobs` and the PPO loss compute, so the
+  ratio to them is 1 on-policy; with top-k/top-p the tokens were drawn from the
+  truncated distribution, whose log-probs differ by its log-mass;
+- ``turn_ids`` ``[R, T]``: the turn (1, 2, ...) a token belongs to, environment
+  tokens included; 0 on padding;
+- ``sample_index``, ``segment_index`` ``[R]``: the trajectory (``0..B-1``) and
+  segment of each row;
+- per trajectory ``[B]``: ``turns`` (model turns taken), ``scores`` (sum of its
+  turn rewards), ``failed`` (1 where the environment raised; that trajectory's
+  rows get ``response_mask`` 0 and reward 0 so they change no result).
+
+:func:`multi_turn_stats` summarises a result for logging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rl2fx._typing import Int, Tensor, check_range
+from rl2fx.envs import EnvError, EnvResponse, EnvSample, LoadedEnv, load_env, step_env
+
+__all__ = ["multi_turn_rollout", "multi_turn_stats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Segment:
+    start: list[int]  # the context this segment starts from (prompt or a fresh state)
+    tokens: list[int] = field(default_factory=list)  # everything after the start
+    action: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    turn_ids: list[int] = field(default_factory=list)
+
+    def context(self) -> list[int]:
+        return self.start + self.tokens
+
+    def append(self, tokens: Sequence[int], *, action: int, turn: int, logps: Sequence[float] | None = None) -> None:
+        self.tokens += list(tokens)
+        self.action += [action] * len(tokens)
+        self.logps += list(logps) if logps is not None else [0.0] * len(tokens)
+        self.rewards += [0.0] * len(tokens)
+        self.turn_ids += [turn] * len(tokens)
+
+
+@dataclass
+class _Trajectory:
+    sample: EnvSample
+    segments: list[_Segment]
+    done: bool = False
+    failed: bool = False
+    error: str = ""
+    total_reward: float = 0.0
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _generate(model: torch.nn.Module, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
+              pad_token_id: int, temperature: float, top_k: int, top_p: float, device: torch.device
+              ) -> list[tuple[list[int], list[float]]]:
+    """Sample one response per context; per row the tokens up to and including the first eos, and their log-probs."""
+    from transformers import GenerationConfig
+
+    ids, mask = _left_pad(contexts, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    cfg = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           output_logits=True, return_dict_in_generate=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # type: ignore[operator]
+    new = out.sequences[:, ids.shape[1]:]
+    # out.logits: one [rows, vocab] tensor per step, the raw logits before any processor (temperature, top-k/p)
+    logits = torch.stack(out.logits, dim=1).float()
+    lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    res = []
+    for row, row_lp in zip(new.tolist(), lp.tolist(), strict=True):
+        n = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+        res.append((row[:n], row_lp[:n]))
+    return res
+
+
+def _fail(traj: _Trajectory, err: BaseException, env: LoadedEnv) -> None:
+    traj.failed, traj.done = True, True
+    traj.error = f"environment {env.name!r}, sample {traj.sample.index}, turn {traj.sample.turn}: " \
+                 f"env_step raised {type(err).__name__}: {err}"
+    logger.warning("%s (the sample is failed, the rollout goes on)", traj.error)
+
+
+@torch.no_grad()
+def multi_turn_rollout(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    env: Any,
+    *,
+    prompt_texts: Sequence[str],
+    prompt_ids: Int[Tensor, "n p"] | None = None,
+    prompt_mask: Int[Tensor, "n p"] | None = None,
+    responses_per_prompt: int = 1,
+    max_turns: int = 2,
+    max_new_tokens: int = 64,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    add_special_tokens: bool = False,
+) -> dict[str, Tensor]:
+    """Sample ``responses_per_prompt`` trajectories per row, alternating ``model`` and ``env`` for up to ``max_turns`` turns.
+
+    ``rows``: the dataset rows (``sample.sample`` for the environment);
+    ``prompt_texts``: the first state of each row (``sample.state_text``, e.g. a
+    rendered chat prompt, :func:`rl2fx.prompts.render_prompt`). The first context's
+    tokens are ``prompt_ids`` (left-padded, ``prompt_mask`` 0 on the padding) when
+    given, else ``prompt_texts`` tokenised with ``add_special_tokens``, which also
+    applies to a fresh segment's state; the text an environment appends is
+    tokenised without special tokens. ``env``: a path to an environment file or an
+    object with ``env_step`` (:func:`rl2fx.envs.load_env`). ``max_new_tokens``
+    bounds each turn's response. Sampling draws from torch's global RNG; the model
+    is in eval mode during the rollout and its mode is restored.
+
+    Returns the tensors described in :mod:`rl2fx.multiturn`. An environment that
+    raises fails its trajectory only (logged with the environment, sample and
+    turn, counted in ``failed``); if every trajectory fails the rollout raises
+    :class:`~rl2fx.envs.EnvError` with the first error. A malformed ``env_step``
+    result raises :class:`~rl2fx.envs.EnvError` at once.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from rl2fx.testing.tokenizers import char_tokenizer
+    >>> tok = char_tokenizer()
+    >>> _ = torch.manual_seed(0)
+    >>> m = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    >>> def env_step(s):  # echo the turn number; reward 1 at the end
+    ...     return {"next_state": s.state_text + s.action_text + f"\\nturn {s.turn}:", "done": s.turn == 2,
+    ...             "reward": float(s.turn == 2)}
+    >>> out = multi_turn_rollout(m, tok, [{"q": 1}], env_step, prompt_texts=["go:"], responses_per_prompt=2,
+    ...                          max_turns=3, max_new_tokens=3)
+    >>> out["turns"].tolist(), out["scores"].tolist(), out["response_mask"].shape[0]
+    ([2, 2], [1.0, 1.0], 2)
+    """
+    check_range("max_turns", max_turns, 1, None)
+    check_range("responses_per_prompt", responses_per_prompt, 1, None)
+    check_range("max_new_tokens", max_new_tokens, 1, None)
+    check_range("temperature", temperature, 0.0, None, low_inclusive=False)
+    rows, prompt_texts = list(rows), list(prompt_texts)
+    if len(prompt_texts) != len(rows):
+        raise ValueError(f"prompt_texts has {len(prompt_texts)} entries but rows has {len(rows)}; one per row")
+    for i, t in enumerate(prompt_texts):
+        if not isinstance(t, str):
+            raise ValueError(f"prompt_texts[{i}] must be a string (the first state_text), got {type(t).__name__}")
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    if eos is None or pad is None:
+        raise ValueError(f"eos_token_id={eos} and pad_token_id={pad}: both are needed (pass them or set them "
+                         f"on the tokenizer)")
+    loaded = load_env(env)
+    if prompt_ids is not None:
+        if prompt_ids.shape[0] != len(rows):
+            raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows but rows has {len(rows)}")
+        pm = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        starts = [[int(t) for t, m in zip(r.tolist(), mr.tolist(), strict=True) if m] for r, mr in zip(prompt_ids, pm,
+                                                                                                    strict=True)]
+    else:
+        starts = [_encode(tokenizer, t, add_special_tokens) for t in prompt_texts]
+    for i, s in enumerate(starts):
+        if not s:
+            raise ValueError(f"prompt row {i} has 0 tokens ({prompt_texts[i]!r})")
+
+    trajs: list[_Trajectory] = []
+    for i, row in enumerate(rows):
+        for _ in range(responses_per_prompt):
+            sample = EnvSample(sample=dict(row), state_text=prompt_texts[i], index=len(trajs))
+            trajs.append(_Trajectory(sample=sample, segments=[_Segment(start=list(starts[i]))]))
+
+    inner: Any = getattr(model, "module", model)
+    device = next(inner.parameters()).device
+    was_training = inner.training
+    inner.eval()
+    try:
+        for turn in range(1, max_turns + 1):
+            active = [t for t in trajs if not t.done]
+            if not active:
+                break
+            outs = _generate(inner, [t.segments[-1].context() for t in active], max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=pad, temperature=temperature, top_k=top_k, top_p=top_p,
+                             device=device)
+            for t, (toks, lps) in zip(active, outs, strict=True):
+                t.segments[-1].append(toks, action=1, turn=turn, logps=lps)
+                t.sample.action_text = tokenizer.decode(toks, skip_special_tokens=True)
+                t.sample.turn = turn
+            responses = step_env(loaded, [t.sample for t in active])
+            for t, resp in zip(active, responses, strict=True):
+                if isinstance(resp, Exception):
+                    _fail(t, resp, loaded)
+                    continue
+                _apply(t, resp, tokenizer, add_special_tokens, last_turn=turn == max_turns, env=loaded)
+    finally:
+        inner.train(was_training)
+    failed = [t for t in trajs if t.failed]
+    if trajs and len(failed) == len(trajs):
+        raise EnvError(f"every sample failed ({len(trajs)} of {len(trajs)}); the first: {failed[0].error}")
+    return _layout(trajs, pad)
+
+
+def _apply(t: _Trajectory, resp: EnvResponse, tokenizer: Any, add_special_tokens: bool, *, last_turn: bool,
+           env: LoadedEnv) -> None:
+    seg, s = t.segments[-1], t.sample
+    seg.rewards[-1] = resp["reward"]  # the last token of this turn is the model's last sampled token
+    t.total_reward += resp["reward"]
+    if resp["done"] or last_turn:
+        t.done = True
+        return
+    nxt = resp["next_state"]
+    assert nxt is not None  # check_env_response: text when not done
+    prefix = s.state_text + s.action_text
+    if nxt.startswith(prefix):
+        seg.append(_encode(tokenizer, nxt[len(prefix):], False), action=0, turn=s.turn)
+    else:
+        start = _encode(tokenizer, nxt, add_special_tokens)
+        if not start:
+            raise EnvError(f"environment {env.name!r}, sample {s.index}: next_state {nxt!r} starts a new segment "
+                           f"but has 0 tokens")
+        t.segments.append(_Segment(start=start))
+    s.state_text = nxt
+
+
+def _layout(trajs: Sequence[_Trajectory], pad: int) -> dict[str, Tensor]:
+    segs = [(i, j, seg) for i, t in enumerate(trajs) for j, seg in enumerate(t.segments)]
+    r = len(segs)
+    p = max((len(seg.start) for _, _, seg in segs), default=0)
+    tt = max((len(seg.tokens) for _, _, seg in segs), default=0)
+    input_ids = torch.full((r, p + tt), pad, dtype=torch.long)
+    attn = torch.zeros((r, p + tt), dtype=torch.long)
+    resp_mask = torch.zeros((r, tt))
+    rewards = torch.zeros((r, tt))
+    blp = torch.zeros((r, tt))
+    turn_ids = torch.zeros((r, tt), dtype=torch.long)
+    for k, (i, _, seg) in enumerate(segs):
+        n0, n = len(seg.start), len(seg.tokens)
+        input_ids[k, p - n0:p] = torch.tensor(seg.start, dtype=torch.long)
+        attn[k, p - n0:p + n] = 1
+        if n:
+            input_ids[k, p:p + n] = torch.tensor(seg.tokens, dtype=torch.long)
+            turn_ids[k, :n] = torch.tensor(seg.turn_ids, dtype=torch.long)
+            if not trajs[i].failed:  # a failed trajectory's rows change no result
+                resp_mask[k, :n] = torch.tensor(seg.action, dtype=torch.float32)
+                rewards[k, :n] = torch.tensor(seg.rewards, dtype=torch.float32)
+            blp[k, :n] = torch.tensor(seg.logps, dtype=torch.float32)
+    blp = torch.where(resp_mask > 0, blp, 0.0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attn,
+        "response_ids": input_ids[:, p:].clone(),
+        "response_mask": resp_mask,
+        "rewards": rewards,
+        "behavior_logprobs": blp,
+        "turn_ids": turn_ids,
+        "sample_index": torch.tensor([i for i, _, _ in segs], dtype=torch.long),
+        "segment_index": torch.tensor([j for _, j, _ in segs], dtype=torch.long),
+        "turns": torch.tensor([t.sample.turn for t in trajs], dtype=torch.long),
+        "scores": torch.tensor([0.0 if t.failed else t.total_reward for t in trajs]),
+        "failed": torch.tensor([t.failed for t in trajs], dtype=torch.long),
+    }
+
+
+def multi_turn_stats(batch: Mapping[str, Tensor]) -> dict[str, float]:
+    """Means for logging: turns, model and environment tokens per trajectory, segments, failed samples, score.
+
+    >>> b = {"turns": torch.tensor([1, 3]), "failed": torch.tensor([0, 1]), "scores": torch.tensor([1.0, 0.0]),
+    ...      "sample_index": torch.tensor([0, 1]), "response_mask": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+    ...      "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+    >>> multi_turn_stats(b)["turns_mean"], multi_turn_stats(b)["failed"]
+    (2.0, 1.0)
+    """
+    n = int(batch["turns"].shape[0])
+    if n == 0:
+        return {}
+    t = batch["response_mask"].shape[-1]
+    real = batch["attention_mask"][:, -t:] != 0 if t else torch.zeros_like(batch["response_mask"], dtype=torch.bool)
+    model_tok = torch.zeros(n).index_add_(0, batch["sample_index"], batch["response_mask"].sum(-1).float())
+    env_tok = torch.zeros(n).index_add_(0, batch["sample_index"], (real & (batch["response_mask"] == 0)).sum(-1).float())
+    return {
+        "turns_mean": float(batch["turns"].float().mean()),
+        "turns_max": float(batch["turns"].max()),
+        "model_tokens_mean": float(model_tok.mean()),
+        "env_tokens_mean": float(env_tok.mean()),
+        "segments_per_sample": float(batch["sample_index"].shape[0] / n),
+        "failed": float(batch["failed"].sum()),
+        "score_mean": float(batch["scores"].float().mean()),
+    }
