@@ -187,7 +187,8 @@ def multi_turn_rollout(
     >>> from rl2fx.testing.tokenizers import char_tokenizer
     >>> tok = char_tokenizer()
     >>> _ = torch.manual_seed(0)
-    >>> m = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    >>> m = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64,
+    ...                                     bos_token_id=1, eos_token_id=2))
     >>> def env_step(s):  # echo the turn number; reward 1 at the end
     ...     return {"next_state": s.state_text + s.action_text + f"\\nturn {s.turn}:", "done": s.turn == 2,
     ...             "reward": float(s.turn == 2)}
