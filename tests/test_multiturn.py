@@ -230,3 +230,17 @@ def test_prompt_ids_and_the_shipped_guess_number_task(tok):
     assert set(out["scores"].tolist()) <= {0.0, 1.0} and (out["turns"] <= 2).all()
     env_text = tok.decode(out["response_ids"][0][(out["response_mask"][0] == 0) & (out["turn_ids"][0] == 1)])
     assert out["turns"][0] == 1 or env_text.endswith("\nguess:")
+
+
+def test_the_docs_page_examples_run(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "multiturn.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+    printed = capsys.readouterr().out
+    assert "14" in printed and "turns_mean" in printed
