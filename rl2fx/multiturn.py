@@ -52,6 +52,7 @@ segment breaks, then the batch goes straight to
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,26 +114,58 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+class _TextStop:
+    """A ``generate`` stopping criterion: a row stops once its decoded response contains one of ``stops``.
+
+    It records the number of new tokens at which each row first matched, so the
+    response is cut there (the tokens ``generate`` adds after a finished row are padding).
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int, rows: int, device: torch.device):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, tuple(stops), prompt_len
+        self.length = [0] * rows  # 0: not stopped by text
+
+    def __call__(self, input_ids: Tensor, scores: Any = None, **kwargs: Any) -> Tensor:
+        new = input_ids[:, self.prompt_len:]
+        hit = torch.zeros(new.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(new.tolist()):
+            if self.length[i]:
+                hit[i] = True
+                continue
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            if any(st in text for st in self.stops):
+                self.length[i] = len(row)
+                hit[i] = True
+        return hit
+
+
 @torch.no_grad()
-def _generate(model: torch.nn.Module, contexts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_token_id: int,
-              pad_token_id: int, temperature: float, top_k: int, top_p: float, device: torch.device
-              ) -> list[tuple[list[int], list[float]]]:
-    """Sample one response per context; per row the tokens up to and including the first eos, and their log-probs."""
-    from transformers import GenerationConfig
+def _generate(model: torch.nn.Module, tokenizer: Any, contexts: Sequence[Sequence[int]], *, max_new_tokens: int,
+              eos: tuple[int, ...], pad_token_id: int, temperature: float, top_k: int, top_p: float,
+              stop: Sequence[str], device: torch.device) -> list[tuple[list[int], list[float]]]:
+    """Sample one response per context; per row the tokens up to the first eos (included) or the first stop string,
+    and their log-probs."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     ids, mask = _left_pad(contexts, pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     cfg = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                           top_p=top_p, eos_token_id=list(eos), pad_token_id=pad_token_id,
                            output_logits=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)  # type: ignore[operator]
+    text_stop = _TextStop(tokenizer, stop, ids.shape[1], ids.shape[0], device) if stop else None
+    extra: dict[str, Any] = {}
+    if text_stop is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([text_stop])  # type: ignore[list-item]
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **extra)  # type: ignore[operator]
     new = out.sequences[:, ids.shape[1]:]
     # out.logits: one [rows, vocab] tensor per step, the raw logits before any processor (temperature, top-k/p)
     logits = torch.stack(out.logits, dim=1).float()
     lp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
     res = []
-    for row, row_lp in zip(new.tolist(), lp.tolist(), strict=True):
-        n = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+    for i, (row, row_lp) in enumerate(zip(new.tolist(), lp.tolist(), strict=True)):
+        n = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+        if text_stop is not None and text_stop.length[i]:
+            n = min(n, text_stop.length[i])
         res.append((row[:n], row_lp[:n]))
     return res
 
@@ -157,11 +190,12 @@ def multi_turn_rollout(
     responses_per_prompt: int = 1,
     max_turns: int = 2,
     max_new_tokens: int = 64,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    stop: Sequence[str] = (),
     add_special_tokens: bool = False,
 ) -> dict[str, Tensor]:
     """Sample ``responses_per_prompt`` trajectories per row, alternating ``model`` and ``env`` for up to ``max_turns`` turns.
@@ -174,7 +208,11 @@ def multi_turn_rollout(
     applies to a fresh segment's state; the text an environment appends is
     tokenised without special tokens. ``env``: a path to an environment file or an
     object with ``env_step`` (:func:`rl2fx.envs.load_env`). ``max_new_tokens``
-    bounds each turn's response. Sampling draws from torch's global RNG; the model
+    bounds each turn's response; a response also ends at an ``eos_token_id`` (one
+    id or several; default the tokenizer's) or, when ``stop`` is given, once its
+    decoded text contains one of these strings (kept in the response, as SGLang's
+    ``no_stop_trim``): a tool call such as ``</calc>`` then gets its result before
+    the model goes on. Sampling draws from torch's global RNG; the model
     is in eval mode during the rollout and its mode is restored.
 
     Returns the tensors described in :mod:`rl2fx.multiturn`. An environment that
@@ -207,11 +245,18 @@ def multi_turn_rollout(
     for i, t in enumerate(prompt_texts):
         if not isinstance(t, str):
             raise ValueError(f"prompt_texts[{i}] must be a string (the first state_text), got {type(t).__name__}")
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-    if eos is None or pad is None:
-        raise ValueError(f"eos_token_id={eos} and pad_token_id={pad}: both are needed (pass them or set them "
+    if eos_id is None or pad is None:
+        raise ValueError(f"eos_token_id={eos_id} and pad_token_id={pad}: both are needed (pass them or set them "
                          f"on the tokenizer)")
+    eos = (int(eos_id),) if isinstance(eos_id, int) else tuple(int(e) for e in eos_id)
+    if not eos:
+        raise ValueError("eos_token_id is an empty sequence; give at least one id")
+    stop = list(stop)
+    for i, st in enumerate(stop):
+        if not isinstance(st, str) or not st:
+            raise ValueError(f"stop[{i}] must be a non-empty string, got {st!r}")
     loaded = load_env(env)
     if prompt_ids is not None:
         if prompt_ids.shape[0] != len(rows):
@@ -228,7 +273,7 @@ def multi_turn_rollout(
     trajs: list[_Trajectory] = []
     for i, row in enumerate(rows):
         for _ in range(responses_per_prompt):
-            sample = EnvSample(sample=dict(row), state_text=prompt_texts[i], index=len(trajs))
+            sample = EnvSample(sample=copy.deepcopy(dict(row)), state_text=prompt_texts[i], index=len(trajs))
             trajs.append(_Trajectory(sample=sample, segments=[_Segment(start=list(starts[i]))]))
 
     inner: Any = getattr(model, "module", model)
@@ -240,9 +285,9 @@ def multi_turn_rollout(
             active = [t for t in trajs if not t.done]
             if not active:
                 break
-            outs = _generate(inner, [t.segments[-1].context() for t in active], max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad, temperature=temperature, top_k=top_k, top_p=top_p,
-                             device=device)
+            outs = _generate(inner, tokenizer, [t.segments[-1].context() for t in active],
+                             max_new_tokens=max_new_tokens, eos=eos, pad_token_id=pad, temperature=temperature,
+                             top_k=top_k, top_p=top_p, stop=stop, device=device)
             for t, (toks, lps) in zip(active, outs, strict=True):
                 t.segments[-1].append(toks, action=1, turn=turn, logps=lps)
                 t.sample.action_text = tokenizer.decode(toks, skip_special_tokens=True)

@@ -244,3 +244,78 @@ def test_the_docs_page_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
     printed = capsys.readouterr().out
     assert "14" in printed and "turns_mean" in printed
+
+
+def _scripted_gpt2(tok, script: dict[int, str], n_pos: int = 64):
+    """A real GPT-2 whose next token depends only on the position: ``script[pos]`` is (almost surely) sampled there.
+
+    Token embeddings and every block's output projections are zero, so the last hidden state is
+    LayerNorm(one-hot(position)); the untied LM head scores the scripted token at each position.
+    """
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=n_pos, n_layer=1, n_head=2, n_positions=n_pos,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+    with torch.no_grad():
+        m.transformer.wte.weight.zero_()
+        m.transformer.wpe.weight.copy_(torch.eye(n_pos))
+        for block in m.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+        m.lm_head.weight.zero_()
+        for pos, t in script.items():
+            tid = tok.eos_token_id if t == "<eos>" else tok.convert_tokens_to_ids(t)
+            m.lm_head.weight[tid, pos - 1] += 50.0  # the hidden state at pos - 1 predicts the token at pos
+    return m.eval()
+
+
+def test_calculator_tool_call_stops_gets_its_result_and_is_scored():
+    from rl2fx.tools import calculator
+
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 +-=:?.,!\n<>/*()")
+    prompt, call, result = "q:", "<calc>2*3</calc>", "<result>6</result>"
+    script = {2 + k: c for k, c in enumerate(call)}
+    after = 2 + len(call) + len(result)
+    script.update({after: "6", after + 1: "<eos>"})
+    m = _scripted_gpt2(tok, script)
+    torch.manual_seed(0)
+    out = multi_turn_rollout(m, tok, [{"answer": 6}], calculator, prompt_texts=[prompt], responses_per_prompt=2,
+                             max_turns=3, max_new_tokens=24, stop=["</calc>"])
+    assert out["turns"].tolist() == [2, 2] and out["scores"].tolist() == [1.0, 1.0]
+    n = len(call) + len(result) + 2
+    assert tok.decode(out["response_ids"][0, :n], skip_special_tokens=True) == call + result + "6"
+    assert out["response_ids"][0, n - 1] == tok.eos_token_id
+    expect_mask = [1.0] * len(call) + [0.0] * len(result) + [1.0, 1.0]
+    assert out["response_mask"][0, :n].tolist() == expect_mask and (out["response_mask"][:, n:] == 0).all()
+    assert out["rewards"][0].nonzero().flatten().tolist() == [n - 1] and out["rewards"][0, n - 1] == 1.0
+    lp, _ = response_logprobs(m, out["input_ids"], out["attention_mask"], out["response_ids"], fused=False)
+    mask = out["response_mask"] > 0
+    assert (lp - out["behavior_logprobs"]).abs()[mask].max() <= 1e-5
+    # without the stop string the first turn runs on past the tool call
+    torch.manual_seed(0)
+    no_stop = multi_turn_rollout(m, tok, [{"answer": 6}], calculator, prompt_texts=[prompt], max_turns=1,
+                                 max_new_tokens=24)
+    assert int(no_stop["response_mask"][0].sum()) == 24
+
+
+def test_stop_strings_end_each_response_at_the_first_match(tok):
+    m = _model("llama", len(tok))
+    vowels = ["a", "e", "i", "o", "u"]
+    out = _rollout(m, tok, _turn_env(), max_turns=2, max_new_tokens=12, stop=vowels)
+    stopped = 0
+    for i in range(out["turns"].shape[0]):
+        for k in (1, 2):
+            sel = (out["turn_ids"][i] == k) & (out["response_mask"][i] > 0)
+            toks = out["response_ids"][i][sel].tolist()
+            before = tok.decode(toks[:-1], skip_special_tokens=True)
+            assert not any(v in before for v in vowels)
+            full = tok.decode(toks, skip_special_tokens=True)
+            if any(v in full for v in vowels):
+                stopped += 1
+            else:
+                assert len(toks) == 12 or toks[-1] == tok.eos_token_id
+    assert stopped > 0
+    lp, _ = response_logprobs(m, out["input_ids"], out["attention_mask"], out["response_ids"], fused=False)
+    mask = out["response_mask"] > 0
+    assert (lp - out["behavior_logprobs"]).abs()[mask].max() <= 1e-5
+    with pytest.raises(ValueError, match=r"stop\[0\] must be a non-empty string"):
+        _rollout(m, tok, _turn_env(), stop=[""])
