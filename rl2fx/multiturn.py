@@ -45,7 +45,8 @@ segment breaks, then the batch goes straight to
   segment of each row;
 - per trajectory ``[B]``: ``turns`` (model turns taken), ``scores`` (sum of its
   turn rewards), ``failed`` (1 where the environment raised; that trajectory's
-  rows get ``response_mask`` 0 and reward 0 so they change no result).
+  rows get ``response_mask`` 0 and reward 0 so they change no result),
+  ``truncated`` (1 where ``max_length`` ended it).
 
 :func:`multi_turn_stats` summarises a result for logging.
 """
@@ -94,6 +95,7 @@ class _Trajectory:
     segments: list[_Segment]
     done: bool = False
     failed: bool = False
+    truncated: bool = False
     error: str = ""
     total_reward: float = 0.0
 
@@ -170,6 +172,18 @@ def _generate(model: torch.nn.Module, tokenizer: Any, contexts: Sequence[Sequenc
     return res
 
 
+def _truncate(t: _Trajectory) -> None:
+    """End ``t`` for lack of room: drop what follows its last response (environment text no model turn reads)."""
+    t.done = t.truncated = True
+    seg = t.segments[-1]
+    if 1 not in seg.action:  # a fresh segment that never got a response
+        t.segments.pop()
+        return
+    keep = len(seg.action) - seg.action[::-1].index(1)
+    for name in ("tokens", "action", "logps", "rewards", "turn_ids"):
+        del getattr(seg, name)[keep:]
+
+
 def _fail(traj: _Trajectory, err: BaseException, env: LoadedEnv) -> None:
     traj.failed, traj.done = True, True
     traj.error = f"environment {env.name!r}, sample {traj.sample.index}, turn {traj.sample.turn}: " \
@@ -197,6 +211,8 @@ def multi_turn_rollout(
     top_p: float = 1.0,
     stop: Sequence[str] = (),
     add_special_tokens: bool = False,
+    skip_special_tokens: bool = True,
+    max_length: int | None = None,
 ) -> dict[str, Tensor]:
     """Sample ``responses_per_prompt`` trajectories per row, alternating ``model`` and ``env`` for up to ``max_turns`` turns.
 
@@ -212,7 +228,14 @@ def multi_turn_rollout(
     id or several; default the tokenizer's) or, when ``stop`` is given, once its
     decoded text contains one of these strings (kept in the response, as SGLang's
     ``no_stop_trim``): a tool call such as ``</calc>`` then gets its result before
-    the model goes on. Sampling draws from torch's global RNG; the model
+    the model goes on. ``max_length`` bounds a row's tokens (its start and
+    everything after it): a trajectory whose context leaves fewer than
+    ``max_new_tokens`` positions ends there, flagged ``truncated``, without the
+    environment text after its last response; a prompt that does not fit raises. ``sample.action_text`` is the response decoded with
+    ``skip_special_tokens`` (``True``: SGLang's default, as RL2 sees it; ``False``
+    keeps e.g. a chat model's end-of-turn token, so that an environment that
+    re-renders the chat template extends ``state_text + action_text`` without
+    repeating it). Sampling draws from torch's global RNG; the model
     is in eval mode during the rollout and its mode is restored.
 
     Returns the tensors described in :mod:`rl2fx.multiturn`. An environment that
@@ -239,6 +262,8 @@ def multi_turn_rollout(
     check_range("responses_per_prompt", responses_per_prompt, 1, None)
     check_range("max_new_tokens", max_new_tokens, 1, None)
     check_range("temperature", temperature, 0.0, None, low_inclusive=False)
+    if max_length is not None:
+        check_range("max_length", max_length, max_new_tokens + 1, None)
     rows, prompt_texts = list(rows), list(prompt_texts)
     if len(prompt_texts) != len(rows):
         raise ValueError(f"prompt_texts has {len(prompt_texts)} entries but rows has {len(rows)}; one per row")
@@ -269,6 +294,9 @@ def multi_turn_rollout(
     for i, s in enumerate(starts):
         if not s:
             raise ValueError(f"prompt row {i} has 0 tokens ({prompt_texts[i]!r})")
+        if max_length is not None and len(s) + max_new_tokens > max_length:
+            raise ValueError(f"prompt row {i} has {len(s)} tokens: with max_new_tokens={max_new_tokens} it does not "
+                             f"fit max_length={max_length}")
 
     trajs: list[_Trajectory] = []
     for i, row in enumerate(rows):
@@ -282,6 +310,9 @@ def multi_turn_rollout(
     inner.eval()
     try:
         for turn in range(1, max_turns + 1):
+            for t in trajs:
+                if not t.done and max_length is not None and len(t.segments[-1].context()) + max_new_tokens > max_length:
+                    _truncate(t)
             active = [t for t in trajs if not t.done]
             if not active:
                 break
@@ -290,7 +321,7 @@ def multi_turn_rollout(
                              top_k=top_k, top_p=top_p, stop=stop, device=device)
             for t, (toks, lps) in zip(active, outs, strict=True):
                 t.segments[-1].append(toks, action=1, turn=turn, logps=lps)
-                t.sample.action_text = tokenizer.decode(toks, skip_special_tokens=True)
+                t.sample.action_text = tokenizer.decode(toks, skip_special_tokens=skip_special_tokens)
                 t.sample.turn = turn
             responses = step_env(loaded, [t.sample for t in active])
             for t, resp in zip(active, responses, strict=True):
@@ -364,31 +395,56 @@ def _layout(trajs: Sequence[_Trajectory], pad: int) -> dict[str, Tensor]:
         "turns": torch.tensor([t.sample.turn for t in trajs], dtype=torch.long),
         "scores": torch.tensor([0.0 if t.failed else t.total_reward for t in trajs]),
         "failed": torch.tensor([t.failed for t in trajs], dtype=torch.long),
+        "truncated": torch.tensor([t.truncated for t in trajs], dtype=torch.long),
     }
 
 
 def multi_turn_stats(batch: Mapping[str, Tensor]) -> dict[str, float]:
-    """Means for logging: turns, model and environment tokens per trajectory, segments, failed samples, score.
+    """Numbers to log from a :func:`multi_turn_rollout` result.
 
-    >>> b = {"turns": torch.tensor([1, 3]), "failed": torch.tensor([0, 1]), "scores": torch.tensor([1.0, 0.0]),
-    ...      "sample_index": torch.tensor([0, 1]), "response_mask": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
-    ...      "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
-    >>> multi_turn_stats(b)["turns_mean"], multi_turn_stats(b)["failed"]
-    (2.0, 1.0)
+    Over the trajectories that did not fail: turns (mean, max), model and
+    environment tokens per trajectory, segments per trajectory, the mean score,
+    and per turn ``k`` the mean reward (``turn_k/reward_mean``) and response
+    length (``turn_k/response_length_mean``) of the trajectories that took that
+    turn. Over all: the number of ``failed`` and ``truncated`` trajectories.
+
+    >>> b = {"turns": torch.tensor([1, 2]), "failed": torch.tensor([0, 0]), "truncated": torch.tensor([0, 0]),
+    ...      "scores": torch.tensor([1.0, 0.5]), "sample_index": torch.tensor([0, 1]),
+    ...      "response_mask": torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]),
+    ...      "rewards": torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0]]),
+    ...      "turn_ids": torch.tensor([[1, 1, 0, 0], [1, 1, 2, 0]])}
+    >>> st = multi_turn_stats(b)
+    >>> st["turns_mean"], st["env_tokens_mean"], st["turn_1/reward_mean"], st["turn_2/response_length_mean"]
+    (1.5, 0.5, 0.5, 1.0)
     """
     n = int(batch["turns"].shape[0])
     if n == 0:
         return {}
-    t = batch["response_mask"].shape[-1]
-    real = batch["attention_mask"][:, -t:] != 0 if t else torch.zeros_like(batch["response_mask"], dtype=torch.bool)
-    model_tok = torch.zeros(n).index_add_(0, batch["sample_index"], batch["response_mask"].sum(-1).float())
-    env_tok = torch.zeros(n).index_add_(0, batch["sample_index"], (real & (batch["response_mask"] == 0)).sum(-1).float())
-    return {
-        "turns_mean": float(batch["turns"].float().mean()),
-        "turns_max": float(batch["turns"].max()),
-        "model_tokens_mean": float(model_tok.mean()),
-        "env_tokens_mean": float(env_tok.mean()),
-        "segments_per_sample": float(batch["sample_index"].shape[0] / n),
-        "failed": float(batch["failed"].sum()),
-        "score_mean": float(batch["scores"].float().mean()),
+    idx, mask, turn_ids = batch["sample_index"], batch["response_mask"], batch["turn_ids"]
+    ok = batch["failed"] == 0
+    turns = batch["turns"]
+
+    def per_traj(x: Tensor) -> Tensor:  # [R, T] -> [B]: summed over a trajectory's tokens and segments
+        return torch.zeros(n, dtype=torch.float64).index_add_(0, idx, x.double().sum(-1))
+
+    def mean(x: Tensor, sel: Tensor) -> float:
+        return float(x[sel].mean()) if bool(sel.any()) else 0.0
+
+    real = turn_ids > 0
+    out = {
+        "turns_mean": mean(turns.double(), ok),
+        "turns_max": float(turns[ok].max()) if bool(ok.any()) else 0.0,
+        "model_tokens_mean": mean(per_traj(mask), ok),
+        "env_tokens_mean": mean(per_traj(real & (mask == 0)), ok),
+        "segments_per_sample": mean(torch.zeros(n, dtype=torch.float64).index_add_(
+            0, idx, torch.ones(idx.shape[0], dtype=torch.float64)), ok),
+        "score_mean": mean(batch["scores"].double(), ok),
+        "failed": float((~ok).sum()),
+        "truncated": float(batch["truncated"].sum()) if "truncated" in batch else 0.0,
     }
+    for k in range(1, int(turns.max()) + 1):
+        took = ok & (turns >= k)
+        at_k = turn_ids == k
+        out[f"turn_{k}/reward_mean"] = mean(per_traj(torch.where(at_k, batch["rewards"], 0.0)), took)
+        out[f"turn_{k}/response_length_mean"] = mean(per_traj(at_k & (mask > 0)), took)
+    return out

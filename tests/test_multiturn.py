@@ -319,3 +319,36 @@ def test_stop_strings_end_each_response_at_the_first_match(tok):
     assert (lp - out["behavior_logprobs"]).abs()[mask].max() <= 1e-5
     with pytest.raises(ValueError, match=r"stop\[0\] must be a non-empty string"):
         _rollout(m, tok, _turn_env(), stop=[""])
+
+
+def test_max_length_ends_trajectories_that_no_longer_fit(tok):
+    m = _model("llama", len(tok))
+    out = _rollout(m, tok, _turn_env(), max_turns=6, max_new_tokens=4, max_length=24)
+    lengths = out["attention_mask"].sum(-1)
+    assert (lengths <= 24).all()
+    assert out["truncated"].bool().any() and (out["turns"][out["truncated"].bool()] < 6).all()
+    t = out["response_mask"].shape[1]
+    for i in range(out["turns"].shape[0]):  # no environment text after the last response
+        last = (out["attention_mask"][i, -t:] > 0).nonzero().max()
+        assert out["response_mask"][i, last] == 1
+    assert multi_turn_stats(out)["truncated"] == float(out["truncated"].sum())
+    with pytest.raises(ValueError, match="prompt row 1 has 10 tokens"):
+        _rollout(m, tok, _turn_env(), max_new_tokens=4, max_length=12)
+    with pytest.raises(ValueError, match="max_length"):
+        _rollout(m, tok, _turn_env(), max_new_tokens=4, max_length=4)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_action_text_decoding_of_special_tokens(tok, skip):
+    seen = []
+
+    def env_step(s):
+        seen.append(s.action_text)
+        return {"next_state": None, "done": True, "reward": 0.0}
+
+    m = _model("llama", len(tok))
+    out = _rollout(m, tok, env_step, max_turns=1, max_new_tokens=30, g=4, skip_special_tokens=skip)
+    ended = [i for i in range(len(seen)) if tok.eos_token_id in out["response_ids"][i].tolist()]
+    assert ended  # some responses ended with <eos>
+    for i in ended:
+        assert seen[i].endswith(tok.eos_token) is not skip
