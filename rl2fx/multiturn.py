@@ -223,20 +223,23 @@ def multi_turn_rollout(
     given, else ``prompt_texts`` tokenised with ``add_special_tokens``, which also
     applies to a fresh segment's state; the text an environment appends is
     tokenised without special tokens. ``env``: a path to an environment file or an
-    object with ``env_step`` (:func:`rl2fx.envs.load_env`). ``max_new_tokens``
-    bounds each turn's response; a response also ends at an ``eos_token_id`` (one
-    id or several; default the tokenizer's) or, when ``stop`` is given, once its
-    decoded text contains one of these strings (kept in the response, as SGLang's
-    ``no_stop_trim``): a tool call such as ``</calc>`` then gets its result before
-    the model goes on. ``max_length`` bounds a row's tokens (its start and
-    everything after it): a trajectory whose context leaves fewer than
-    ``max_new_tokens`` positions ends there, flagged ``truncated``, without the
-    environment text after its last response; a prompt that does not fit raises. ``sample.action_text`` is the response decoded with
-    ``skip_special_tokens`` (``True``: SGLang's default, as RL2 sees it; ``False``
-    keeps e.g. a chat model's end-of-turn token, so that an environment that
-    re-renders the chat template extends ``state_text + action_text`` without
-    repeating it). Sampling draws from torch's global RNG; the model
-    is in eval mode during the rollout and its mode is restored.
+    object with ``env_step`` (:func:`rl2fx.envs.load_env`).
+
+    ``max_new_tokens`` bounds each turn's response; a response also ends at an
+    ``eos_token_id`` (one id or several; default the tokenizer's) or, when ``stop``
+    is given, once its decoded text contains one of these strings (kept in the
+    response, as SGLang's ``no_stop_trim``): a tool call such as ``</calc>`` then
+    gets its result before the model goes on. ``max_length`` bounds a row's tokens
+    (its start and everything after it): a trajectory whose context leaves fewer
+    than ``max_new_tokens`` positions ends there, flagged ``truncated``, without the
+    environment text after its last response; a prompt that does not fit raises.
+
+    ``sample.action_text`` is the response decoded with ``skip_special_tokens``
+    (``True``: SGLang's default, as RL2 sees it; ``False`` keeps e.g. a chat model's
+    end-of-turn token, so that an environment that re-renders the chat template
+    extends ``state_text + action_text`` without repeating it). Sampling draws from
+    torch's global RNG; the model is in eval mode during the rollout and its mode
+    is restored.
 
     Returns the tensors described in :mod:`rl2fx.multiturn`. An environment that
     raises fails its trajectory only (logged with the environment, sample and
