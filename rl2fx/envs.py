@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, runtime_checkable
 
-__all__ = ["EnvError", "EnvSample", "EnvResponse", "Environment", "LoadedEnv", "ENV_RESPONSE_KEYS", "load_env",
+__all__ = ["EnvError", "EnvSample", "Sample", "EnvResponse", "Environment", "LoadedEnv", "ENV_RESPONSE_KEYS", "load_env",
            "check_env_response", "step_env"]
 
 #: The keys of an ``env_step`` result, exactly these.
@@ -87,6 +87,10 @@ class EnvSample:
     turn: int = 0
     index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: RL2's name for :class:`EnvSample` (``from RL2.datasets import Sample`` becomes ``from rl2fx.envs import Sample``).
+Sample = EnvSample
 
 
 @runtime_checkable

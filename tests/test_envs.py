@@ -17,7 +17,7 @@ from rl2fx.tools.calculator import CalculatorError, safe_eval
 RL2_STYLE_ENV = textwrap.dedent('''
     from typing import Dict, Any
     import re
-    from rl2fx.envs import EnvSample as Sample
+    from rl2fx.envs import Sample
 
     async def env_step(sample: Sample) -> Dict[str, Any]:
         env_response = {"next_state": None, "done": True, "reward": 0.0}

@@ -352,3 +352,45 @@ def test_action_text_decoding_of_special_tokens(tok, skip):
     assert ended  # some responses ended with <eos>
     for i in ended:
         assert seen[i].endswith(tok.eos_token) is not skip
+
+
+def _pack(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's masked-in entries moved to the front, in order; zeros after them."""
+    out = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        v = x[i][mask[i]]
+        out[i, : v.shape[0]] = v
+    return out
+
+
+def test_every_registered_estimator_is_masked_equals_packed_on_a_real_rollout(tok):
+    from rl2fx.returns import get_estimator, list_estimators
+
+    m = _model("gpt2", len(tok))
+    g = 3
+    out = _rollout(m, tok, _turn_env(done_at=3), max_turns=3, g=g, n=2)
+    mask = out["response_mask"] > 0
+    r = out["rewards"].double()
+    gen = torch.Generator().manual_seed(0)
+    per_token = {"rewards": r, "values": torch.randn(r.shape, generator=gen, dtype=torch.float64),
+                 "log_rhos": 0.1 * torch.randn(r.shape, generator=gen, dtype=torch.float64),
+                 "old_logprobs": out["behavior_logprobs"].double(),
+                 "sum_pi_squared": torch.rand(r.shape, generator=gen, dtype=torch.float64)}
+    per_row = {"group_size": g, "greedy_rewards": torch.tensor([0.5, 1.5], dtype=torch.float64),
+               "reward_components": torch.stack([out["scores"], out["turns"].float()], -1).double()}
+    packed_mask = _pack(mask, mask)
+    assert packed_mask.sum() == mask.sum() and not torch.equal(packed_mask, mask)  # packing moves tokens
+    for name in list_estimators():
+        spec = get_estimator(name)
+        kw = {k: v for k, v in per_row.items() if k in spec.accepts}
+        a = advantages(name, mask=mask, **kw, **{k: v for k, v in per_token.items() if k in spec.accepts})
+        b = advantages(name, mask=packed_mask, **kw,
+                       **{k: _pack(v, mask) for k, v in per_token.items() if k in spec.accepts})
+        for key in ("advantages", "returns"):
+            x, y = a[key], b[key]
+            if x.ndim == 1:  # one value per sequence
+                torch.testing.assert_close(x, y, msg=f"{name} {key}")
+                continue
+            assert torch.isfinite(x).all(), name
+            assert (x[~mask] == 0).all(), f"{name} {key}: non-zero on environment tokens or padding"
+            torch.testing.assert_close(x[mask], y[packed_mask], msg=f"{name} {key}")
