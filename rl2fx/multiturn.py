@@ -48,7 +48,11 @@ segment breaks, then the batch goes straight to
   rows get ``response_mask`` 0 and reward 0 so they change no result),
   ``truncated`` (1 where ``max_length`` ended it).
 
-:func:`multi_turn_stats` summarises a result for logging.
+:func:`multi_turn_stats` summarises a result for logging. With segment breaks
+(``R > B``) the forward passes stay per row, and the estimators run per
+trajectory: :func:`to_trajectories` lays each trajectory's rows end to end
+(``[B, S]``), :func:`from_trajectories` maps the result back to rows; the
+masked-out padding between segments changes nothing (masked equals packed).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ import torch
 from rl2fx._typing import Int, Tensor, check_range
 from rl2fx.envs import EnvError, EnvResponse, EnvSample, LoadedEnv, load_env, step_env
 
-__all__ = ["multi_turn_rollout", "multi_turn_stats"]
+__all__ = ["multi_turn_rollout", "multi_turn_stats", "to_trajectories", "from_trajectories"]
 
 logger = logging.getLogger(__name__)
 
@@ -451,3 +455,45 @@ def multi_turn_stats(batch: Mapping[str, Tensor]) -> dict[str, float]:
         out[f"turn_{k}/reward_mean"] = mean(per_traj(torch.where(at_k, batch["rewards"], 0.0)), took)
         out[f"turn_{k}/response_length_mean"] = mean(per_traj(at_k & (mask > 0)), took)
     return out
+
+
+def _segment_layout(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, int, int]:
+    idx, seg = batch["sample_index"], batch["segment_index"]
+    n = int(batch["turns"].shape[0])
+    width = int(seg.max()) + 1 if seg.numel() else 1
+    return idx, seg, n, width
+
+
+def to_trajectories(x: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """Per-row values ``[R, T]`` laid out per trajectory, ``[B, S * T]``: segment ``j`` of trajectory ``i`` at
+    columns ``j*T .. (j+1)*T - 1`` of row ``i``, zeros (and mask 0, when ``x`` is the mask) where a trajectory has
+    fewer segments.
+
+    >>> b = {"sample_index": torch.tensor([0, 0, 1]), "segment_index": torch.tensor([0, 1, 0]),
+    ...      "turns": torch.tensor([2, 1])}
+    >>> to_trajectories(torch.tensor([[1, 2], [3, 4], [5, 6]]), b).tolist()
+    [[1, 2, 3, 4], [5, 6, 0, 0]]
+    """
+    idx, seg, n, width = _segment_layout(batch)
+    r, t = x.shape[0], x.shape[-1]
+    if r != idx.shape[0]:
+        raise ValueError(f"x has {r} rows but the batch has {idx.shape[0]} (one per segment)")
+    out = x.new_zeros((n, width * t))
+    cols = seg.unsqueeze(-1) * t + torch.arange(t, device=x.device)
+    return out.index_put_((idx.unsqueeze(-1).expand(-1, t), cols), x)
+
+
+def from_trajectories(y: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """The inverse of :func:`to_trajectories`: ``[B, S * T]`` back to one row per segment ``[R, T]``.
+
+    >>> b = {"sample_index": torch.tensor([0, 0, 1]), "segment_index": torch.tensor([0, 1, 0]),
+    ...      "turns": torch.tensor([2, 1])}
+    >>> from_trajectories(torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]), b).tolist()
+    [[1, 2], [3, 4], [5, 6]]
+    """
+    idx, seg, n, width = _segment_layout(batch)
+    if y.shape[0] != n or y.shape[-1] % width:
+        raise ValueError(f"y has shape {tuple(y.shape)}; expected [{n}, a multiple of {width}] (to_trajectories' layout)")
+    t = y.shape[-1] // width
+    cols = seg.unsqueeze(-1) * t + torch.arange(t, device=y.device)
+    return y[idx.unsqueeze(-1).expand(-1, t), cols]

@@ -12,7 +12,7 @@ from rl2fx.envs import EnvError
 from rl2fx.envs_examples import guess_number
 from rl2fx.experience import make_experience
 from rl2fx.logprobs import response_logprobs
-from rl2fx.multiturn import multi_turn_rollout, multi_turn_stats
+from rl2fx.multiturn import from_trajectories, multi_turn_rollout, multi_turn_stats, to_trajectories
 from rl2fx.prompts import load_prompts
 from rl2fx.returns import advantages, gae
 from rl2fx.testing.reference import ref_gae, ref_grpo
@@ -394,3 +394,33 @@ def test_every_registered_estimator_is_masked_equals_packed_on_a_real_rollout(to
             assert torch.isfinite(x).all(), name
             assert (x[~mask] == 0).all(), f"{name} {key}: non-zero on environment tokens or padding"
             torch.testing.assert_close(x[mask], y[packed_mask], msg=f"{name} {key}")
+
+
+def test_estimators_run_per_trajectory_across_segments(tok):
+    m = _model("gpt2", len(tok))
+    g = 2
+
+    def env_step(s):  # a fresh state after turn 1; rewards that differ between trajectories
+        nxt = f"fresh {s.index}:" if s.turn == 1 else s.state_text + s.action_text + "\nok:"
+        return {"next_state": nxt, "done": False, "reward": float(sum(map(ord, s.action_text)) % 3)}
+
+    out = _rollout(m, tok, env_step, max_turns=3, n=2, g=g)
+    assert out["response_mask"].shape[0] == 2 * out["turns"].shape[0]  # every trajectory has two segments
+    assert out["scores"].unique().numel() > 1
+    for key in ("rewards", "response_mask", "response_ids", "behavior_logprobs"):
+        assert torch.equal(from_trajectories(to_trajectories(out[key], out), out), out[key])
+    mask_r = out["response_mask"] > 0
+    r, mask = to_trajectories(out["rewards"].double(), out), to_trajectories(out["response_mask"], out) > 0
+    assert torch.equal(r.sum(-1), out["scores"].double())
+    values = torch.randn(r.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    adv, _ = gae(r, values, gamma=0.9, lamda=0.8, mask=mask)
+    for i in range(r.shape[0]):  # one decision sequence per trajectory: its segments' model tokens in order
+        rows = (out["sample_index"] == i).nonzero().flatten()
+        toks = torch.cat([out["rewards"][k][mask_r[k]] for k in rows]).double()
+        vals = torch.cat([from_trajectories(values, out)[k][mask_r[k]] for k in rows])
+        torch.testing.assert_close(adv[i][mask[i]], ref_gae(toks, vals, gamma=0.9, lamda=0.8)[0])
+    grpo = advantages("grpo", rewards=r, mask=mask, group_size=g)["advantages"]
+    expect = ref_grpo(out["scores"].double().unsqueeze(-1), g)[:, 0]
+    torch.testing.assert_close(torch.where(mask, grpo, 0.0), torch.where(mask, expect.unsqueeze(-1), 0.0))
+    per_row = from_trajectories(torch.where(mask, adv, 0.0), out)
+    assert per_row.shape == out["rewards"].shape and (per_row[~mask_r] == 0).all()
