@@ -243,7 +243,7 @@ def multi_turn_rollout(
     end-of-turn token, so that an environment that re-renders the chat template
     extends ``state_text + action_text`` without repeating it). Sampling draws from
     torch's global RNG; the model is in eval mode during the rollout and its mode
-    is restored.
+    is restored. The tensors are returned on the model's device.
 
     Returns the tensors described in :mod:`rl2fx.multiturn`. An environment that
     raises fails its trajectory only (logged with the environment, sample and
@@ -341,7 +341,7 @@ def multi_turn_rollout(
     failed = [t for t in trajs if t.failed]
     if trajs and len(failed) == len(trajs):
         raise EnvError(f"every sample failed ({len(trajs)} of {len(trajs)}); the first: {failed[0].error}")
-    return _layout(trajs, pad)
+    return {k: v.to(device) for k, v in _layout(trajs, pad).items()}
 
 
 def _apply(t: _Trajectory, resp: EnvResponse, tokenizer: Any, add_special_tokens: bool, *, last_turn: bool,

@@ -213,6 +213,8 @@ def test_malformed_env_output_and_bad_arguments_raise(tok):
         _rollout(m, tok, _turn_env(), max_turns=0)
     with pytest.raises(ValueError, match="prompt_texts has 1 entries but rows has 2"):
         multi_turn_rollout(m, tok, [{}, {}], _turn_env(), prompt_texts=["a"])
+    empty = multi_turn_rollout(m, tok, [], _turn_env(), prompt_texts=[])
+    assert empty["input_ids"].shape == (0, 0) and empty["turns"].shape == (0,) and multi_turn_stats(empty) == {}
 
 
 def test_prompt_ids_and_the_shipped_guess_number_task(tok):
