@@ -45,8 +45,9 @@ segment breaks, then the batch goes straight to
   segment of each row;
 - per trajectory ``[B]``: ``turns`` (model turns taken), ``scores`` (sum of its
   turn rewards), ``failed`` (1 where the environment raised; that trajectory's
-  rows get ``response_mask`` 0 and reward 0 so they change no result),
-  ``truncated`` (1 where ``max_length`` ended it).
+  rows get ``response_mask`` 0, reward 0 and score 0, so none of its tokens is
+  trained on; a group baseline still counts its score 0 unless the caller drops
+  the trajectory's group or its row), ``truncated`` (1 where ``max_length`` ended it).
 
 :func:`multi_turn_stats` summarises a result for logging. With segment breaks
 (``R > B``) the forward passes stay per row, and the estimators run per
@@ -384,7 +385,7 @@ def _layout(trajs: Sequence[_Trajectory], pad: int) -> dict[str, Tensor]:
         if n:
             input_ids[k, p:p + n] = torch.tensor(seg.tokens, dtype=torch.long)
             turn_ids[k, :n] = torch.tensor(seg.turn_ids, dtype=torch.long)
-            if not trajs[i].failed:  # a failed trajectory's rows change no result
+            if not trajs[i].failed:  # a failed trajectory's tokens are not trained on
                 resp_mask[k, :n] = torch.tensor(seg.action, dtype=torch.float32)
                 rewards[k, :n] = torch.tensor(seg.rewards, dtype=torch.float32)
             blp[k, :n] = torch.tensor(seg.logps, dtype=torch.float32)
