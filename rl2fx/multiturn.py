@@ -128,7 +128,7 @@ class _TextStop:
     response is cut there (the tokens ``generate`` adds after a finished row are padding).
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int, rows: int, device: torch.device):
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int, rows: int):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, tuple(stops), prompt_len
         self.length = [0] * rows  # 0: not stopped by text
 
@@ -159,7 +159,7 @@ def _generate(model: torch.nn.Module, tokenizer: Any, contexts: Sequence[Sequenc
     cfg = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_token_id=list(eos), pad_token_id=pad_token_id,
                            output_logits=True, return_dict_in_generate=True)
-    text_stop = _TextStop(tokenizer, stop, ids.shape[1], ids.shape[0], device) if stop else None
+    text_stop = _TextStop(tokenizer, stop, ids.shape[1], ids.shape[0]) if stop else None
     extra: dict[str, Any] = {}
     if text_stop is not None:
         extra["stopping_criteria"] = StoppingCriteriaList([text_stop])  # type: ignore[list-item]
