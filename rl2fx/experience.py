@@ -159,13 +159,16 @@ def make_experience(
     rollout_rs_low: float = 0.5,
     rollout_rs_high: float = 2.0,
     stats: dict[str, float] | None = None,
+    token_rewards: Float[Tensor, "batch time"] | None = None,
 ) -> dict[str, Tensor]:
     r"""Score-to-batch: add old/ref log-probs, the token KL, values, advantages and returns to a rollout.
 
     ``batch``: a :func:`~rl2fx.rollout.rollout` result (``input_ids``,
     ``attention_mask``, ``response_ids``, ``response_mask``), ``G = group_size``
     responses per prompt in contiguous rows. ``scores``: one outcome reward per
-    sequence, placed on its last response token (:func:`~rl2fx.rollout.scatter_last`).
+    sequence, placed on its last response token (:func:`~rl2fx.rollout.scatter_last`), unless
+    ``token_rewards`` gives the rewards per token (a multi-turn rollout's per-turn rewards,
+    :func:`rl2fx.multiturn.multi_turn_rollout`).
     With ``kl_in_reward`` the per-token penalty :math:`-\beta\,\widehat{KL}_t`
     is folded into the rewards (Ziegler et al. 2019; ``kl_coef`` a float or a
     KL controller state). The advantages are those of the registered estimator
@@ -251,7 +254,7 @@ def make_experience(
             out["response_mask"] = mask
         if rollout_is is not None:
             weights = truncated_is_weights(old_lp, behavior, mask, level=rollout_is, cap=rollout_is_cap)
-    rewards = scatter_last(scores, mask)
+    rewards = scatter_last(scores, mask) if token_rewards is None else torch.where(mask != 0, token_rewards, 0.0)
     if needs.ref:
         ref_lp = reference_logprobs(policy, out, ref_model, temperature=temperature, chunk_size=chunk_size)
         out["ref_logprobs"] = ref_lp

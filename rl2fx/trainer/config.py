@@ -404,6 +404,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # multi-turn rollouts with an environment (RL2's env_step protocol, rl2fx.envs)
+    env_path: str | None = None  # a .py file with env_step(sample), or PPOTrainer(env=...)
+    max_turns: int = 1
+    stop: list[str] = field(default_factory=list)  # strings that end a turn (e.g. a tool call's closing tag)
 
 
 @dataclass
@@ -830,6 +834,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         _check_model_name(cfg.actor.model_name)
     _in(cfg, "trainer.eval_interval", 0)
     _in(cfg, "trainer.dynamic_sampling_max_rollouts", 1)
+    _in(cfg, "rollout.max_turns", 1)
     if t.rollout_is is not None and t.rollout_is not in IS_LEVELS:
         _fail("trainer.rollout_is", t.rollout_is, f"must be null or one of {list(IS_LEVELS)}")
     if t.rollout_rs is not None and t.rollout_rs not in RS_LEVELS:

@@ -47,10 +47,12 @@ from rl2fx.distributed import (
     save_sharded,
     wrap_policy,
 )
+from rl2fx.envs import load_env
 from rl2fx.experience import experience_needs, make_experience
 from rl2fx.memory.context import memory_efficient_context
 from rl2fx.memory.optimizer import MemoryOptimizer, autocast_dtype
 from rl2fx.memory.profiler import MemoryProfiler
+from rl2fx.multiturn import multi_turn_rollout, multi_turn_stats
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import get_estimator
 from rl2fx.rewards import load_reward_func
@@ -349,6 +351,7 @@ class PPOTrainer:
         eval_dataset: Any = None,
         peft_config: Any = None,
         callbacks: Sequence[Any] | None = None,
+        env: Any = None,
     ) -> None:
         self.cfg = cfg = _as_config(config)
         self._given_cfg = config if isinstance(config, DictConfig) else None  # unresolved, for log_params
@@ -384,20 +387,28 @@ class PPOTrainer:
 
         # ---- what to train on: the user's data and reward functions, else the built-in digits task
         funcs = _reward_funcs(reward_funcs, cfg)
+        env_spec = env if env is not None else cfg.rollout.env_path
+        self.env = load_env(env_spec) if env_spec is not None else None
         weights = list(reward_weights) if reward_weights is not None else cfg.reward.weights
         train_src = train_dataset if train_dataset is not None else cfg.data.train_data_path
         eval_src = eval_dataset if eval_dataset is not None else cfg.data.test_data_path
-        self.user_data = funcs is not None or train_src is not None
+        self.user_data = funcs is not None or train_src is not None or self.env is not None
         model_spec = model if model is not None else cfg.actor.model_name
         model_key = "model" if model is not None else "actor.model_name"
         local = bool(cfg.actor.local_files_only)
         if self.user_data:
-            if funcs is None:
+            if funcs is None and self.env is None:
                 raise ConfigError("train_dataset (or data.train_data_path) was given without reward functions: "
                                   "pass reward_funcs=[f, ...] or set reward.functions=['module:function']")
+            if funcs is not None and self.env is not None:
+                raise ConfigError("with an environment (env= / rollout.env_path) the rewards are the environment's: "
+                                  "pass no reward_funcs (fold a reward function into env_step instead)")
+            if self.env is not None and eval_src is not None:
+                raise ConfigError("eval_dataset / data.test_data_path with an environment is not supported: "
+                                  "evaluate with your own multi_turn_rollout on the eval rows")
             if train_src is None:
-                raise ConfigError("reward_funcs were given without prompts: pass train_dataset=... or set "
-                                  "data.train_data_path")
+                raise ConfigError("reward_funcs (or an environment) were given without prompts: pass "
+                                  "train_dataset=... or set data.train_data_path")
             if model_spec is None:
                 raise ConfigError("a model is required with train_dataset: pass model=<module, directory or hub "
                                   "id> or set actor.model_name")
@@ -458,6 +469,9 @@ class PPOTrainer:
                            if self.task is not None and model_spec is None else build_critic(self.policy))
             self.critic = self.critic.to(self.device)
 
+        if self.env is not None and "greedy_rewards" in self.estimator.inputs:
+            raise ConfigError(f"config key 'adv.estimator' {self.estimator.name!r} needs a greedy rollout's reward, "
+                              "which a multi-turn environment does not give; use grpo, rloo, gae, ...")
         if self.task is not None:
             self.source: Any = TaskSource(self.task, self.tokenizer, self.prompts_per_rollout)
         else:
@@ -581,6 +595,29 @@ class PPOTrainer:
                        generate_kwargs=generate_kwargs(self.policy),
                        return_logprobs=do_sample and self._wants_behavior(self.cfg.trainer))
 
+    def _multi_turn(self, prompts: Prompts) -> dict[str, torch.Tensor]:
+        """A token-in-token-out rollout of ``rollout.max_turns`` turns with the environment
+        (:func:`rl2fx.multiturn.multi_turn_rollout`); its trajectory scores and per-turn rewards."""
+        r, col = self.cfg.rollout, str(self.cfg.data.prompt_column)
+        rows = [{col: p, **{k: v[i] for k, v in prompts.columns.items()}} for i, p in enumerate(prompts.raw)]
+        batch = multi_turn_rollout(
+            _unwrap(self.policy), self.tokenizer, rows, self.env, prompt_texts=prompts.texts,
+            prompt_ids=prompts.input_ids.to(self.device), prompt_mask=prompts.attention_mask.to(self.device),
+            responses_per_prompt=self.group_size, max_turns=int(r.max_turns), max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), stop=list(r.stop))
+        if batch["response_mask"].shape[0] != batch["turns"].shape[0]:
+            raise ValueError(f"environment {self.env.name}: a next_state did not extend the text so far, which "
+                             "starts a new segment; the trainer trains on unsegmented trajectories only (each "
+                             "next_state must begin with state_text + action_text)")
+        scores = batch["scores"].float()
+        stats = {f"multi_turn/{k}": float(v) for k, v in multi_turn_stats(batch).items()}
+        self._env_scored = Scored(scores=scores, components=scores.unsqueeze(-1), metrics=stats)
+        # per-trajectory bookkeeping stays out of the training batch (rows are trajectories here)
+        for k in ("scores", "turns", "failed", "truncated", "sample_index", "segment_index", "turn_ids"):
+            batch.pop(k, None)
+        return batch
+
     @torch.no_grad()
     def greedy_rewards(self, prompts: Prompts) -> torch.Tensor:
         """ReMax's baselines: the reward of one greedy response per prompt, ``[n_prompts]``.
@@ -595,6 +632,8 @@ class PPOTrainer:
 
     def _draw(self) -> tuple[dict[str, torch.Tensor], Scored, torch.Tensor | None]:
         prompts = self.source.sample(self.prompt_generator)
+        if self.env is not None:
+            return self._multi_turn(prompts), self._env_scored, None
         batch = self._rollout(prompts, self.group_size)
         scored = self.source.score(prompts, batch, self.group_size)
         greedy = self.greedy_rewards(prompts) if "greedy_rewards" in self.estimator.inputs else None
@@ -676,7 +715,8 @@ class PPOTrainer:
             group=dist.group.WORLD if self.distributed else None, extra_inputs=extra,
             rollout_is=cfg.trainer.rollout_is, rollout_is_cap=float(cfg.trainer.rollout_is_cap),
             rollout_rs=cfg.trainer.rollout_rs, rollout_rs_low=float(cfg.trainer.rollout_rs_low),
-            rollout_rs_high=float(cfg.trainer.rollout_rs_high), stats=stats)
+            rollout_rs_high=float(cfg.trainer.rollout_rs_high), stats=stats,
+            token_rewards=batch.get("rewards") if self.env is not None else None)
         self._reward_metrics = {**scored.metrics, **stats}
         for m in (self.policy, self.ref_model, self.critic):  # free FSDP2 parameters the no-grad passes gathered
             if m is not None:

@@ -89,13 +89,13 @@ class DatasetSource:
     counted (``rewards/<name>/skipped``).
     """
 
-    def __init__(self, dataset: Any, tokenizer: Any, reward_funcs: Sequence[Any], *, prompts_per_rollout: int,
+    def __init__(self, dataset: Any, tokenizer: Any, reward_funcs: Sequence[Any] | None, *, prompts_per_rollout: int,
                  generator: torch.Generator, weights: Sequence[float] | None = None, combine: str = "weighted_sum",
                  prompt_column: str = "prompt", max_prompt_length: int | None = None, shuffle: bool = True,
                  name: str = "train_dataset", evaluation: bool = False) -> None:
         self.dataset = load_prompts(dataset, prompt_column=prompt_column, name=name)
         self.tokenizer = tokenizer
-        self.reward_funcs = list(reward_funcs)
+        self.reward_funcs = list(reward_funcs or [])  # none with an environment: it gives the rewards
         self.weights = None if weights is None else [float(w) for w in weights]
         self.combine = combine
         self.prompt_column = prompt_column
