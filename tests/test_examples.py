@@ -91,6 +91,8 @@ def test_build_model_bad_input():
         ex.build_model(tok, n_embd=30)
     with pytest.raises(ValueError, match="n_layer"):
         ex.build_model(tok, n_layer=0)
+    with pytest.raises(ValueError, match="initializer_range"):
+        ex.build_model(tok, initializer_range=0.0)
     tok.pad_token = None
     with pytest.raises(ValueError, match="tokenizer.pad_token_id is None"):
         ex.build_model(tok)

@@ -155,6 +155,7 @@ def build_model(
     """
     for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("n_positions", n_positions)):
         check_range(name, value, 1, None)
+    check_range("initializer_range", initializer_range, 0.0, None, low_inclusive=False)
     if n_embd % n_head:
         raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
