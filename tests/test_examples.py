@@ -179,6 +179,44 @@ def test_reward_bad_input(fn):
     assert fn(["p"], ["3 4"], answer=["3 4"], length=[2]) == [1.0]
 
 
+# ---------------------------------------------------------------- log-probs on left-padded prompts
+def test_logprobs_match_generate_through_peft_on_left_padded_prompts():
+    """The example's point: GPT-2 has absolute positions, so left-padded rows need position_ids.
+
+    compute_logprobs (through the PEFT wrapper) reproduces the sampler's own log-probs;
+    the same forward without position_ids is off by a large margin (the negative control).
+    """
+    from peft import get_peft_model
+
+    from rl2fx.rollout import response_mask
+
+    torch.manual_seed(0)
+    tok = ex.build_tokenizer()
+    model = get_peft_model(ex.build_model(tok, seed=0), ex.lora_config()).eval()
+    with torch.no_grad():  # nonzero adapters, so that they take part in both passes
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    enc = tok([r["prompt"] for r in ex.load_rows()[:6]], padding=True, return_tensors="pt")
+    assert len(set(enc["attention_mask"].sum(1).tolist())) > 1  # ragged left padding
+    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=True,
+                         max_new_tokens=3, output_logits=True, return_dict_in_generate=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    n_prompt = enc["input_ids"].shape[1]
+    resp = out.sequences[:, n_prompt:]
+    rmask = response_mask(resp, tok.eos_token_id)
+    sampler = torch.stack([torch.log_softmax(x.float(), -1) for x in out.logits], 1)
+    sampler = sampler.gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+    attn = torch.cat([enc["attention_mask"], rmask.long()], 1)
+    with torch.no_grad():
+        lp, _ = compute_logprobs(model, {"input_ids": out.sequences, "attention_mask": attn, "response_ids": resp})
+        logits = model(input_ids=out.sequences, attention_mask=attn).logits[:, n_prompt - 1:-1]
+    naive = torch.log_softmax(logits.float(), -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+    keep = rmask > 0
+    assert (lp - sampler)[keep].abs().max() <= 1e-5
+    assert (naive - sampler)[keep].abs().max() > 1e-2
+
+
 # ---------------------------------------------------------------- GRPO with LoRA, from random weights
 def _grpo(seed: int, steps: int, *, data: str = "counting") -> dict[str, list[float]]:
     """The example's GRPO loop with LoRA (settings: ex.TRAINING); per-step mean rewards."""
