@@ -218,8 +218,8 @@ def test_logprobs_match_generate_through_peft_on_left_padded_prompts():
 
 
 # ---------------------------------------------------------------- GRPO with LoRA, from random weights
-def _grpo(seed: int, steps: int, *, data: str = "counting") -> dict[str, list[float]]:
-    """The example's GRPO loop with LoRA (settings: ex.TRAINING); per-step mean rewards."""
+def _grpo(seed: int, steps: int, *, data: str = "counting") -> tuple[dict[str, list[float]], torch.nn.Module]:
+    """The example's GRPO loop with LoRA (settings: ex.TRAINING): per-step mean rewards, and the model."""
     from peft import get_peft_model
 
     hp = ex.TRAINING
@@ -258,8 +258,7 @@ def _grpo(seed: int, steps: int, *, data: str = "counting") -> dict[str, list[fl
         hist["format"].append(per_fn[1].mean().item())
         hist["reward"].append(scores.mean().item())
         hist["padded"].append(float((enc["attention_mask"] == 0).any()))
-    hist["model"] = model  # type: ignore[assignment]
-    return hist
+    return hist, model
 
 
 @pytest.mark.parametrize("data", sorted(ex.DATA_FILES))
@@ -267,10 +266,9 @@ def test_grpo_lora_smoke(data):
     """Three steps: the whole chain runs on left-padded prompts, and only the adapters change."""
     torch.set_num_threads(1)
     base = {k: v.clone() for k, v in ex.build_model(ex.build_tokenizer(), seed=0).state_dict().items()}
-    hist = _grpo(0, 3, data=data)
+    hist, model = _grpo(0, 3, data=data)
     assert max(hist["padded"]) == 1.0
     assert all(0.0 <= c <= 1.0 for c in hist["correctness"])
-    model = hist["model"]
     changed = {k for k, v in model.named_parameters() if "lora_" in k and "lora_B" in k and v.abs().sum() > 0}
     assert changed  # lora_B starts at zero: a nonzero one was trained
     for name, p in model.get_base_model().named_parameters():
@@ -289,7 +287,7 @@ def test_grpo_lora_learns_counting():
     0.10 -> 0.08, 0.11 -> 0.18): the answer sits two tokens behind the generation point.
     """
     torch.set_num_threads(1)
-    hist = _grpo(0, 200)
+    hist, _ = _grpo(0, 200)
     start, end = statistics.mean(hist["correctness"][:20]), statistics.mean(hist["correctness"][-20:])
     assert start < 0.2 and end > start + 0.25, (start, end)
     # the weighted reward (what a trainer optimises) rises with it
