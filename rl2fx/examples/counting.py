@@ -25,7 +25,11 @@ answer is the next :data:`N_ANSWER` (``1 2``). A prompt set mixes lengths, so a
 batch of prompts is left-padded. A randomly initialised model answers right with
 probability about ``1 / len(tokenizer)`` per digit; RL alone (no pre-training,
 LoRA adapters only) teaches it the successor rule within a few hundred GRPO steps
-on one CPU thread (``tests/test_examples.py`` measures it).
+on one CPU thread (``tests/test_examples.py`` measures it). The plain prompts end on
+the last digit, so the first answer digit is its successor; behind the chat
+template's ``<|end|> <|assistant|>`` the model must first learn to attend two tokens
+back, which takes longer: use ``counting`` to show learning, ``counting_chat`` to
+exercise chat rendering.
 
 >>> tok = build_tokenizer()
 >>> rows = load_rows("counting")
@@ -155,6 +159,7 @@ def build_model(
     """
     for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("n_positions", n_positions)):
         check_range(name, value, 1, None)
+    check_range("initializer_range", initializer_range, 0.0, None, low_inclusive=False)
     if n_embd % n_head:
         raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
