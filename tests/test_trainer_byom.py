@@ -186,6 +186,8 @@ def test_eval_table_read_back_from_mlflow_and_callbacks(tmp_path):
     df = mlflow.load_table("eval/step-000002.json", run_ids=[result["mlflow_run_id"]])
     assert len(df) == 3 and {"prompt", "completion", "reward", "reward/count_sevens", "reward/short"} <= set(df)
     assert df["prompt"].tolist() == [r["prompt"] for r in rows(3)]
+    # the MLflow store, its artifacts and the eval tables are under trainer.output_dir
+    assert Path(result["mlflow_tracking_uri"][len("sqlite:///"):]).resolve().is_relative_to((tmp_path / "run").resolve())
     local = [json.loads(x) for x in (tmp_path / "run" / "eval" / "step-000002.jsonl").read_text().splitlines()]
     assert [r["completion"] for r in local] == df["completion"].tolist()
     assert events[2][2] == pytest.approx(float(df_mean(local)), abs=1e-6) or events[4][2] == pytest.approx(

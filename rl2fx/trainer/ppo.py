@@ -512,6 +512,11 @@ class PPOTrainer:
         if self.strategy == "fsdp" and self.is_peft:
             raise ConfigError("config key 'trainer.strategy' 'fsdp' with LoRA adapters is not supported: use "
                               "trainer.strategy=ddp with peft_config, or full fine-tuning with fsdp")
+        if self.strategy == "fsdp" and self.env is not None and self.world_size > 1:
+            # multi_turn_rollout's per-turn generate calls differ in number across ranks (synced_gpus would
+            # have to span turns): sharded sampling there would deadlock
+            raise ConfigError("config key 'trainer.strategy' 'fsdp' on several ranks with an environment is not "
+                              "supported: use trainer.strategy=ddp for multi-turn training")
         if self.strategy == "fsdp":
             fsdp = {"device": self.device, "wrap_cls": t.fsdp_wrap, "cpu_offload": bool(t.fsdp_cpu_offload),
                     "mixed_precision": getattr(torch, t.fsdp_param_dtype) if t.fsdp_param_dtype else None}
