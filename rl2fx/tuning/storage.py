@@ -696,7 +696,8 @@ class DatabaseStorage:
             u = make_url(url)
         except ArgumentError as e:
             raise StorageError(f"study storage URL {url!r} is not a SQLAlchemy URL ({e})") from None
-        self.location = u.render_as_string(hide_password=True)
+        # as the user wrote it, unless there is a password to hide (rendering re-quotes some characters)
+        self.location = u.render_as_string(hide_password=True) if u.password else url
         where = f"study storage {self.location!r}"
         kwargs: dict[str, Any] = {}
         sqlite = u.get_backend_name() == "sqlite"
@@ -741,10 +742,11 @@ class DatabaseStorage:
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("rl2fx_write") else "BEGIN")
 
         try:
-            self._md.create_all(engine)
-            with engine.connect() as conn:  # a write that changes nothing: read-only databases fail here, not later
+            with engine.connect() as conn:
                 conn = conn.execution_options(rl2fx_write=True)
-                with conn.begin():
+                with conn.begin():  # a write transaction from the start: a read upgraded to a write can fail at once
+                    self._md.create_all(conn)
+                    # a write that changes nothing: read-only databases fail here, not after a trial
                     conn.execute(update(self._studies).where(self._studies.c.id == -1).values(name="probe"))
         except (ModuleNotFoundError, ImportError) as e:
             engine.dispose()
