@@ -367,3 +367,66 @@ def test_forget_pending_requeues_with_the_same_number(tmp_path):
         s.tell(again, 2.0)
         assert [t.number for t in s.trials] == [0, 1]
         s.storage.close()
+
+
+def test_rl2fx_tune_with_a_database_url(tmp_path, capsys):
+    from rl2fx.trainer.config import ConfigError, load_config
+    from rl2fx.trainer.tune import tune_from_config
+
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    quiet = {"experiment_tracking.enabled": False, "memory_optimization.profiling.enabled": False,
+             "trainer.progress_bar": False, "data.prompts_per_rollout": 2, "data.responses_per_prompt": 4,
+             "trainer.total_steps": 2, "hyperopt.optimizer_type": "grid", "hyperopt.n_trials": 2,
+             "hyperopt.save_dir": str(tmp_path / "summary"), "hyperopt.storage": url}
+    space = [HyperparameterConfig("actor.clip", "categorical", choices=[0.1, 0.3])]
+    best = tune_from_config(load_config("demo", overrides=quiet), param_configs=space, show_progress_bar=False)
+    assert f"study: {url}; summary in {tmp_path / 'summary'}" in capsys.readouterr().out
+    stored = Study(space, GridSampler(grid_size=10), storage=DatabaseStorage(url, heartbeat_interval=None))
+    assert sorted(t.params["actor.clip"] for t in stored.trials) == [0.1, 0.3]
+    assert best == stored.best_params
+    assert json.loads((tmp_path / "summary" / "best_params.json").read_text())["best_params"] == best
+    assert not (tmp_path / "summary" / "study.json").exists()  # the study itself is in the database
+    stored.storage.close()
+    with pytest.raises(ConfigError, match=r"'hyperopt.storage' must be null or a database URL.*got 'sqlite:/x.db'"):
+        load_config("demo", overrides={**quiet, "hyperopt.storage": "sqlite:/x.db"})
+
+
+def test_rl2fx_tune_on_a_dask_scheduler(tmp_path, capsys):
+    """``rl2fx tune --dask-scheduler ADDRESS`` runs the trials on the scheduler's workers."""
+    from dask.distributed import LocalCluster
+
+    from rl2fx.cli import main
+
+    args = ["tune", "--config", "demo", "trainer.total_steps=2", "hyperopt.n_trials=2", "hyperopt.optimizer_type=grid",
+            "experiment_tracking.enabled=false", "memory_optimization.profiling.enabled=false",
+            "data.prompts_per_rollout=2", "data.responses_per_prompt=4", f"hyperopt.save_dir={tmp_path / 'study'}",
+            "hyperopt.params=[actor.clip]", "hyperopt.grid.grid_size=2"]
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        assert main(["tune", "--dask-scheduler", cluster.scheduler_address, *args[1:], "hyperopt.pruner=median"]) == 2
+        assert "'hyperopt.pruner' must be 'none' when trials run on another executor" in capsys.readouterr().err
+        assert main(["tune", "--dask-scheduler", cluster.scheduler_address, *args[1:]]) == 0
+    out = capsys.readouterr().out
+    assert "best 2 of 2 trials (0 failed, 0 pruned)" in out
+    lines = [json.loads(ln) for ln in (tmp_path / "study" / "trials.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(t["state"] == "complete" for t in lines)
+    assert len({t["params"]["actor.clip"] for t in lines}) == 2
+
+
+def test_max_trials_is_a_budget_shared_by_all_workers(tmp_path):
+    from rl2fx.tuning.study import TrialBudgetReached
+
+    # two workers in one process: a database (a directory takes an earlier Study of the same
+    # process for one superseded by a re-run cell, see DirectoryStorage)
+    for storage in (f"sqlite:///{tmp_path / 's.db'}",):
+        a = Study(SPACE, "random", storage=storage, seed=0)
+        b = Study(SPACE, "random", storage=storage)
+        ta = a.ask(max_trials=3)
+        a.tell(ta, 1.0)
+        b.ask(max_trials=3)  # running
+        a.ask(max_trials=3)
+        with pytest.raises(TrialBudgetReached, match=r"max_trials=3 reached: 1 trials finished, 2 running"):
+            b.ask(max_trials=3)
+        with pytest.raises(ValueError, match=r"max_trials must be a positive integer or None, got 0"):
+            b.ask(max_trials=0)
+        a.storage.close()
+        b.storage.close()

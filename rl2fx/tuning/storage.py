@@ -73,8 +73,11 @@ __all__ = [
 LOST = "lost"
 
 
-class StorageError(RuntimeError):
-    """A study storage that cannot be opened or written (the message names it and the cause)."""
+class StorageError(RuntimeError, ValueError):
+    """A study storage that cannot be opened or written (the message names it and the cause).
+
+    Also a ``ValueError``: the storage argument (a path or URL) is what has to change, and the
+    CLI reports it as a one-line input error."""
 
 
 Propose = Callable[[StudyState], Trial]
@@ -273,9 +276,10 @@ class DirectoryStorage:
         self._fold_reset()
         self._dead: set[str] = set()
         self._finalizer = weakref.finalize(self, DirectoryStorage._release_worker_lock, [None])
-        with self._locked():  # stale temp files of a killed writer are removed only while no one writes
-            for stale in self.path.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
+        with self._locked():  # temp files of a writer killed under the lock: no one else writes them now
+            for name in ("study.json", "trials.jsonl", "asks.jsonl"):  # not the tuner's summaries (no lock)
+                for stale in self.path.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
 
     # -- locking and liveness --------------------------------------------------------------------
     @contextmanager
@@ -865,6 +869,7 @@ class DatabaseStorage:
         from sqlalchemy import insert, update
 
         t = self._trials
+        refused: Exception | None = None
         with self._write() as conn:
             now = time.time()
             if self.heartbeat_interval is not None:
@@ -878,13 +883,19 @@ class DatabaseStorage:
                 conn.execute(update(t).where(t.c.id == w.id).values(state="running", started_at=now, heartbeat=now,
                                                                      worker=self.worker))
             else:
-                trial = propose(state)
-                if trial.number != state.next_number:
-                    raise RuntimeError(f"propose returned trial number {trial.number}, expected {state.next_number}")
-                conn.execute(insert(t).values(
-                    study_id=self._sid(), number=trial.number, state="running", params=_dumps(trial.params),
-                    intermediate="{}", payload=_payload(trial), started_at=trial.started_at, heartbeat=now,
-                    worker=self.worker))
+                try:
+                    trial = propose(state)
+                except Exception as e:  # noqa: BLE001 - e.g. an exhausted grid: the stale trials failed above stay failed
+                    refused = e
+                else:
+                    if trial.number != state.next_number:
+                        raise RuntimeError(f"propose returned trial number {trial.number}, expected {state.next_number}")
+                    conn.execute(insert(t).values(
+                        study_id=self._sid(), number=trial.number, state="running", params=_dumps(trial.params),
+                        intermediate="{}", payload=_payload(trial), started_at=trial.started_at, heartbeat=now,
+                        worker=self.worker))
+        if refused is not None:
+            raise refused
         self._start_heartbeat()
         state = dataclasses.replace(state, pending=(*state.pending, trial),
                                     next_number=max(state.next_number, trial.number + 1))

@@ -50,9 +50,16 @@ from rl2fx.tuning.pruners import NopPruner, TrialPruned, make_pruner
 from rl2fx.tuning.samplers import StudyExhausted, make_sampler
 from rl2fx.tuning.space import HyperparameterConfig, as_configs, validate_params
 
-__all__ = ["Trial", "StudyState", "study_ask", "study_tell", "study_report", "Study", "StudyExhausted", "TrialPruned"]
+__all__ = [
+    "Trial", "StudyState", "study_ask", "study_tell", "study_report", "Study", "StudyExhausted", "TrialPruned",
+    "TrialBudgetReached",
+]
 
 TRIAL_STATES = ("running", "complete", "failed", "pruned")
+
+
+class TrialBudgetReached(StudyExhausted):
+    """Raised by ``Study.ask(max_trials=n)`` when ``n`` trials are finished or running (all workers)."""
 
 
 @dataclass(frozen=True)
@@ -417,18 +424,32 @@ class Study:
         return self
 
     # -- ask / tell --------------------------------------------------------------------------
-    def ask(self) -> Trial:
+    def ask(self, *, max_trials: int | None = None) -> Trial:
         """Start a new trial (``StudyExhausted`` when the sampler has nothing left).
 
         With a storage, the sampler runs on every worker's trials, under the storage's lock;
         a trial queued by the storage (one a dead worker was running) is handed out first.
+        ``max_trials`` is a budget shared by all workers: when that many trials are finished
+        or running, ``ask`` raises :class:`TrialBudgetReached` instead (queued trials still
+        run: they redo work that was lost).
         """
+        if max_trials is not None and (isinstance(max_trials, bool) or not isinstance(max_trials, int)
+                                       or max_trials < 1):
+            raise ValueError(f"max_trials must be a positive integer or None, got {max_trials!r}")
+
+        def propose(st: StudyState) -> Trial:
+            st = self._merge(st)
+            if max_trials is not None and len(st.finished) + len(st.pending) >= max_trials:
+                raise TrialBudgetReached(f"max_trials={max_trials} reached: {len(st.finished)} trials finished, "
+                                         f"{len(st.pending)} running")
+            return study_ask(st, self.configs, self.sampler, self.maximize)[1]
+
         with self._lock:
             if self.storage is None:
+                propose(self._state)  # the budget check
                 self._state, trial = study_ask(self._state, self.configs, self.sampler, self.maximize)
             else:
-                state, trial = self.storage.ask(
-                    lambda st: study_ask(self._merge(st), self.configs, self.sampler, self.maximize)[1])
+                state, trial = self.storage.ask(propose)
                 self._own[trial.number] = trial
                 self._state = self._merge(state)
             object.__setattr__(trial, "_bound_study", self)
