@@ -62,10 +62,12 @@ def _storage(kind: str, where: Path, name: str):
     return where / name
 
 
-def _run_workers(kind: str, tmp_path: Path, n_workers: int, n_trials: int) -> tuple[list[dict], Path, float]:
+def _run_workers(kind: str, tmp_path: Path, n_workers: int, n_trials: int,
+                 method: str = "fork") -> tuple[list[dict], Path, float]:
     # fork: the workers start in milliseconds (a fresh interpreter spends ~2 s of CPU importing
-    # torch) and share nothing but the storage; the killed-worker tests below use fresh interpreters
-    ctx = mp.get_context("fork")
+    # torch) and share nothing but the storage; the spawn variant and the killed-worker tests
+    # below use fresh interpreters
+    ctx = mp.get_context(method)
     where = tmp_path / "study.db" if kind == "db" else tmp_path / "studies"
     target = f"sqlite:///{where}" if kind == "db" else str(where)
     go, results = ctx.Event(), ctx.Queue()
@@ -109,6 +111,15 @@ def test_concurrent_workers_keep_every_trial_exactly_once(tmp_path, kind, n_work
             assert all(t.params == ref.sample(SPACE, [], [], t.number, False)[0] for t in trials)
         if kind == "db":
             study.storage.close()
+
+
+@pytest.mark.slow  # four fresh interpreters: ~20-30 s on a busy 2-core machine
+@pytest.mark.parametrize("kind", ["dir", "db"])
+def test_concurrent_fresh_interpreters_keep_every_trial_exactly_once(tmp_path, kind):
+    outs, where, _ = _run_workers(kind, tmp_path, 4, 10, method="spawn")
+    for name in ("grid", "random"):
+        assert sorted(x[0] for o in outs for x in o[name]) == list(range(40))
+        assert len({json.dumps(x[1], sort_keys=True) for o in outs for x in o[name]}) == 40
 
 
 def _victim(kind: str, target: str, ready: Path) -> subprocess.Popen:
