@@ -338,6 +338,7 @@ class DirectoryStorage:
         except filelock.Timeout:
             return True
         probe.release(force=True)
+        path.unlink(missing_ok=True)  # a dead worker's file: "absent" now says the same, without piling up
         self._dead.add(worker)
         return False
 
