@@ -356,6 +356,7 @@ def test_database_late_tell_after_stale_failure_keeps_the_result(tmp_path):
     fast.add_trial({"x": 0.0}, 1.0)  # fast's stale check fails t and queues its retry
     failed = next(x for x in fast.refresh().trials if x.number == t.number)
     assert failed.state == "failed" and "stale heartbeat: worker died" in failed.error
+    assert [x.number for x in slow.refresh().pending] == [t.number]  # to slow, t still runs
     with pytest.warns(UserWarning, match=rf"trial {t.number} was failed for a stale heartbeat.*its queued retry was removed"):
         slow.tell(t, 2.0)
     trials = fast.refresh().trials

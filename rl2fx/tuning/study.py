@@ -409,12 +409,15 @@ class Study:
             raise ValueError(f"{where}: sampler settings {stored}, got {given}")
 
     def _merge(self, state: StudyState) -> StudyState:
-        """``state`` from the storage, with this study's own running trials as it holds them
-        (bound to it, and kept even if another worker took one for dead)."""
-        others = tuple(t for t in state.pending if t.number not in self._own)
-        done = {t.number for t in state.finished}
-        mine = tuple(t for n, t in self._own.items() if n not in done)
-        return dataclasses.replace(state, pending=others + mine)
+        """``state`` from the storage, with this study's own running trials as it holds them:
+        bound to it, and running until it tells them, even if another worker took this one for
+        dead and failed them (the storage keeps a late result, see ``DatabaseStorage.tell``)."""
+        own = set(self._own)
+        return dataclasses.replace(
+            state,
+            finished=tuple(t for t in state.finished if t.number not in own),
+            pending=tuple(t for t in state.pending if t.number not in own) + tuple(self._own.values()),
+        )
 
     def refresh(self) -> Study:
         """Reload every worker's trials from the storage (a no-op without one); returns ``self``."""
