@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="hyperparameter search over PPO training runs (the hyperopt section)",
                        description="Run the config's hyperopt section: each trial is a training run with the "
                                    "trial's parameters as overrides, objective = final mean reward. Resumes the "
-                                   "study found in hyperopt.save_dir.")
+                                   "study found in hyperopt.save_dir (or the database hyperopt.storage names; "
+                                   "several commands on one study share it).")
+    p.add_argument("--dask-scheduler", metavar="ADDRESS", default=None,
+                   help="run the trials on the workers of this Dask scheduler (e.g. tcp://host:8786), as many at "
+                        "once as they have threads; needs hyperopt.pruner=none")
     _add_config_args(p)
     p.set_defaults(func=_command("cmd_tune"))
 

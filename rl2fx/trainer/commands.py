@@ -49,8 +49,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dask_client(address: str):
+    """A Dask ``distributed.Client`` on the scheduler at ``address``, and its worker thread count."""
+    from dask.distributed import Client
+
+    try:
+        client = Client(address, timeout=10)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise ValueError(f"--dask-scheduler {address!r}: cannot connect to the Dask scheduler ({e})") from None
+    workers = client.scheduler_info().get("workers", {})
+    n_jobs = sum(int(w.get("nthreads", 1)) for w in workers.values())
+    if n_jobs < 1:
+        client.close()
+        raise ValueError(f"--dask-scheduler {address!r}: the scheduler has no workers; start some with "
+                         f"'dask worker {address}'")
+    return client, n_jobs
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
-    best = tune_from_config(_load(args))
+    cfg = _load(args)
+    if getattr(args, "dask_scheduler", None):
+        client, n_jobs = _dask_client(args.dask_scheduler)
+        try:
+            best = tune_from_config(cfg, executor=client, n_jobs=n_jobs)
+        finally:
+            client.close()
+    else:
+        best = tune_from_config(cfg)
     print("best parameters:")
     for k, v in sorted(best.items()):
         print(f"  {k}: {v}")

@@ -285,6 +285,9 @@ class HyperoptConfig:
     optimizer_type: str = "random"
     n_trials: int = 100
     save_dir: str = "hyperopt_results"
+    # where the study lives when shared between machines: a database URL (sqlite:///study.db,
+    # postgresql+psycopg://...); null: the save_dir directory (safe for processes on one machine)
+    storage: str | None = None
     report_interval: int = 10
     pruner: str = "none"
     # the search space's parameters to tune (dotted config keys of ppo_search_space); null: all of them
@@ -791,6 +794,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _checked(make_sampler, {"optimizer_type": "bayesian", "exploration_weight": h.bayesian.exploration_weight}, hk,
              "hyperopt.bayesian")
     _in(cfg, "hyperopt.report_interval", 1)
+    if h.storage is not None and "://" not in str(h.storage):  # a typo must not become a directory named "sqlite:"
+        _fail("hyperopt.storage", h.storage, "must be null or a database URL such as 'sqlite:///study.db' "
+              "(a directory study goes in hyperopt.save_dir)")
     # the pruner name and each pruner section's settings go to the tuning package's make_pruner
     _checked(make_pruner, {"name": h.pruner}, {"pruner": "hyperopt.pruner"}, "hyperopt.pruner")
     for name in ("median", "successive_halving", "hyperband"):

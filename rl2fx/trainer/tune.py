@@ -8,9 +8,10 @@ the run reports the same running value (the mean task reward over the last
 ``trainer.summary_window`` steps so far) to the study, at step = training step, and
 stops when ``hyperopt.pruner`` says so; such a trial is recorded as ``pruned`` with its
 last reported value, and the study goes on. The study lives in
-``hyperopt.save_dir`` and is resumed when that folder already holds it: rerunning
-the same command after an interruption continues where it stopped, and raising
-``hyperopt.n_trials`` extends a finished study.
+``hyperopt.save_dir`` (or the database ``hyperopt.storage`` names) and is resumed when
+it already holds it: rerunning the same command after an interruption continues where
+it stopped, raising ``hyperopt.n_trials`` extends a finished study, and several
+commands started on one study share its trials and its ``n_trials`` budget.
 
 >>> import tempfile
 >>> from rl2fx.tuning.space import HyperparameterConfig
@@ -162,10 +163,13 @@ def _reporter(trial: Any, interval: int, window: int):
     return on_step
 
 
-def _objective(cfg: DictConfig):
+def _objective(cfg: DictConfig, *, report: bool = True):
+    """The objective of one trial: a PPO run of ``cfg`` with the trial's parameters. With
+    ``report=False`` (trials run in other processes, e.g. on Dask workers, whose trials are not
+    bound to the study) it takes the parameters only and reports nothing."""
     interval, window = int(cfg.hyperopt.report_interval), int(cfg.trainer.summary_window)
 
-    def fn(params: dict[str, Any], trial: Any) -> dict[str, Any]:
+    def run_one(params: dict[str, Any], trial: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="rl2fx-tune-") as tmp:
             # checkpoints go to a folder deleted after the trial, but every trial's tracking goes to
             # the study's one store: the paths the base config derives from its trainer.output_dir
@@ -175,11 +179,18 @@ def _objective(cfg: DictConfig):
                                          "experiment_tracking.tracking_uri": str(et.tracking_uri),
                                          "experiment_tracking.wandb_dir": et.wandb_dir,
                                          "memory_optimization.profiling.save_path": str(Path(tmp) / "mem.json")})
-            result = PPOTrainer(run_cfg).train(on_step=_reporter(trial, interval, window))
+            on_step = _reporter(trial, interval, window) if trial is not None else None
+            result = PPOTrainer(run_cfg).train(on_step=on_step)
         return {"reward": float(result["reward_end"]), "reward_start": float(result["reward_start"]),
                 "kl": float(result["kl"]), "wall_time_s": float(result["wall_time_s"])}
 
-    return fn
+    def fn(params: dict[str, Any], trial: Any) -> dict[str, Any]:
+        return run_one(params, trial)
+
+    def fn_remote(params: dict[str, Any]) -> dict[str, Any]:
+        return run_one(params, None)
+
+    return fn if report else fn_remote
 
 
 def format_best_trials(tuner: Any, top: int = 5) -> str:
@@ -211,8 +222,10 @@ def tune_from_config(
     param_configs: Sequence[HyperparameterConfig] | None = None,
     show_progress_bar: bool = True,
     verbose: bool = True,
+    executor: Any = None,
+    n_jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run ``cfg.hyperopt`` (``optimizer_type``, ``n_trials``, ``save_dir``, ``bayesian``,
+    """Run ``cfg.hyperopt`` (``optimizer_type``, ``n_trials``, ``save_dir``, ``storage``, ``bayesian``,
     ``grid``, ``pruner``, ``report_interval``) over PPO runs of ``cfg``; returns the best parameters.
 
     ``param_configs`` defaults to :func:`ppo_search_space` (``cfg``). The sampler's seed
@@ -220,19 +233,29 @@ def tune_from_config(
     ``show_progress_bar`` shows a tqdm bar over trials. A trial whose run raises is
     recorded as failed and the study goes on (the error is kept in ``trials.csv``); one
     stopped by the pruner (:func:`~rl2fx.trainer.config.pruner_args`) is recorded as pruned.
+
+    ``executor`` (a Dask ``distributed.Client`` or a ``concurrent.futures.Executor``) runs
+    ``n_jobs`` trials at once on its workers; their runs report nothing to the study (the
+    trial objects stay in this process), so ``hyperopt.pruner`` must then be ``none``.
     """
     h = cfg.hyperopt
+    if executor is not None and str(h.pruner) != "none":
+        raise ConfigError(f"config key 'hyperopt.pruner' must be 'none' when trials run on another executor "
+                          f"(--dask-scheduler): their runs cannot report to the study for pruning, got {h.pruner!r}")
     space = list(param_configs) if param_configs is not None else select_params(ppo_search_space(cfg), h.params)
     for c in space:
         if OmegaConf.select(cfg, c.name, default="__missing__") == "__missing__":
             raise ConfigError(f"search-space parameter {c.name!r} is not a config key")
     tuner = HyperparameterTuner(
         str(h.optimizer_type), space, objective_name="reward", maximize=True, n_trials=int(h.n_trials),
-        save_dir=str(h.save_dir), seed=int(cfg.trainer.seed), grid_size=int(h.grid.grid_size),
+        save_dir=str(h.save_dir), storage=None if h.storage is None else str(h.storage),
+        seed=int(cfg.trainer.seed), grid_size=int(h.grid.grid_size),
         exploration_weight=float(h.bayesian.exploration_weight), show_progress_bar=show_progress_bar,
-        pruner=make_pruner(**pruner_args(cfg)))
-    best = tuner.optimize(_objective(cfg))
+        pruner=make_pruner(**pruner_args(cfg)), executor=executor, n_jobs=n_jobs)
+    best = tuner.optimize(_objective(cfg, report=executor is None))
     if verbose:
         print(format_best_trials(tuner))
-        print(f"study: {Path(h.save_dir).resolve()} (best_params.json, trials.csv)")
+        where = f"{tuner.study.storage.location}; summary in {Path(h.save_dir).resolve()}" if h.storage is not None \
+            else str(Path(h.save_dir).resolve())
+        print(f"study: {where} (best_params.json, trials.csv)")
     return best

@@ -1,4 +1,5 @@
-"""Hyperparameter tuning: search spaces, samplers (random, grid, BoTorch, skopt), ask/tell studies, pruners.
+"""Hyperparameter tuning: search spaces, samplers (random, grid, BoTorch, skopt), ask/tell studies, pruners,
+and the storages that let several workers share a study (a directory, or a SQL database).
 
 >>> from rl2fx import tuning as T
 >>> T.Study.__name__, T.HyperparameterTuner.__name__
@@ -23,11 +24,25 @@ from rl2fx.tuning.samplers import (
     make_sampler,
 )
 from rl2fx.tuning.space import HyperparameterConfig, create_ppo_hyperparameter_configs
-from rl2fx.tuning.study import Study, StudyState, Trial, study_ask, study_report, study_tell
+from rl2fx.tuning.storage import DatabaseStorage, DirectoryStorage, StorageError, StudyStorage
+from rl2fx.tuning.study import (
+    Study,
+    StudyState,
+    Trial,
+    TrialBudgetReached,
+    study_ask,
+    study_report,
+    study_tell,
+)
 from rl2fx.tuning.tuner import HyperparameterTuner
 
 __all__ = [
     "BayesianSampler",
+    "DatabaseStorage",
+    "DirectoryStorage",
+    "StorageError",
+    "StudyStorage",
+    "TrialBudgetReached",
     "HyperbandPruner",
     "MedianPruner",
     "NopPruner",

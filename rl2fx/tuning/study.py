@@ -1,21 +1,25 @@
-"""Ask/tell studies, persisted after every tell and resumable after a crash.
+"""Ask/tell studies, persisted after every ask and tell, shared by workers, resumable after a crash.
 
 The state of a study is a frozen :class:`StudyState` (finished trials, running
 trials, next trial number) changed only by the pure functions :func:`study_ask` and
 :func:`study_tell`; :class:`Study` holds one state, a sampler and an optional
-storage directory. With ``storage=path`` the study writes
+storage (:mod:`rl2fx.tuning.storage`). ``storage`` is
 
-- ``path/study.json``: the search space, direction, sampler name and settings
-  (including the seed actually used), written once;
-- ``path/trials.jsonl``: one JSON line per finished trial, rewritten after every
-  ``tell`` by writing a temporary file, ``fsync`` and ``os.replace`` (atomic on
-  POSIX), so a study killed at any instant (even by SIGKILL) leaves either the old
-  or the new file, never a torn one.
+- a directory (:class:`~rl2fx.tuning.storage.DirectoryStorage`): ``study.json`` (the
+  search space, direction, sampler name and settings, including the seed actually
+  used, written once), ``trials.jsonl`` (one JSON line per finished trial) and
+  ``asks.jsonl`` (one line per event of a running trial), appended under an OS file
+  lock, so any number of processes on one machine can share one study;
+- a database URL such as ``sqlite:///study.db`` or ``postgresql+psycopg://...``
+  (:class:`~rl2fx.tuning.storage.DatabaseStorage`), for workers on many machines, with
+  a heartbeat that fails and re-queues the trials of a dead worker;
+- or a storage object.
 
-Opening the same directory again resumes: finished trials are reloaded and the
-trials that were running when the process died are lost (their grid points or trial
-numbers are simply asked again). This is the ask-and-tell interface of Optuna and
-scikit-optimize.
+Every ``ask`` reads the trials of all workers first, so samplers see them all, and
+trial numbers are allocated under the storage's lock, so they are unique. Opening
+the same storage again resumes: finished trials are reloaded and the trials that
+were running in a process that died are asked again. This is the ask-and-tell
+interface of Optuna and scikit-optimize.
 
 >>> from rl2fx import HyperparameterConfig, Study
 >>> study = Study([HyperparameterConfig("x", "float", low=-1.0, high=1.0)], "random", maximize=False, seed=0)
@@ -46,9 +50,16 @@ from rl2fx.tuning.pruners import NopPruner, TrialPruned, make_pruner
 from rl2fx.tuning.samplers import StudyExhausted, make_sampler
 from rl2fx.tuning.space import HyperparameterConfig, as_configs, validate_params
 
-__all__ = ["Trial", "StudyState", "study_ask", "study_tell", "study_report", "Study", "StudyExhausted", "TrialPruned"]
+__all__ = [
+    "Trial", "StudyState", "study_ask", "study_tell", "study_report", "Study", "StudyExhausted", "TrialPruned",
+    "TrialBudgetReached",
+]
 
 TRIAL_STATES = ("running", "complete", "failed", "pruned")
+
+
+class TrialBudgetReached(StudyExhausted):
+    """Raised by ``Study.ask(max_trials=n)`` when ``n`` trials are finished or running (all workers)."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +249,36 @@ def _atomic_write(path: Path, text: str) -> None:
         pass
 
 
+#: Keys of a stored study description added after its first version, with the value they take
+#: when absent (``pruner``: studies written before pruners existed ran without one).
+META_DEFAULTS: dict[str, Any] = {"format": 1, "pruner": None}
+
+
+def _checked_meta(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A stored study description (``study.json``) with its keys checked: a missing required
+    key raises ``ValueError`` naming ``where`` and the key; keys added later get
+    :data:`META_DEFAULTS`.
+
+    >>> _checked_meta({"param_configs": [], "maximize": True, "sampler": {"name": "random", "settings": {}}}, "x")["format"]
+    1
+    >>> _checked_meta({"param_configs": [], "maximize": True}, "study file 's/study.json'")
+    Traceback (most recent call last):
+    ...
+    ValueError: study file 's/study.json' has no key 'sampler' (the sampler's name and settings); repair it or use another directory to start a new study
+    """
+    required = {"param_configs": "the search space", "maximize": "the direction",
+                "sampler": "the sampler's name and settings"}
+    for key, what in required.items():
+        if key not in meta:
+            raise ValueError(f"{where} has no key {key!r} ({what}); repair it or use another directory to start a new study")
+    if not isinstance(meta["sampler"], Mapping):
+        raise ValueError(f"{where}: key 'sampler' must be an object with 'name' and 'settings', got {meta['sampler']!r}")
+    for key in ("name", "settings"):
+        if key not in meta["sampler"]:
+            raise ValueError(f"{where} has no key 'sampler.{key}'; repair it or use another directory to start a new study")
+    return {**META_DEFAULTS, **meta}
+
+
 class Study:
     """An ask/tell optimisation study over ``param_configs`` (optionally persisted).
 
@@ -249,12 +290,16 @@ class Study:
     (:attr:`best_trials`, :meth:`hypervolume`, :func:`plot_pareto_front`; the
     ``bayesian`` sampler then uses qLogNEHVI). ``pruner`` (an object from
     :mod:`rl2fx.tuning.pruners` or a name) decides ``trial.should_prune()`` from the
-    values trials ``report``. ``storage`` is a directory; if it
+    values trials ``report``. ``storage`` is a directory, a database URL (a string
+    containing ``"://"``) or a storage object (:mod:`rl2fx.tuning.storage`); if it
     already holds a study, that study is resumed (its search space, direction and
-    sampler must match, otherwise ``ValueError`` explains the difference). A sampler
-    without a seed gets a random one, stored so that a resume continues identically.
+    sampler must match, otherwise ``ValueError`` explains the difference), and several
+    processes may work on it at once. A sampler without a seed gets a random one,
+    stored so that a resume (and every other worker) continues identically.
+    :attr:`storage` is the storage object (``None`` without one).
 
-    ``ask`` and ``tell`` are thread-safe.
+    ``ask`` and ``tell`` are thread-safe. :attr:`trials` shows every worker's trials as
+    of this study's last ``ask``, ``tell`` or :meth:`refresh`.
     """
 
     def __init__(
@@ -262,7 +307,7 @@ class Study:
         param_configs: Sequence[HyperparameterConfig | Mapping[str, Any]],
         sampler: Any = "random",
         maximize: bool | Sequence[bool] = True,
-        storage: str | os.PathLike[str] | None = None,
+        storage: Any = None,
         *,
         seed: int | None = None,
         pruner: Any = None,
@@ -297,30 +342,32 @@ class Study:
                 f"sampler {sampler.name!r} optimises one objective, got maximize={maximize!r}; "
                 f"multi-objective studies use 'bayesian', 'random' or 'grid'"
             )
-        self.storage = Path(storage) if storage is not None else None
         self._lock = threading.RLock()
         self._state = StudyState()
-        meta_path = self.storage / "study.json" if self.storage is not None else None
-        if meta_path is not None and meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                if not isinstance(meta, dict):
-                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"study file {str(meta_path)!r} is corrupt ({e}); repair it or use another "
-                                 "directory to start a new study") from None
-            self._check_compatible(meta, sampler)
-            if sampler.seed is None:
-                sampler = dataclasses.replace(sampler, seed=meta["sampler"]["settings"].get("seed"))
-            self.sampler = sampler
-            self._state = self._load_trials()
-        else:
+        self._own: dict[int, Trial] = {}  # running trials this study asked (bound, with their reports)
+        self.storage: Any = None
+        if storage is None:
             if getattr(sampler, "seed", None) is None:
                 sampler = dataclasses.replace(sampler, seed=int.from_bytes(os.urandom(4), "little"))
             self.sampler = sampler
-            if self.storage is not None:
-                self.storage.mkdir(parents=True, exist_ok=True)
-                _atomic_write(meta_path, json.dumps(self._meta(), indent=2))
+            return
+        from rl2fx.tuning.storage import open_storage
+
+        self.storage = open_storage(storage)
+        meta = self.storage.read_meta()
+        if meta is None:
+            drawn = sampler
+            if getattr(sampler, "seed", None) is None:
+                drawn = dataclasses.replace(sampler, seed=int.from_bytes(os.urandom(4), "little"))
+            self.sampler = drawn
+            # first writer wins: a worker starting at the same moment adopts the stored seed
+            meta = self.storage.init_meta(self._meta())
+        meta = _checked_meta(meta, self._meta_where())
+        self._check_compatible(meta, sampler)
+        if sampler.seed is None:
+            sampler = dataclasses.replace(sampler, seed=meta["sampler"]["settings"].get("seed"))
+        self.sampler = sampler
+        self._state = self.storage.load()
 
     @property
     def n_objectives(self) -> int:
@@ -338,8 +385,13 @@ class Study:
             meta["pruner"] = {"name": self.pruner.name, "settings": self.pruner.settings()}
         return meta
 
+    def _meta_where(self) -> str:
+        loc = getattr(self.storage, "location", str(self.storage))
+        path = getattr(self.storage, "path", None)
+        return f"study file {str(path / 'study.json')!r}" if path is not None else f"study description in {loc!r}"
+
     def _check_compatible(self, meta: dict[str, Any], sampler: Any) -> None:
-        where = f"storage {str(self.storage)!r} holds a different study"
+        where = f"storage {getattr(self.storage, 'location', str(self.storage))!r} holds a different study"
         mine = [c.to_dict() for c in self.configs]
         if json.loads(json.dumps(mine)) != meta["param_configs"]:
             raise ValueError(f"{where}: its param_configs are {meta['param_configs']}, got {mine}; use another directory to start a new study")
@@ -356,32 +408,53 @@ class Study:
         if stored != given:
             raise ValueError(f"{where}: sampler settings {stored}, got {given}")
 
-    def _load_trials(self) -> StudyState:
-        path = self.storage / "trials.jsonl"
-        for stale in self.storage.glob(".trials.jsonl.*.tmp"):  # a write cut short by a kill
-            stale.unlink(missing_ok=True)
-        finished: list[Trial] = []
-        if path.exists():
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if line.strip():
-                    try:
-                        finished.append(Trial.from_json(line))
-                    except (ValueError, TypeError) as e:  # a torn or hand-edited record
-                        raise ValueError(f"trial file {str(path)!r}, line {i}: not a trial record ({e}); "
-                                         "repair or delete that line to resume the study") from None
-        nxt = max((t.number for t in finished), default=-1) + 1
-        return StudyState(finished=tuple(finished), pending=(), next_number=nxt)
+    def _merge(self, state: StudyState) -> StudyState:
+        """``state`` from the storage, with this study's own running trials as it holds them:
+        bound to it, and running until it tells them, even if another worker took this one for
+        dead and failed them (the storage keeps a late result, see ``DatabaseStorage.tell``)."""
+        own = set(self._own)
+        return dataclasses.replace(
+            state,
+            finished=tuple(t for t in state.finished if t.number not in own),
+            pending=tuple(t for t in state.pending if t.number not in own) + tuple(self._own.values()),
+        )
 
-    def _save(self) -> None:
+    def refresh(self) -> Study:
+        """Reload every worker's trials from the storage (a no-op without one); returns ``self``."""
         if self.storage is not None:
-            text = "".join(t.to_json() + "\n" for t in self._state.finished)
-            _atomic_write(self.storage / "trials.jsonl", text)
+            with self._lock:
+                self._state = self._merge(self.storage.load())
+        return self
 
     # -- ask / tell --------------------------------------------------------------------------
-    def ask(self) -> Trial:
-        """Start a new trial (``StudyExhausted`` when the sampler has nothing left)."""
+    def ask(self, *, max_trials: int | None = None) -> Trial:
+        """Start a new trial (``StudyExhausted`` when the sampler has nothing left).
+
+        With a storage, the sampler runs on every worker's trials, under the storage's lock;
+        a trial queued by the storage (one a dead worker was running) is handed out first.
+        ``max_trials`` is a budget shared by all workers: when that many trials are finished
+        or running, ``ask`` raises :class:`TrialBudgetReached` instead (queued trials still
+        run: they redo work that was lost).
+        """
+        if max_trials is not None and (isinstance(max_trials, bool) or not isinstance(max_trials, int)
+                                       or max_trials < 1):
+            raise ValueError(f"max_trials must be a positive integer or None, got {max_trials!r}")
+
+        def propose(st: StudyState) -> Trial:
+            st = self._merge(st)
+            if max_trials is not None and len(st.finished) + len(st.pending) >= max_trials:
+                raise TrialBudgetReached(f"max_trials={max_trials} reached: {len(st.finished)} trials finished, "
+                                         f"{len(st.pending)} running")
+            return study_ask(st, self.configs, self.sampler, self.maximize)[1]
+
         with self._lock:
-            self._state, trial = study_ask(self._state, self.configs, self.sampler, self.maximize)
+            if self.storage is None:
+                propose(self._state)  # the budget check
+                self._state, trial = study_ask(self._state, self.configs, self.sampler, self.maximize)
+            else:
+                state, trial = self.storage.ask(propose)
+                self._own[trial.number] = trial
+                self._state = self._merge(state)
             object.__setattr__(trial, "_bound_study", self)
             return trial
 
@@ -394,7 +467,11 @@ class Study:
         """Finish ``trial`` with a value (one per objective in a multi-objective study), an
         exception, or :class:`TrialPruned`; persist, and return the finished trial."""
         with self._lock:
-            self._state, done = study_tell(self._state, trial, value, metrics, self.n_objectives)
+            state, done = study_tell(self._state, trial, value, metrics, self.n_objectives)
+            if self.storage is not None:
+                self.storage.tell(done)
+                self._own.pop(done.number, None)
+            self._state = state
             if not isinstance(self.pruner, NopPruner) and not done.intermediate and not self._warned_no_reports:
                 self._warned_no_reports = True
                 warnings.warn(
@@ -402,7 +479,6 @@ class Study:
                     f"trial.report(value, step); nothing can be pruned until trials report",
                     stacklevel=2,
                 )
-            self._save()
             return done
 
     def report(self, trial: Trial, value: float, step: int) -> None:
@@ -410,7 +486,15 @@ class Study:
         if self.n_objectives > 1:
             raise ValueError(f"report() needs a single-objective study, this one has maximize={self.maximize!r}")
         with self._lock:
-            self._state = study_report(self._state, trial, value, step)
+            state = study_report(self._state, trial, value, step)
+            if state is self._state:  # a step already reported keeps its first value
+                return
+            if self.storage is not None:
+                self.storage.report(trial, step, float(value))
+            self._state = state
+            idx = _running_index(state, trial)
+            if trial.number in self._own:
+                self._own[trial.number] = state.pending[idx]
 
     def should_prune(self, trial: Trial) -> bool:
         """Ask the pruner whether running ``trial`` should stop, given its reports so far."""
@@ -427,21 +511,37 @@ class Study:
             return bool(self.pruner.prune(self._state.finished, current, self.maximize, others))
 
     def forget_pending(self) -> list[Trial]:
-        """Drop running trials that will never be told (e.g. after an interrupted loop);
-        they are not recorded, exactly as if the process had died. Returns them."""
+        """Drop this study's running trials that will never be told (e.g. after an interrupted
+        loop); they are not recorded, exactly as if the process had died: with a storage, they
+        are queued and the next ``ask`` (of any worker) runs them again. Returns them."""
         with self._lock:
-            dropped = list(self._state.pending)
-            self._state = dataclasses.replace(self._state, pending=())
+            if self.storage is None:
+                dropped = list(self._state.pending)
+                self._state = dataclasses.replace(self._state, pending=())
+                return dropped
+            dropped = [t for t in self._state.pending if t.number in self._own]
+            self.storage.release(dropped)
+            self._own.clear()
+            self._state = self._merge(self.storage.load())
             return dropped
 
     def add_trial(self, params: Mapping[str, Any], value: float | BaseException, metrics: Mapping[str, Any] | None = None) -> Trial:
         """Record an evaluation made elsewhere (warm start from earlier runs), as Optuna's ``add_trial``."""
         validate_params(self.configs, params)
+
+        def fixed(state: StudyState) -> Trial:
+            return Trial(number=state.next_number, params=dict(params), info={"added": True}, started_at=time.time())
+
         with self._lock:
-            number = self._state.next_number
-            trial = Trial(number=number, params=dict(params), info={"added": True}, started_at=time.time())
-            self._state = dataclasses.replace(self._state, pending=(*self._state.pending, trial), next_number=number + 1)
-        return self.tell(trial, value, metrics)
+            if self.storage is None:
+                trial = fixed(self._state)
+                self._state = dataclasses.replace(self._state, pending=(*self._state.pending, trial),
+                                                  next_number=trial.number + 1)
+            else:
+                state, trial = self.storage.ask(fixed, reuse_queued=False)
+                self._own[trial.number] = trial
+                self._state = self._merge(state)
+            return self.tell(trial, value, metrics)
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -550,5 +650,9 @@ class Study:
         self._check_compatible(state["meta"], self.sampler)
         finished = tuple(Trial(**t) for t in state["trials"])
         with self._lock:
-            self._state = StudyState(finished=finished, pending=(), next_number=max((t.number for t in finished), default=-1) + 1)
-            self._save()
+            if self.storage is None:
+                nxt = max((t.number for t in finished), default=-1) + 1
+                self._state = StudyState(finished=finished, pending=(), next_number=nxt)
+            else:
+                self.storage.replace(finished)
+                self._state = self._merge(self.storage.load())

@@ -33,7 +33,7 @@ from rl2fx._typing import check_range
 from rl2fx.tuning.pruners import TrialPruned
 from rl2fx.tuning.samplers import StudyExhausted, make_sampler
 from rl2fx.tuning.space import HyperparameterConfig, as_configs, create_ppo_hyperparameter_configs
-from rl2fx.tuning.study import Study, Trial
+from rl2fx.tuning.study import Study, Trial, TrialBudgetReached
 
 __all__ = ["HyperparameterTuner", "ObjectiveKeyError"]
 
@@ -89,10 +89,14 @@ class HyperparameterTuner:
         objective_name: key of the objective when ``fn`` returns a dict.
         maximize: direction of the objective.
         n_trials: number of finished trials (complete or failed) to reach, counting
-            trials already in ``save_dir``.
+            trials already in the study and those of other workers sharing it.
         save_dir: directory of the persisted study (resumed when it exists), or ``None``
             to keep everything in memory. ``optimize`` also writes ``best_params.json``
             and ``trials.csv`` there.
+        storage: where the study lives, when not in ``save_dir``: a database URL such as
+            ``sqlite:///study.db`` or ``postgresql+psycopg://...``, a directory, or a storage
+            object (:mod:`rl2fx.tuning.storage`). Several tuners (processes or machines) on one
+            storage share the study and its ``n_trials`` budget.
         seed: sampler seed (random when ``None``; the one used is stored in ``save_dir``).
         n_jobs: trials evaluated at once.
         executor: a ``concurrent.futures.Executor`` or a Dask ``distributed.Client`` to run
@@ -127,6 +131,7 @@ class HyperparameterTuner:
         catch: tuple[type[BaseException], ...] = (Exception,),
         sampler_options: Mapping[str, Any] | None = None,
         pruner: Any = None,
+        storage: Any = None,
     ) -> None:
         if isinstance(n_trials, bool) or not isinstance(n_trials, int):
             raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
@@ -151,7 +156,8 @@ class HyperparameterTuner:
         sampler = make_sampler(
             optimizer_type, seed=seed, grid_size=grid_size, exploration_weight=exploration_weight, **dict(sampler_options or {})
         )
-        self.study = Study(self.param_configs, sampler, maximize=maximize, storage=self.save_dir, pruner=pruner)
+        self.study = Study(self.param_configs, sampler, maximize=maximize,
+                           storage=self.save_dir if storage is None else storage, pruner=pruner)
         self.exhausted_message: str | None = None
 
     # -- the loop ----------------------------------------------------------------------------
@@ -199,7 +205,9 @@ class HyperparameterTuner:
 
     def _ask(self) -> Trial | None:
         try:
-            return self.study.ask()
+            return self.study.ask(max_trials=self.n_trials)
+        except TrialBudgetReached:  # other workers sharing the study took the last trials
+            return None
         except StudyExhausted as e:
             self.exhausted_message = str(e)
             warnings.warn(f"stopping early: {e}", stacklevel=3)
@@ -313,6 +321,7 @@ class HyperparameterTuner:
 
         summary = self.results_summary()
         df = summary.pop("trials")
+        self.save_dir.mkdir(parents=True, exist_ok=True)  # absent when the study lives in a database
         _atomic_write(self.save_dir / "best_params.json", json.dumps(summary, indent=2, default=str, allow_nan=True))
         _atomic_write(self.save_dir / "trials.csv", df.to_csv(index=False))
 
