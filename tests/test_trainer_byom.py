@@ -72,6 +72,7 @@ def test_jsonl_dataset_with_two_weighted_reward_functions(tmp_path):
     comps = tok.batch_decode(torch.where(exp["response_mask"] > 0, exp["response_ids"], 0), skip_special_tokens=True)
     expected = torch.tensor([2.0 * c.count("7") / 4 + 0.5 * (1 - min(len(c), 4) / 4) + 0.5 for c in comps])
     torch.testing.assert_close(exp["scores"], expected)
+    assert (expected < 0).any()  # (seeded: some responses reach the buffer)
     m = trainer._reward_metrics
     assert m["rewards/count_sevens/mean"] == pytest.approx(float(torch.tensor(
         [c.count("7") / 4 for c in comps]).mean()), abs=1e-6)
@@ -324,3 +325,22 @@ def test_dynamic_sampling_drops_all_equal_groups_and_refills(tmp_path):
     m = trainer.train_iteration()
     assert m["dynamic_sampling/rollouts"] == 3.0 and m["dynamic_sampling/filled_groups"] == 2.0
     assert m["dynamic_sampling/dropped_groups"] == 6.0
+
+
+def test_overlong_penalty_from_the_config(tmp_path):
+    tok = char_tokenizer()
+
+    def zero(prompts, completions, **kw):
+        return [0.0] * len(completions)
+
+    cfg = config(tmp_path, "experiment_tracking.enabled=false", "trainer.overlong_buffer_len=2",
+                 "trainer.overlong_penalty_factor=0.5")
+    trainer = PPOTrainer(cfg, model=tiny_model(tok), tokenizer=tok, reward_funcs=zero, train_dataset=rows())
+    exp = trainer.make_experience()
+    lengths = exp["response_mask"].sum(1)  # max_new_tokens = 4, the penalty ramps over lengths 3..4
+    expected = 0.5 * torch.where(lengths <= 2, 0.0, (2 - lengths) / 2)
+    torch.testing.assert_close(exp["scores"], expected)
+    assert (expected < 0).any()  # (seeded: some responses reach the buffer)
+    with pytest.raises(ConfigError, match="trainer.overlong_buffer_len"):
+        PPOTrainer(config(tmp_path, "trainer.overlong_buffer_len=9"), model=tiny_model(tok), tokenizer=tok,
+                   reward_funcs=zero, train_dataset=rows())

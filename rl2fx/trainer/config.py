@@ -395,6 +395,9 @@ class TrainerConfig:
     rollout_rs_low: float = 0.5
     rollout_rs_high: float = 2.0
     log_rollout_mismatch: bool = False  # sampler log-probs and mismatch metrics without a correction
+    # DAPO soft overlong punishment: the last overlong_buffer_len tokens before rollout.max_new_tokens cost reward
+    overlong_buffer_len: int | None = None
+    overlong_penalty_factor: float = 1.0
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill from more rollouts
     dynamic_sampling_max_rollouts: int = 4  # rollouts per iteration at most (then dropped groups fill the batch)
 
@@ -841,6 +844,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "trainer.eval_interval", 0)
     _in(cfg, "trainer.dynamic_sampling_max_rollouts", 1)
     _in(cfg, "rollout.max_turns", 1)
+    _in(cfg, "trainer.overlong_buffer_len", 1, optional=True)
+    _in(cfg, "trainer.overlong_penalty_factor", 0.0)
     if t.rollout_is is not None and t.rollout_is not in IS_LEVELS:
         _fail("trainer.rollout_is", t.rollout_is, f"must be null or one of {list(IS_LEVELS)}")
     if t.rollout_rs is not None and t.rollout_rs not in RS_LEVELS:

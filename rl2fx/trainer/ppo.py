@@ -57,6 +57,7 @@ from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import get_estimator
 from rl2fx.rewards import load_reward_func
 from rl2fx.rollout import concat_rollouts, rollout, select_rows
+from rl2fx.shaping import overlong_penalty
 from rl2fx.step import make_ppo_loss, make_value_loss, train_step
 from rl2fx.tracking import ExperimentConfig, ExperimentTracker
 from rl2fx.trainer.config import (
@@ -469,6 +470,9 @@ class PPOTrainer:
                            if self.task is not None and model_spec is None else build_critic(self.policy))
             self.critic = self.critic.to(self.device)
 
+        if t.overlong_buffer_len is not None and not 0 < int(t.overlong_buffer_len) <= self.max_new_tokens:
+            raise ConfigError(f"config key 'trainer.overlong_buffer_len' must be in [1, {self.max_new_tokens}] (the "
+                              f"response length limit), got {t.overlong_buffer_len}")
         if self.env is not None and "greedy_rewards" in self.estimator.inputs:
             raise ConfigError(f"config key 'adv.estimator' {self.estimator.name!r} needs a greedy rollout's reward, "
                               "which a multi-turn environment does not give; use grpo, rloo, gae, ...")
@@ -641,6 +645,12 @@ class PPOTrainer:
             return self._multi_turn(prompts), self._env_scored, None
         batch = self._rollout(prompts, self.group_size)
         scored = self.source.score(prompts, batch, self.group_size)
+        t = self.cfg.trainer
+        if t.overlong_buffer_len is not None:  # DAPO's soft overlong punishment, added to the reward
+            pen = overlong_penalty(batch["response_mask"].sum(1), max_len=self.max_new_tokens,
+                                   cache_len=int(t.overlong_buffer_len), factor=float(t.overlong_penalty_factor))
+            scored.scores = scored.scores + pen.to(scored.scores.dtype)
+            scored.metrics["overlong_penalty_mean"] = float(pen.mean())
         greedy = self.greedy_rewards(prompts) if "greedy_rewards" in self.estimator.inputs else None
         return batch, scored, greedy
 
