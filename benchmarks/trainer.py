@@ -20,9 +20,13 @@ Both trainers get the same work (issue 20, item 3):
 * the same loss aggregation: rl2fx ``trainer.agg_mode=token-mean`` (the masked token sum over the
   batch's token count) is TRL's ``loss_type="dapo"`` with one process and no accumulation
   (normaliser = ``num_items_in_batch``, the active tokens of the batch), and equal to ``"bnpo"``;
-* both compute the token entropy in the loss's forward pass (logged, not in the loss); neither runs
-  an old-log-prob forward (one update on on-policy data: the loss's own detached log-probs) nor a
-  reference forward;
+* the same forward passes: a prefill and one cached forward per new token to sample (TRL through
+  ``model.generate``; rl2fx through its own copy of ``generate``'s sampling loop, which draws the same
+  tokens from the same RNG state, see ``tests/test_rollout.py``), then one forward and backward for
+  the loss; both compute the token entropy there (logged, not in the loss); neither runs an
+  old-log-prob forward (one update on on-policy data: the loss's own detached log-probs) nor a
+  reference forward; TRL's default ``gradient_checkpointing=True`` is turned off (rl2fx's
+  ``memory_optimization`` is off), and both use the same unfused ``torch.optim.AdamW``;
 * no tracking (TRL ``report_to="none"``; rl2fx ``experiment_tracking.enabled=false``), no progress
   bar, no checkpoints in the timed region (TRL ``save_strategy="no"``; rl2fx writes its final
   checkpoint and model after the last step, outside the timed steps), TRL logs every step.
@@ -30,8 +34,11 @@ Both trainers get the same work (issue 20, item 3):
 Each (library, seed) runs in a fresh subprocess with one torch thread (``OMP_NUM_THREADS=1``), the
 libraries interleaved seed by seed. Per run: start-up (constructing the trainer until the start of
 the first step, i.e. ``on_train_begin``), time per step (intervals between consecutive
-``on_step_end`` callbacks; median over the steps after the first 2), peak RSS (``ru_maxrss`` at the
-end) and its increase over the RSS after the imports, and the mean reward of every step.
+``on_step_end`` callbacks; median over the steps after the first 2; wall and process CPU time, the
+latter less sensitive to other processes on a shared machine), peak RSS (``ru_maxrss`` at the
+end) and its increase over the RSS after the imports, and the mean reward of every step. Ratios are
+given both of the means over seeds and as the median of the per-seed ratios (each seed's two runs
+are back to back, so a change in the machine's load affects both).
 
     PYTHONPATH=. python benchmarks/trainer.py            # 10 seeds x 30 steps
     PYTHONPATH=. python benchmarks/trainer.py --quick    # 2 seeds x 8 steps
@@ -318,6 +325,12 @@ def main() -> None:
         }
     a, b = summary["rl2fx"], summary["trl"]
     ratios = {k: a[k][0] / b[k][0] for k in ("step_ms", "step_cpu_ms", "peak_rss_mib", "rss_increase_mib", "startup_s")}
+
+    def per_seed(key: str) -> list[float]:
+        by = {(r["library"], r["seed"]): statistics.median(r[key][SKIP_STEPS:]) for r in runs}
+        return [by[("rl2fx", s)] / by[("trl", s)] for s in range(args.seeds)]
+
+    paired = {"step_ms": statistics.median(per_seed("step_s")), "step_cpu_ms": statistics.median(per_seed("step_cpu_s"))}
     targets = {"step_ms <= 0.75x TRL": ratios["step_ms"] <= 0.75, "peak_rss <= TRL": ratios["peak_rss_mib"] <= 1.0}
     load_end = _load()
     cmd = "PYTHONPATH=. python benchmarks/trainer.py" + (" --quick" if args.quick else
@@ -342,12 +355,14 @@ def main() -> None:
     table = "\n".join(lines)
     print(f"\n{table}\n\n{args.seeds} seeds x {args.steps} steps; time/step: median over steps {SKIP_STEPS + 1}.."
           f"{args.steps} per run, mean ± std over runs; load average {load_start} at start, {load_end} at end")
+    print(f"median of per-seed ratios rl2fx/TRL: time/step {paired['step_ms']:.2f}x, CPU time/step "
+          f"{paired['step_cpu_ms']:.2f}x")
     print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
     print("reward curve (mean over seeds), rl2fx: " + " ".join(f"{x:.2f}" for x in a["reward_curve"]))
     print("reward curve (mean over seeds), TRL:   " + " ".join(f"{x:.2f}" for x in b["reward_curve"]))
     out = {"command": cmd, "machine": _machine(), "load_average_start": load_start, "load_average_end": load_end,
            "seeds": args.seeds, "steps": args.steps, "skip_steps": SKIP_STEPS, "last_steps": last,
-           "wall_s": time.perf_counter() - t_all, "summary": summary, "ratios": ratios, "targets": targets,
+           "wall_s": time.perf_counter() - t_all, "summary": summary, "ratios": ratios, "paired_ratios": paired, "targets": targets,
            "table": table, "runs": runs}
     path = Path(args.out) / "trainer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
