@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from rl2fx import policy_losses as PL
@@ -70,6 +70,11 @@ def batches(draw, max_batch_dims=2, max_time=6, row_constant_adv=False):
 @given(batch=batches(), agg_mode=st.sampled_from(AGG_MODES))
 def test_matches_reference_loop(name, batch, agg_mode):
     lp, old, adv, mask = batch
+    if name in ("clip_cov", "kl_cov"):
+        # a top-k by covariance: two covariances equal in exact arithmetic may differ in the last bits between
+        # the vectorised sum and the loop's, and then the two pick different tokens; such near-ties are skipped
+        cov = sorted(R.ref_covariances(lp, adv, mask))
+        assume(all(b == a or b - a > 1e-9 for a, b in zip(cov, cov[1:], strict=False)))
     got, _ = _call(name, lp, old, adv, mask, agg_mode=agg_mode)
     want = REF[name](lp, old, adv, mask, **_kw(name), agg_mode=agg_mode)
     assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-9)

@@ -72,7 +72,6 @@ def test_jsonl_dataset_with_two_weighted_reward_functions(tmp_path):
     comps = tok.batch_decode(torch.where(exp["response_mask"] > 0, exp["response_ids"], 0), skip_special_tokens=True)
     expected = torch.tensor([2.0 * c.count("7") / 4 + 0.5 * (1 - min(len(c), 4) / 4) + 0.5 for c in comps])
     torch.testing.assert_close(exp["scores"], expected)
-    assert (expected < 0).any()  # (seeded: some responses reach the buffer)
     m = trainer._reward_metrics
     assert m["rewards/count_sevens/mean"] == pytest.approx(float(torch.tensor(
         [c.count("7") / 4 for c in comps]).mean()), abs=1e-6)
