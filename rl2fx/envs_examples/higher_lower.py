@@ -7,12 +7,12 @@ protocol) on a range small enough for a CPU: the secret ``target`` is 1, 2, 3 or
 0 otherwise; the score of a game is 1 for a win within ``max_turns`` turns.
 
 With :data:`MAX_TURNS` = 3 turns, bisection wins every game (guess 2; ``lower``
-→ 1; ``higher`` → 3, then ``higher`` → 4), a policy that ignores the feedback
-and guesses uniformly among the four digits wins :math:`1 - (3/4)^3 \approx 0.58`,
-one that always says the same digit 0.25, and a random model, whose one token
-is a digit of the right value about one time in :math:`|V| = 15`, about 0.2. So
-the success rate can rise from about 0.2 to 1, and above 0.58 only by reading the
-environment's feedback.
+→ 1; ``higher`` → 3, then ``higher`` → 4). Policies that ignore the feedback win
+less: three distinct guesses in a fixed order 3/4, uniform guesses among the four
+digits :math:`1 - (3/4)^3 \approx 0.58`, the same digit every turn 1/4; a random
+model, whose one token is the right digit about one time in :math:`|V| = 15`,
+about 0.2 to 0.5. So the success rate can rise from there to 1, and above 3/4
+only by reading the environment's feedback.
 
 Everything is built locally: :func:`build_tokenizer`, a word-level tokenizer over
 the game's words (:data:`VOCAB`), and :func:`build_model`, a tiny GPT-2 with
