@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from rl2fx.returns import get_estimator, list_estimators
 from rl2fx.trainer.ablate import (
@@ -169,3 +170,28 @@ def test_a_failing_run_names_its_arm_and_seed(tmp_path):
         run_ablation("kl", seeds=1, arms=["no_kl"], out_dir=out, workers=1, show_progress_bar=False,
                      overrides=[f"actor.model_name={tmp_path / 'no_model'}"])
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_multi_turn_ablation_trains_on_the_shipped_task_with_one_model_per_seed(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rl2fx.envs_examples import higher_lower
+    from rl2fx.trainer.ablate import _task_overrides
+
+    over = [_task_overrides("multi_turn", s, tmp_path) for s in (0, 1)]
+    assert over[0]["rollout.env_path"] == higher_lower.__file__
+    assert over[0]["data.train_data_path"] == str(higher_lower.DATA) and over[0]["rollout.max_turns"] == 3
+    a, b = (AutoModelForCausalLM.from_pretrained(o["actor.model_name"]) for o in over)
+    assert not torch.equal(a.transformer.wte.weight, b.transformer.wte.weight)  # seed s's model is build_model(seed=s)
+    assert torch.equal(a.transformer.wte.weight, higher_lower.build_model(higher_lower.build_tokenizer()).transformer.wte.weight)
+    assert _task_overrides("kl", 0, tmp_path) == {}
+
+    out = run_ablation("multi_turn", seeds=2, arms=["gae_critic", "grpo"], overrides=TINY, workers=1,
+                       out_dir=tmp_path / "out", show_progress_bar=False)
+    assert [(r["arm"], r["seed"]) for r in out["runs"]] == [("gae_critic", 0), ("gae_critic", 1), ("grpo", 0),
+                                                            ("grpo", 1)]
+    for r in out["runs"]:
+        assert r["overrides"]["rollout.env_path"] == higher_lower.__file__ and len(r["reward_curve"]) == 2
+        assert all(0.0 <= x <= 1.0 for x in r["reward_curve"])  # games won: the environment's rewards
+    assert not Path(out["runs"][0]["overrides"]["actor.model_name"]).exists()  # the models' folder is removed
+    assert "0.75" in (tmp_path / "out" / "multi_turn.md").read_text()

@@ -1,4 +1,4 @@
-"""Reproducible ablations of the demo task: ``rl2fx ablate estimators | kl | pareto``.
+"""Reproducible ablations of the demo task: ``rl2fx ablate estimators | kl | pareto | multi_turn``.
 
 An ablation is a list of *arms* (named sets of config overrides) run on the
 shipped demo configuration (GRPO on digit reversal with a tiny random Llama)
@@ -7,6 +7,12 @@ run in its own process (``ProcessPoolExecutor``, one torch thread per run),
 with tracking, memory profiling and the per-run progress bar off. Seed ``s``
 sets ``trainer.seed=s`` and ``model.seed=s`` (prompts, samples and the initial
 weights), so a run is a pure function of its config and seed.
+
+``multi_turn`` runs on the shipped multi-turn task instead
+(:mod:`rl2fx.envs_examples.higher_lower`: its prompt file, ``env_step`` file and
+:data:`~rl2fx.envs_examples.higher_lower.TRAINING` settings); seed ``s``'s initial
+model is ``higher_lower.build_model(tokenizer, seed=s)``, saved with its tokenizer to a
+temporary folder that ``actor.model_name`` names.
 
 Written to ``out_dir`` (default ``outputs/ablations``; the shipped pages in
 ``docs/ablations`` are regenerated only by asking for them, ``--out docs/ablations``):
@@ -59,7 +65,8 @@ __all__ = ["ABLATIONS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_a
 
 #: Default ``trainer.total_steps`` per ablation, chosen so that each default run
 #: (3 seeds, 2 worker processes) takes about 10 minutes on 2 idle CPU cores.
-DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "kl_frontier": 400, "losses": 300, "pareto": 400}
+DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "kl_frontier": 400, "losses": 300, "pareto": 400,
+                                 "multi_turn": 200}
 
 DEFAULT_CONFIG = "demo"
 
@@ -86,6 +93,44 @@ _FRONTIER_MAX_COEF = 10.0
 # Weights for the Pareto arms: reward first, KL penalised (kl_penalty = -KL is
 # maximised, so its weight is positive), a small entropy bonus.
 _PARETO_WEIGHTS = {"reward": 1.0, "kl_penalty": 0.1, "entropy": 0.01}
+# The turn-level arm's discount per decision token: one token per turn in the multi-turn task, so a
+# turn's tokens get the rewards of that turn and the later ones, discounted by 0.5 per turn.
+_TURN_GAMMA = 0.5
+# The multi-turn task's best success rate without reading the feedback: three distinct guesses of 1..4.
+_NO_FEEDBACK_WINS = 0.75
+
+
+def _task_overrides(name: str, seed: int, models: Path | None) -> dict[str, Any]:
+    """The task of ablation ``name`` for seed ``seed``: nothing for the demo's digits task; for
+    ``multi_turn`` the shipped multi-turn task, with seed ``seed``'s initial model saved under ``models``."""
+    if name != "multi_turn":
+        return {}
+    from rl2fx.envs_examples import higher_lower as hl
+
+    hp = hl.TRAINING
+    over: dict[str, Any] = {
+        "data.train_data_path": str(hl.DATA), "rollout.env_path": hl.__file__,
+        "rollout.max_turns": hp["max_turns"], "rollout.max_new_tokens": hp["max_new_tokens"],
+        "rollout.temperature": hp["temperature"], "data.prompts_per_rollout": hp["prompts_per_step"],
+        "data.responses_per_prompt": hp["responses_per_prompt"], "actor.lr": hp["lr"], "actor.clip": hp["clip"],
+        "actor.kl.coef": hp["kl_coef"], f"{_AK}.enabled": False, "trainer.update_epochs": hp["update_epochs"],
+        "trainer.max_grad_norm": hp["max_grad_norm"], "memory_optimization.enabled": False,
+        "actor.local_files_only": True,
+    }
+    if models is not None:
+        folder = models / f"seed{seed}"
+        if not folder.exists():
+            tok = hl.build_tokenizer()
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # its save bar would interleave with the ablation's own
+            try:
+                hl.build_model(tok, seed=seed).save_pretrained(folder)
+                tok.save_pretrained(folder)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+        over["actor.model_name"] = str(folder)
+    return over
 
 
 def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, Any]]]:
@@ -118,6 +163,13 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
         ]
     if name == "losses":
         return [(n, {"actor.loss_type": n}) for n in list_policy_losses()]
+    if name == "multi_turn":
+        return [
+            ("gae_critic", {"adv.estimator": "gae"}),
+            ("grpo", {"adv.estimator": "grpo"}),
+            ("rloo", {"adv.estimator": "rloo"}),
+            ("turn_returns", {"adv.estimator": "reinforce_pp", "adv.gamma": _TURN_GAMMA}),
+        ]
     if name == "kl_frontier":
         arms = []
         for t in _FRONTIER_TARGETS:
@@ -150,6 +202,12 @@ _ARM_NOTES = {
     "kl_frontier": (f"the KL budget: `{_AK}.target_kl` in {list(_FRONTIER_TARGETS)} for each feedback "
                     f"controller (`{_AK}.max_coef={_FRONTIER_MAX_COEF:g}`) and the Lagrangian constraint's "
                     "`kl_constraint` at the same values; arm `controller@target`."),
+    "multi_turn": ("the advantage estimator on the multi-turn task `rl2fx.envs_examples.higher_lower` (guess 1..4 "
+                   "with higher/lower feedback, 3 turns, one token per turn, its `TRAINING` settings, seed s's "
+                   "model `higher_lower.build_model(seed=s)`): `gae_critic`, GAE with a critic over the decision "
+                   "tokens and the per-turn rewards (`adv.gamma` 0.99, `adv.lamda` 0.95); `grpo` and `rloo`, "
+                   "outcome-only group baselines over whole trajectories; `turn_returns`, turn-level credit, "
+                   f"REINFORCE++ token returns of the per-turn rewards discounted by {_TURN_GAMMA} per turn."),
     "pareto": ("`multi_objective.pareto_method` with objectives reward, kl_penalty = -KL, entropy and weights "
                f"{_PARETO_WEIGHTS} (`weighted_sum_kl1`: kl_penalty weight 1.0); `ppo_loss` is the plain "
                "PPO loss (multi-objective off)."),
@@ -290,9 +348,11 @@ def run_ablation(
         all_arms = [(a, o) for a, o in all_arms if a in arms]
 
     jobs: list[tuple[str, int, dict[str, Any]]] = []
+    models_tmp = tempfile.TemporaryDirectory(prefix="rl2fx-ablate-models-") if name == "multi_turn" else None
+    models = Path(models_tmp.name) if models_tmp is not None else None
     for arm, arm_over in all_arms:
         for s in range(seeds):
-            run_over = _run_overrides(arm_over, user, s, steps, "unused")
+            run_over = _run_overrides({**_task_overrides(name, s, models), **arm_over}, user, s, steps, "unused")
             run_over.pop("trainer.output_dir")
             load_config(base, overrides=run_over)  # fail fast on a bad key or value
             jobs.append((arm, s, run_over))
@@ -332,6 +392,8 @@ def run_ablation(
                     done(arm, s, res)
     finally:
         bar.close()
+        if models_tmp is not None:
+            models_tmp.cleanup()
     total_wall = time.perf_counter() - t0
 
     runs = [{"arm": arm, "seed": s, "overrides": over, **results[(arm, s)]} for arm, s, over in jobs]
@@ -392,8 +454,11 @@ def format_table(out: dict[str, Any]) -> str:
         "(`trainer.summary_window`); "
         f"final KL = mean KL(policy ‖ reference) per token over the same steps; mean ± sample std "
         f"over {len(out['seeds'])} seed(s); wall time of each run while {out['workers']} ran at once (the first "
-        f"run in each process also pays one-time start-up). Chance level of the task (uniform over the "
-        f"vocabulary): **{out['chance_reward']:.3f}**.",
+        f"run in each process also pays one-time start-up). "
+        + ("Reward = games won within 3 turns: uniform guesses win 1 - (3/4)^3 = 0.578, three distinct guesses "
+           f"that ignore the feedback **{_NO_FEEDBACK_WINS:g}**, and only a policy that reads the feedback "
+           "wins every game (1.0)." if name == "multi_turn" else
+           f"Chance level of the task (uniform over the vocabulary): **{out['chance_reward']:.3f}**."),
         "",
         "| arm | final reward | final KL | wall time per run (s) |",
         "|---|---|---|---|",
@@ -541,7 +606,10 @@ def _plot(out: dict[str, Any], path: Path) -> None:
         ax_c.set_xlabel("training step")
         ax_c.set_ylabel("KL coefficient (mean over seeds)")
         ax_c.legend(fontsize=7, ncol=2)
-    ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
+    if out["ablation"] == "multi_turn":  # its reference level: the chance level of one token is not the game's
+        ax.axhline(_NO_FEEDBACK_WINS, color="k", ls=":", lw=1, label="best without the feedback")
+    else:
+        ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
     ax.set_xlabel("training step")
     ax.set_ylabel("task reward")
     ax.set_title(f"rl2fx ablate {out['ablation']}: {len(out['seeds'])} seed(s), mean ± std")
