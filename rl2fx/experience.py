@@ -31,6 +31,7 @@ import torch
 
 from rl2fx._typing import Float, Tensor, check_choice, typechecked
 from rl2fx.losses import KL_ESTIMATORS, kl_estimate, kl_penalized_rewards
+from rl2fx.multiturn import from_trajectories, to_trajectories
 from rl2fx.returns import advantages, get_estimator, whiten
 from rl2fx.rollout import scatter_last
 from rl2fx.rollout_correction import masked_is, mismatch_metrics, truncated_is_weights
@@ -159,7 +160,8 @@ def make_experience(
     rollout_rs_low: float = 0.5,
     rollout_rs_high: float = 2.0,
     stats: dict[str, float] | None = None,
-    token_rewards: Float[Tensor, "batch time"] | None = None,
+    token_rewards: Float[Tensor, "rows time"] | None = None,
+    trajectories: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     r"""Score-to-batch: add old/ref log-probs, the token KL, values, advantages and returns to a rollout.
 
@@ -168,7 +170,11 @@ def make_experience(
     responses per prompt in contiguous rows. ``scores``: one outcome reward per
     sequence, placed on its last response token (:func:`~rl2fx.rollout.scatter_last`), unless
     ``token_rewards`` gives the rewards per token (a multi-turn rollout's per-turn rewards,
-    :func:`rl2fx.multiturn.multi_turn_rollout`).
+    :func:`rl2fx.multiturn.multi_turn_rollout`). ``trajectories`` (that rollout's
+    ``sample_index``, ``segment_index`` and ``turns``): when a trajectory spans several
+    rows (segments), ``scores`` has one entry per trajectory and the estimator runs on
+    each trajectory's rows laid end to end (:func:`rl2fx.multiturn.to_trajectories`),
+    the advantages mapped back to the rows; the forward passes stay per row.
     With ``kl_in_reward`` the per-token penalty :math:`-\beta\,\widehat{KL}_t`
     is folded into the rewards (Ziegler et al. 2019; ``kl_coef`` a float or a
     KL controller state). The advantages are those of the registered estimator
@@ -212,8 +218,12 @@ def make_experience(
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     spec = get_estimator(estimator)
     mask = batch["response_mask"]
-    if scores.shape[0] != mask.shape[0]:
-        raise ValueError(f"scores has {scores.shape[0]} entries but the batch has {mask.shape[0]} sequences")
+    segmented = trajectories is not None and int(trajectories["turns"].shape[0]) != mask.shape[0]
+    n_seq = int(trajectories["turns"].shape[0]) if segmented else mask.shape[0]
+    if scores.shape[0] != n_seq:
+        raise ValueError(f"scores has {scores.shape[0]} entries but the batch has {n_seq} sequences")
+    if segmented and token_rewards is None:
+        raise ValueError("a segmented batch (trajectories spanning several rows) needs token_rewards")
     if needs is None:
         needs = experience_needs(estimator=estimator, kl_in_reward=kl_in_reward, with_entropy=with_entropy,
                                  log_kl=ref_model is not None)
@@ -267,27 +277,36 @@ def make_experience(
                 rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, kl_coef, estimator=kl_estimator, mask=mask,
                                                **clamps)
     dtype = old_lp.dtype if old_lp is not None else torch.float32
+    # segments: the estimator sees each trajectory's rows end to end (masked equals packed), then back to rows
+    def lay(x: Tensor) -> Tensor:
+        return to_trajectories(x, trajectories) if segmented else x  # type: ignore[arg-type]
+
+    row_mask, mask, rewards = mask, lay(mask), lay(rewards)
     kw: dict[str, Any] = {"rewards": rewards, "mask": mask, "log_rhos": torch.zeros_like(rewards),
                           "group_size": group_size, "group": group,
                           "reward_components": (reward_components if reward_components is not None
                                                 else scores.unsqueeze(-1))}
     if old_lp is not None:
-        kw["old_logprobs"] = old_lp
+        kw["old_logprobs"] = lay(old_lp)
     if critic is not None and needs.values:
         c: Any = getattr(critic, "module", critic)
-        values = c(out["input_ids"], out["attention_mask"])[:, -mask.shape[1] - 1:-1]
-        out["old_values"] = values * mask
-        kw["values"] = out["old_values"]
+        values = c(out["input_ids"], out["attention_mask"])[:, -row_mask.shape[1] - 1:-1]
+        out["old_values"] = values * row_mask
+        kw["values"] = lay(out["old_values"])
     kw.update(extra_inputs or {})
     res = advantages(spec.name, **kw, **dict(estimator_params or {}))
     adv = res["advantages"].to(dtype)
     if adv.ndim == 1:
         adv = adv.unsqueeze(-1) * mask
+    ret = res["returns"].to(dtype)
+    ret = (ret if ret.ndim == 2 else ret.unsqueeze(-1)) * mask
+    if segmented:
+        adv, ret = from_trajectories(adv, trajectories), from_trajectories(ret, trajectories)  # type: ignore[arg-type]
+    mask = row_mask
     if whiten_advantages and spec.needs_values:
         adv = whiten(adv, mask, group=group)
-    ret = res["returns"].to(dtype)
     if weights is not None:
         adv = adv * weights.to(adv.dtype)
     out["advantages"] = adv * mask
-    out["returns"] = (ret if ret.ndim == 2 else ret.unsqueeze(-1)) * mask
+    out["returns"] = ret * mask
     return out

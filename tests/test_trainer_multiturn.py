@@ -89,3 +89,36 @@ def test_env_errors_are_clear(tmp_path):
                    reward_funcs=lambda prompts, completions, **k: [0.0] * len(completions))
     with pytest.raises(ConfigError, match="rollout.max_turns"):
         config(tmp_path, "rollout.max_turns=0")
+
+
+def test_segmented_trajectories_train_per_trajectory(tmp_path):
+    """A next_state that does not extend the text starts a new segment (RL2): rows > trajectories."""
+    from rl2fx.experience import experience_needs, make_experience
+    from rl2fx.multiturn import to_trajectories
+
+    def restart(sample):  # every turn restarts the context; reward 1 on turn 2 if a '7' was said
+        done = sample.turn >= 2
+        return {"next_state": None if done else f"again {sample.turn}:", "done": done,
+                "reward": float(done and "7" in sample.action_text)}
+
+    tok = char_tokenizer()
+    rows = [{"prompt": f"go {i}:"} for i in range(2)]
+    trainer = PPOTrainer(config(tmp_path, "rollout.max_turns=2", "adv.estimator=gae"), model=tiny_model(tok),
+                         tokenizer=tok, env=restart, train_dataset=rows)
+    exp = trainer.make_experience()
+    lay = trainer._trajectories
+    assert lay is not None and exp["response_mask"].shape[0] == 2 * lay["turns"].shape[0]
+    m = trainer.train_iteration()
+    assert math.isfinite(m["loss"]) and m["multi_turn/segments_per_sample"] == 2.0
+    # GRPO on a segmented batch: every token of a trajectory (both its rows) gets the trajectory's advantage
+    batch = {k: v for k, v in exp.items() if k in ("input_ids", "attention_mask", "response_ids", "response_mask")}
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    rewards = torch.zeros_like(exp["response_mask"])
+    out = make_experience(trainer.policy, batch, scores, group_size=4, estimator="grpo",
+                          needs=experience_needs(estimator="grpo"), token_rewards=rewards, trajectories=lay)
+    per_traj = to_trajectories(out["advantages"], lay)
+    traj_mask = to_trajectories(exp["response_mask"], lay)
+    assert out["advantages"].shape == exp["response_mask"].shape
+    for i in range(per_traj.shape[0]):
+        vals = per_traj[i][traj_mask[i] != 0]
+        assert torch.allclose(vals, vals[0].expand_as(vals))  # one value across the trajectory's segments

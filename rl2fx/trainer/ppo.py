@@ -615,10 +615,13 @@ class PPOTrainer:
             responses_per_prompt=self.group_size, max_turns=int(r.max_turns), max_new_tokens=self.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p), stop=list(r.stop))
-        if batch["response_mask"].shape[0] != batch["turns"].shape[0]:
-            raise ValueError(f"environment {self.env.name}: a next_state did not extend the text so far, which "
-                             "starts a new segment; the trainer trains on unsegmented trajectories only (each "
-                             "next_state must begin with state_text + action_text)")
+        segmented = batch["response_mask"].shape[0] != batch["turns"].shape[0]
+        if segmented and self.cfg.trainer.dynamic_sampling:
+            raise ValueError(f"environment {self.env.name}: a next_state did not extend the text so far (a new "
+                             "segment), and trainer.dynamic_sampling selects rows by group: turn one of them off")
+        # a trajectory over several rows (RL2's segments): the estimators run per trajectory (make_experience)
+        self._trajectories = ({k: batch[k] for k in ("sample_index", "segment_index", "turns")} if segmented
+                              else None)
         scores = batch["scores"].float()
         stats = {f"multi_turn/{k}": float(v) for k, v in multi_turn_stats(batch).items()}
         self._env_scored = Scored(scores=scores, components=scores.unsqueeze(-1), metrics=stats)
@@ -731,7 +734,8 @@ class PPOTrainer:
             rollout_is=cfg.trainer.rollout_is, rollout_is_cap=float(cfg.trainer.rollout_is_cap),
             rollout_rs=cfg.trainer.rollout_rs, rollout_rs_low=float(cfg.trainer.rollout_rs_low),
             rollout_rs_high=float(cfg.trainer.rollout_rs_high), stats=stats,
-            token_rewards=batch.get("rewards") if self.env is not None else None)
+            token_rewards=batch.get("rewards") if self.env is not None else None,
+            trajectories=self._trajectories if self.env is not None else None)
         self._reward_metrics = {**scored.metrics, **stats}
         for m in (self.policy, self.ref_model, self.critic):  # free FSDP2 parameters the no-grad passes gathered
             if m is not None:
