@@ -44,6 +44,7 @@ from _results import add_out_argument, write_json
 
 from rl2fx.distributed import wrap_policy
 from rl2fx.step import make_ppo_loss, train_step
+from rl2fx.tracking.system import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2.0**20
@@ -211,17 +212,6 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{r['ratio']:>5.3f}x {r['rss_start_mib']:>9.0f} {r['rss_after_mib']:>9.0f} "
                      f"{r['rss_peak_mib']:>9.0f}")
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    """The CPU's ``model name`` from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ Prints a table; writes ``outputs/benchmarks/trainer.json`` (``--out DIR`` to cha
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -109,7 +110,7 @@ def setup() -> tuple[Any, Any, Any]:
     from rl2fx.trainer.tasks import build_tiny_lm, build_tokenizer
 
     tok = build_tokenizer()
-    arch = json.loads(os.environ["RL2FX_BENCH_ARCH"])
+    arch = ast.literal_eval(os.environ["RL2FX_BENCH_ARCH"])  # the demo model section, from the driver
     model = build_tiny_lm(len(tok), seed=0, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, **arch)
     data = rows()
@@ -238,7 +239,7 @@ def _result(t0: float, marks: list[float], cpu: list[float], rewards: list[float
 
 def worker(lib: str, seed: int, steps: int, lr: float, result: str) -> None:
     res = (run_rl2fx if lib == "rl2fx" else run_trl)(seed, steps, lr)
-    Path(result).write_text(json.dumps(res))
+    write_json(Path(result).parent, Path(result).name, res)  # the worker's result, read back by the driver
 
 
 # ---------------------------------------------------------------------------- driver
@@ -247,14 +248,9 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def _machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from rl2fx.tracking.system import cpu_model
+
+    cpu = cpu_model()
     import torch
     import transformers
     import trl
@@ -287,7 +283,7 @@ def main() -> None:
     if args.steps <= SKIP_STEPS:
         raise SystemExit(f"--steps must be > {SKIP_STEPS} (the first {SKIP_STEPS} steps are warm-up), got {args.steps}")
     arch, lr = demo_settings()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RL2FX_BENCH_ARCH": json.dumps(arch),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RL2FX_BENCH_ARCH": repr(arch),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -15,7 +15,26 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SystemSampler", "TorchCudaMonitor"]
+__all__ = ["SystemSampler", "TorchCudaMonitor", "cpu_model"]
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo`` (``platform.processor()`` or the machine type elsewhere),
+    for the machine line of benchmark and ablation reports.
+
+    >>> isinstance(cpu_model(), str)
+    True
+    """
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class SystemSampler:

@@ -54,6 +54,7 @@ from transformers.utils import logging as hf_logging
 
 from rl2fx.losses import list_policy_losses
 from rl2fx.returns import list_estimators
+from rl2fx.tracking.system import cpu_model
 from rl2fx.trainer.ablate_names import ABLATIONS, DEFAULT_OUT
 from rl2fx.trainer.config import load_config, parse_override, trainer_supports
 from rl2fx.trainer.ppo import PPOTrainer
@@ -269,14 +270,7 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, torch {torch.__version__}; load average at start {load}")
