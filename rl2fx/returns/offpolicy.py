@@ -144,7 +144,7 @@ def retrace(
     cs = lam * log_rhos.to(dt).exp().clamp(max=1.0)
     # Z_t = Q^ret_t - Q_t satisfies Z_t = (r_t + γ_t v_next_t - Q_t) + γ_t c_{t+1} Z_{t+1}:
     # the trace coefficient at t is the *next* masked-in step's c (0 past the end, where Z = 0 anyway).
-    c_next = C.next_along(cs, tail=torch.zeros_like(cs[..., 0]), nxt=nxt)
+    c_next = C.next_along(cs, tail=cs.new_zeros(cs.shape[:-1]), nxt=nxt)
     out = S.scan(r + g * vn - q, g * c_next, mask=m, backend=backend) + q
     return C.masked_out(out, m).to(C.out_dtype(rewards.dtype, q_values.dtype, v_next.dtype))
 
