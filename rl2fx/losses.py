@@ -254,7 +254,8 @@ def _aggregate(
     (loss,) = _masked_in(m, loss)
     masked = loss * m
     # the number of sequences is the product of the batch dims (also for T = 0, where the loss is 0)
-    n_seqs = float(masked.shape[:-1].numel()) if global_seqs is None else global_seqs
+    # (an empty batch divides by 1, not 0: its loss is 0, like that of an all-masked batch)
+    n_seqs = float(max(masked.shape[:-1].numel(), 1)) if global_seqs is None else global_seqs
     if mode == "token-mean":
         denom = m.sum().clamp_min(1.0) if global_tokens is None else global_tokens
         return masked.sum() / denom
@@ -571,6 +572,10 @@ def compute_policy_loss(
     spec = get_policy_loss(name)
     params = dict(params or {})
     _check_loss_names(spec, params)
+    for arg, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
+                   ("mask", mask), ("behavior_logprobs", behavior_logprobs)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch tensor, got {type(x).__name__} (convert it with torch.as_tensor)")
     given = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
              "mask": torch.ones_like(logprobs) if mask is None else mask, "behavior_logprobs": behavior_logprobs,
              "agg_mode": agg_mode, "global_tokens": global_tokens, "global_seqs": global_seqs}

@@ -81,7 +81,7 @@ def _spread(adv: Tensor, rewards: Tensor, m: Tensor | None) -> Tensor:
 
 def _std(x: Tensor, dim: int | None = None) -> Tensor:
     n = x.numel() if dim is None else x.shape[dim]
-    if n < 2:
+    if n < 2 or x.numel() == 0:  # (an empty batch: no std to take, and torch warns about one)
         return torch.zeros_like(x.sum() if dim is None else x.sum(dim, keepdim=True))
     return x.std() if dim is None else x.std(dim, keepdim=True)
 
