@@ -432,7 +432,8 @@ def _estimator_args(case: Case, spec) -> dict[str, Any]:
         elif name == "greedy_rewards" and "greedy_rewards" in spec.required:
             args[name] = case.tensor((case.B // case.group_size,), poison=False)
         elif name == "reward_components" and name in spec.required:
-            args[name] = case.tensor((case.B, 2), poison=False)
+            # K != T, or clean() would take it for a [B, T] tensor and zero it
+            args[name] = case.tensor((case.B, case.T + 1), poison=False)
     return args
 
 
@@ -821,3 +822,10 @@ def test_every_estimator_and_loss_keeps_the_contract_exhaustively(data):
     else:
         name = data.draw(st.sampled_from(L.list_policy_losses()), label="name")
         test_policy_losses_keep_the_contract.hypothesis.inner_test(name=name, data=data)
+
+
+def test_advantages_names_a_numpy_input():
+    # the retrace wrapper read values.dtype before any check: an error about a numpy dtype
+    e = torch.zeros(1, 2)
+    with pytest.raises(TypeError, match="values must be a torch tensor"):
+        R.advantages("retrace", rewards=e, values=e.numpy(), log_rhos=e)

@@ -135,6 +135,10 @@ def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
         ignorable = sorted(BATCH_INPUTS | set(_RATIO_INPUTS))
         raise ValueError(f"method {method!r} does not take argument(s) {unknown}; it accepts "
                          f"{sorted(spec.accepts)} (batch inputs it does not read are ignored: {ignorable})")
+    for k, v in given.items():
+        if (k in BATCH_INPUTS or k in _RATIO_INPUTS) and isinstance(v, np.ndarray | list | tuple):
+            # estimators take tensors (compute_advantages_unified converts per-sequence lists)
+            raise TypeError(f"{k} must be a torch tensor, got {type(v).__name__}; convert it with torch.as_tensor")
     args = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.accepts or k in _RATIO_INPUTS}}
     if reads_rhos and ("log_rhos" in args or any(k in args for k in _RATIO_INPUTS) or "log_rhos" in spec.required):
         _log_rhos(method, args)
