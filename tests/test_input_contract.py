@@ -260,6 +260,8 @@ class Case:
         self.poison_where = d(st.sampled_from(["none", "masked_out", "masked_out", "masked_in"]), label="poison")
         self.poison = d(st.sampled_from(_POISON), label="poison_value")
         self.container = d(st.sampled_from(["tensor"] * 6 + ["numpy", "list"]), label="container")
+        self.extra = d(st.sampled_from([None, None, "bootstrap_value", "terminated", "done", "behavior_logprobs"]),
+                       label="extra")
         self.gen = torch.Generator().manual_seed(self.seed)
         keep = torch.rand(self.B, self.T, generator=self.gen) < 0.6
         self.keep = keep
@@ -434,6 +436,10 @@ def _estimator_args(case: Case, spec) -> dict[str, Any]:
         elif name == "reward_components" and name in spec.required:
             # K != T, or clean() would take it for a [B, T] tensor and zero it
             args[name] = case.tensor((case.B, case.T + 1), poison=False)
+        elif name == "bootstrap_value" and case.extra == "bootstrap_value":
+            args[name] = case.tensor((case.B,), poison=False)
+        elif name in ("terminated", "done") and case.extra == name:
+            args[name] = torch.rand(case.B, case.T, generator=case.gen) < 0.3
     return args
 
 
@@ -491,9 +497,15 @@ def test_policy_losses_keep_the_contract(name, data):
         t[odd] = case.convert(t[odd])
     mask = case.mask
 
+    if case.extra == "behavior_logprobs" and "behavior_logprobs" in spec.inputs:
+        t["behavior_logprobs"] = case.tensor(low=-3.0, high=-0.05)
+        if "tis_cap" in spec.hyperparameters and "tis_cap" not in params:
+            params["tis_cap"] = 2.0
+
     def run(tt):
         return L.compute_policy_loss(name, tt["logprobs"], tt["old_logprobs"], tt["advantages"], mask,
-                                     agg_mode=agg, global_tokens=gt, params=params)
+                                     behavior_logprobs=tt.get("behavior_logprobs"), agg_mode=agg, global_tokens=gt,
+                                     params=params)
 
     names = set(t) | set(params) | {"mask", "agg_mode", "global_tokens", "params"}
     finite = case.finite and key is None and case.container == "tensor" and gt in (None, 4.0)
@@ -829,3 +841,10 @@ def test_advantages_names_a_numpy_input():
     e = torch.zeros(1, 2)
     with pytest.raises(TypeError, match="values must be a torch tensor"):
         R.advantages("retrace", rewards=e, values=e.numpy(), log_rhos=e)
+
+
+def test_retrace_estimator_names_the_callers_argument():
+    # the error named q_values, an argument the caller of advantages("retrace") never passed
+    v = torch.tensor([[0.0, float("nan")]])
+    with pytest.raises(ValueError, match="^values contains"):
+        R.advantages("retrace", rewards=torch.zeros(1, 2), values=v, log_rhos=torch.zeros(1, 2))

@@ -225,6 +225,9 @@ def _retrace_estimator(
 ) -> tuple[Tensor, Tensor]:
     """Retrace(λ) (Munos et al. 2016) for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to
     the next masked-in step's value; advantages are ``targets - values`` (see :func:`retrace`)."""
+    # checked here, under the caller's names: retrace() sees values as q_values and v_next
+    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, log_rhos=log_rhos, q_values=q_values,
+                       v_next=v_next, bootstrap_value=bootstrap_value)
     m = C.as_bool("mask", mask)
     q = values if q_values is None else q_values
     if v_next is None:
@@ -232,7 +235,7 @@ def _retrace_estimator(
                 if bootstrap_value is None else bootstrap_value.to(values.dtype))
         v_next = C.next_along(values, tail=boot, nxt=None if m is None else C.next_index(m))
     ret = retrace(rewards, q, v_next, log_rhos, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value,
-                  mask=mask, backend=backend, allow_nonfinite=allow_nonfinite)
+                  mask=mask, backend=backend, allow_nonfinite=True)  # every input checked above
     return C.masked_out(ret - values, m).to(ret.dtype), ret
 
 
