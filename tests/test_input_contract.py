@@ -93,6 +93,7 @@ def test_reinforce_pp_still_rejects_nonfinite_by_default():
 def test_retrace_with_no_steps_is_empty():
     e = torch.zeros(2, 0)
     assert R.retrace(e, e, e, e, gamma=0.9).shape == (2, 0)
+    assert R.retrace(e, e, e, e, gamma=0.9, bootstrap_value=torch.ones(2)).shape == (2, 0)  # was IndexError
     out = R.advantages("retrace", rewards=e, values=e, log_rhos=e, mask=e.bool())
     assert out["advantages"].shape == (2, 0) and out["returns"].shape == (2, 0)
 

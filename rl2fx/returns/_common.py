@@ -146,7 +146,8 @@ def is_last(mask: Tensor | None, *, like: Tensor, nxt: Tensor | None) -> Tensor:
     T = like.shape[-1]
     if mask is None:
         last = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
-        last[..., -1] = True
+        if T:  # no steps, no last step
+            last[..., -1] = True
         return last
     assert nxt is not None
     return mask & (nxt == T)
