@@ -246,8 +246,10 @@ def _aggregate(
 ) -> Tensor:
     """:func:`aggregate` for a mask already checked (bool, or 0/1 floats made by :func:`_mask_like`)."""
     check_choice("mode", mode, AGG_MODES)
-    for name, v in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
-        if v is not None:  # a denominator: 0, negative or NaN would give inf, a sign flip or NaN
+    for name, v in (("global_tokens", global_tokens), ("global_seqs", global_seqs), ("normalizer", normalizer)):
+        # a denominator: 0, negative or NaN would give inf, a sign flip or NaN (checked in every
+        # mode, also where unused, so that a bad value never passes silently)
+        if v is not None:
             check_range(name, float(v), 0.0, None, low_inclusive=False)
             _check_finite(name, v)
     m = _mask_like(loss, mask)

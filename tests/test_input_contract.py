@@ -849,3 +849,11 @@ def test_retrace_estimator_names_the_callers_argument():
     v = torch.tensor([[0.0, float("nan")]])
     with pytest.raises(ValueError, match="^values contains"):
         R.advantages("retrace", rewards=torch.zeros(1, 2), values=v, log_rhos=torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("mode", L.AGG_MODES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.0])
+def test_aggregate_checks_normalizer_in_every_mode(mode, value):
+    # normalizer was checked only in seq-mean-token-sum-norm, and inf passed there (a loss of 0)
+    with pytest.raises(ValueError, match="normalizer"):
+        L.aggregate(torch.ones(2, 3), None, mode, normalizer=value)
