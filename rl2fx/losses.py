@@ -76,6 +76,11 @@ def _mask_like(x: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ones_like(x) if mask is None else mask.to(x.dtype)
 
 
+def _at_least_f32(*xs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``xs`` computed in at least float32 (float16/bfloat16 promoted; the gradient flows back)."""
+    return tuple(None if x is None else x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs)
+
+
 def _masked_in(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
     """``xs`` with every masked-out entry replaced by 0, selected before any arithmetic.
 
@@ -326,6 +331,9 @@ def policy_loss(
     check_range("clip_high", hi, 0.0, None)
     if dual_clip is not None:
         check_range("dual_clip", dual_clip, 1.0, None, low_inclusive=False)
+    # at least float32: a float16 clamp bound such as 1 + clip_high = 1e9 is not representable
+    logprobs, old_logprobs, advantages, behavior_logprobs = _at_least_f32(
+        logprobs, old_logprobs, advantages, behavior_logprobs)
     m = _mask_like(logprobs, check_mask("mask", mask))
     # padding may hold anything (old_logprobs = -inf with A < 0 gave inf * 0 = NaN): select first
     logprobs, old_logprobs, advantages, behavior_logprobs = _masked_in(
@@ -382,6 +390,7 @@ def value_loss(
     >>> value_loss(v + 1.0, v, r, clip=0.5)[0].item()  # max(4, 2.25) and max(0, 0.25), halved, averaged
     1.0625
     """
+    values, old_values, returns = _at_least_f32(values, old_values, returns)  # a float16 clip may overflow
     m = _mask_like(values, check_mask("mask", mask))
     values, old_values, returns = _masked_in(m, values, old_values, returns)
     err = (values - returns).square()

@@ -857,3 +857,10 @@ def test_aggregate_checks_normalizer_in_every_mode(mode, value):
     # normalizer was checked only in seq-mean-token-sum-norm, and inf passed there (a loss of 0)
     with pytest.raises(ValueError, match="normalizer"):
         L.aggregate(torch.ones(2, 3), None, mode, normalizer=value)
+
+
+def test_half_precision_losses_take_large_clip_values():
+    # the clamp bound 1e9 does not fit in float16: RuntimeError from inside value_loss
+    x = torch.zeros(1, 2, dtype=torch.float16)
+    assert torch.isfinite(L.value_loss(x, x, x, clip=1e9)[0])
+    assert torch.isfinite(L.policy_loss(x, x, x, clip_high=1e9)[0])
