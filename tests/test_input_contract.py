@@ -462,7 +462,7 @@ def _estimator_call(name, case, data):
     def clean():
         return R.advantages(name, **{k: case.clean(v) for k, v in args.items()}, **hp)
 
-    names = set(args) | set(hp) | {"method", "rewards", "values", "mask", "group_size"}
+    names = set(args) | set(spec.accepts) | {"method"}
     finite = case.finite and key is None and case.container == "tensor"
     return call, clean, names, finite, _is_nan(value)
 
@@ -508,7 +508,8 @@ def test_policy_losses_keep_the_contract(name, data):
                                      behavior_logprobs=tt.get("behavior_logprobs"), agg_mode=agg, global_tokens=gt,
                                      params=params)
 
-    names = set(t) | set(params) | {"mask", "agg_mode", "global_tokens", "params"}
+    # a relation between two hyperparameters may name the one not passed
+    names = set(t) | set(spec.hyperparameters) | {"mask", "agg_mode", "global_tokens", "params"}
     finite = case.finite and key is None and case.container == "tensor" and gt in (None, 4.0)
     check_call(f"policy loss {name!r}", lambda: run(t), lambda: run({k: case.clean(v) for k, v in t.items()}),
                names=names, must_be_finite=finite, must_raise=_is_nan(value) or _is_nan(gt))
@@ -864,3 +865,9 @@ def test_half_precision_losses_take_large_clip_values():
     x = torch.zeros(1, 2, dtype=torch.float16)
     assert torch.isfinite(L.value_loss(x, x, x, clip=1e9)[0])
     assert torch.isfinite(L.policy_loss(x, x, x, clip_high=1e9)[0])
+
+
+def test_clip_cov_names_both_bounds():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"cov_high must be >= cov_low \(1000000000.0\), got 5.0"):
+        L.compute_policy_loss("clip_cov", x, x, x, params={"cov_low": 1e9})
