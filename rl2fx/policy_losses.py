@@ -455,7 +455,7 @@ def clip_cov(
     check_range("cov_ratio", cov_ratio, 0.0, 1.0, low_inclusive=False)
     check_range("cov_low", cov_low, None, None)
     if not cov_high >= cov_low:  # (also False for NaN)
-        raise ValueError(f"cov_high must be >= cov_low ({cov_low}), got {cov_high}")
+        raise ValueError(f"cov_high must be in [cov_low, inf] = [{cov_low}, inf], got {cov_high}")
     check_choice("agg_mode", agg_mode, AGG_MODES)
     m, lp, old, adv = _prep(logprobs, old_logprobs, advantages, mask)
     log_ratio = lp - old
