@@ -567,7 +567,7 @@ def test_kl_estimators_are_local(data):
     # poisoned positions ("masked out" here) must leave every other element unchanged
     case = Case(data)
     est = data.draw(st.sampled_from(KL_ESTIMATORS + ("k4",)), label="estimator")
-    clamp = data.draw(st.sampled_from([None, None, 20.0, 0.0, -1.0, _NAN, _INF]), label="log_ratio_clamp")
+    clamp = data.draw(st.sampled_from([None, None, 20.0, 1e9, 0.0, -1.0, _NAN, _INF]), label="log_ratio_clamp")
     lp, ref = case.tensor(low=-3.0, high=-0.05), case.tensor(low=-3.0, high=-0.05)
 
     def call(a, b):
@@ -576,7 +576,7 @@ def test_kl_estimators_are_local(data):
 
     check_call(f"kl_estimate({est!r})", lambda: call(lp, ref), lambda: call(case.clean(lp), case.clean(ref)),
                names={"logprobs", "ref_logprobs", "estimator", "log_ratio_clamp"},
-               must_be_finite=case.finite and clamp in (None, 20.0, _INF), must_raise=_is_nan(clamp))
+               must_be_finite=case.finite and clamp in (None, 20.0, 1e9, _INF), must_raise=_is_nan(clamp))
 
 
 # ------------------------------------------------------------------ masked statistics and whitening
@@ -871,3 +871,11 @@ def test_clip_cov_names_both_bounds():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match=r"cov_high must be in \[cov_low, inf\] = \[1000000000.0, inf\], got 5.0"):
         L.compute_policy_loss("clip_cov", x, x, x, params={"cov_low": 1e9})
+
+
+@pytest.mark.parametrize("kw", [{"log_ratio_clamp": 1e9}, {"value_clamp": 1e9}])
+def test_kl_estimate_in_half_precision_takes_large_clamps(kw):
+    # RuntimeError "value cannot be converted to type c10::Half without overflow"
+    x = torch.zeros(1, 2, dtype=torch.float16)
+    out = L.kl_estimate(x, x, "k3", **kw)
+    assert out.dtype == torch.float16 and bool(torch.isfinite(out).all())
