@@ -52,6 +52,7 @@ __all__ = [
     "check_finite",
     "check_range",
     "check_choice",
+    "check_mask",
     "TYPECHECK",
 ]
 
@@ -213,3 +214,33 @@ def check_finite(name: str, x: Tensor | None, *, allow_nonfinite: bool = False) 
             f"{name} contains {bad.shape[0]} non-finite value(s) (NaN or inf), first at index "
             f"{first}; pass allow_nonfinite=True to skip this check"
         )
+
+
+def check_mask(name: str, mask: Tensor | None) -> Tensor | None:
+    """The one mask rule: ``mask`` is a bool tensor or holds only 0 and 1 (any dtype); returns a bool view.
+
+    Estimators, whitening and losses all accept masks through here, so a mask that
+    one accepts every other accepts, and a value such as 2 or -1 (a weight, or a
+    sign error) raises ``ValueError`` naming the argument instead of being cast.
+
+    >>> import torch
+    >>> check_mask("mask", torch.tensor([1.0, 0.0]))
+    tensor([ True, False])
+    >>> check_mask("mask", torch.tensor([1, 2]))
+    Traceback (most recent call last):
+    ...
+    ValueError: mask must be a bool tensor or hold only 0/1 values, got the value 2
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch tensor (bool or 0/1), got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must be a bool tensor or hold only 0/1 values, got the value "
+            f"{mask[bad].flatten()[0].item()!r}"
+        )
+    return mask != 0

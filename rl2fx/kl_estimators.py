@@ -73,6 +73,13 @@ def kl_estimate(
         check_range("log_ratio_clamp", log_ratio_clamp, 0.0, None, low_inclusive=False)
     if value_clamp is not None:
         check_range("value_clamp", value_clamp, 0.0, None, low_inclusive=False)
+    # computed in at least float32 (a float16 clamp bound such as 1e9 is not representable),
+    # returned in the inputs' promoted dtype
+    out_dtype = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
+    acc = torch.promote_types(out_dtype, torch.float32)
+    logprobs, ref_logprobs = logprobs.to(acc), ref_logprobs.to(acc)
+    if old_logprobs is not None:
+        old_logprobs = old_logprobs.to(acc)
     raw = logprobs - ref_logprobs
     delta = raw if log_ratio_clamp is None else raw.clamp(-log_ratio_clamp, log_ratio_clamp)
     if estimator in ("k1", "k1+"):
@@ -91,5 +98,5 @@ def kl_estimate(
     if estimator.endswith("+"):
         # straight-through: the value of `value`, the gradient of k2 (verl's kl_penalty "+")
         k2 = 0.5 * raw.square()
-        return k2 - k2.detach() + value.detach()
-    return value
+        return (k2 - k2.detach() + value.detach()).to(out_dtype)
+    return value.to(out_dtype)

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 
 from rl2fx._registry import lookup, put
-from rl2fx._typing import Float, Tensor, check_choice, check_range, typechecked
+from rl2fx._typing import Float, Shaped, Tensor, check_choice, check_mask, check_range, typechecked
 from rl2fx.kl_estimators import KL_ESTIMATORS, kl_estimate  # one source of KL estimator names
 
 __all__ = [
@@ -68,11 +68,17 @@ __all__ = [
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 
-MaskT = Float[Tensor, "*batch time"] | None
+#: A mask: bool, or any dtype holding only 0/1 (:func:`rl2fx._typing.check_mask`, the estimators' rule too).
+MaskT = Shaped[Tensor, "*batch time"] | None
 
 
 def _mask_like(x: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ones_like(x) if mask is None else mask.to(x.dtype)
+
+
+def _at_least_f32(*xs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``xs`` computed in at least float32 (float16/bfloat16 promoted; the gradient flows back)."""
+    return tuple(None if x is None else x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs)
 
 
 def _masked_in(mask: Tensor | None, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -125,7 +131,7 @@ def kl_penalized_rewards(
     coef: Any,
     *,
     estimator: str = "k1",
-    mask: MaskT | Tensor = None,
+    mask: MaskT = None,
     log_ratio_clamp: float | int | None = None,
     value_clamp: float | int | None = None,
 ) -> Float[Tensor, "*batch time"]:
@@ -147,10 +153,11 @@ def kl_penalized_rewards(
     [[-0.25, 1.0]]
     """
     beta = kl_coef_value(coef)
+    mask = check_mask("mask", mask)
     logprobs, ref_logprobs = _masked_in(mask, logprobs, ref_logprobs)
     kl = kl_estimate(logprobs, ref_logprobs, estimator, log_ratio_clamp=log_ratio_clamp, value_clamp=value_clamp)
     if mask is not None:
-        kl = kl * mask.to(kl.dtype)
+        kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     return rewards - beta * kl
 
 
@@ -161,7 +168,7 @@ def kl_loss(
     coef: Any,
     *,
     estimator: str = "k3",
-    mask: MaskT | Tensor = None,
+    mask: MaskT = None,
     agg_mode: str = "token-mean",
     old_logprobs: Float[Tensor, "*batch time"] | None = None,
     log_ratio_clamp: float | int | None = None,
@@ -186,13 +193,14 @@ def kl_loss(
     (0.125, 0.25)
     """
     beta = kl_coef_value(coef)
+    mask = check_mask("mask", mask)
     logprobs, ref_logprobs = _masked_in(mask, logprobs, ref_logprobs)
     if old_logprobs is not None:
         (old_logprobs,) = _masked_in(mask, old_logprobs)
     kl = kl_estimate(logprobs, ref_logprobs, estimator, old_logprobs=old_logprobs, log_ratio_clamp=log_ratio_clamp,
                      value_clamp=value_clamp)
     m = _mask_like(kl, mask)
-    term = beta * aggregate(kl, m, agg_mode, **agg_kwargs)
+    term = beta * _aggregate(kl, m, agg_mode, **agg_kwargs)
     return term, {"kl": _masked_mean(kl, m).detach()}
 
 
@@ -202,9 +210,9 @@ def aggregate(
     mask: MaskT = None,
     mode: str = "token-mean",
     *,
-    normalizer: float | None = None,
-    global_tokens: float | None = None,
-    global_seqs: float | None = None,
+    normalizer: float | int | None = None,
+    global_tokens: float | int | None = None,
+    global_seqs: float | int | None = None,
 ) -> Float[Tensor, ""]:
     """Reduce a per-token loss to a scalar.
 
@@ -228,16 +236,33 @@ def aggregate(
     >>> [round(aggregate(loss, mask, m).item(), 4) for m in AGG_MODES]
     [2.5, 3.0, 5.0, 1.6667, 10.0]
     """
+    return _aggregate(loss, check_mask("mask", mask), mode, normalizer=normalizer, global_tokens=global_tokens,
+                      global_seqs=global_seqs)
+
+
+def _aggregate(
+    loss: Tensor,
+    mask: Tensor | None,
+    mode: str,
+    *,
+    normalizer: float | None = None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+) -> Tensor:
+    """:func:`aggregate` for a mask already checked (bool, or 0/1 floats made by :func:`_mask_like`)."""
     check_choice("mode", mode, AGG_MODES)
-    for name, v in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
-        if v is not None:  # a denominator: 0, negative or NaN would give inf, a sign flip or NaN
+    for name, v in (("global_tokens", global_tokens), ("global_seqs", global_seqs), ("normalizer", normalizer)):
+        # a denominator: 0, negative or NaN would give inf, a sign flip or NaN (checked in every
+        # mode, also where unused, so that a bad value never passes silently)
+        if v is not None:
             check_range(name, float(v), 0.0, None, low_inclusive=False)
             _check_finite(name, v)
     m = _mask_like(loss, mask)
     (loss,) = _masked_in(m, loss)
     masked = loss * m
     # the number of sequences is the product of the batch dims (also for T = 0, where the loss is 0)
-    n_seqs = float(masked.shape[:-1].numel()) if global_seqs is None else global_seqs
+    # (an empty batch divides by 1, not 0: its loss is 0, like that of an all-masked batch)
+    n_seqs = float(max(masked.shape[:-1].numel(), 1)) if global_seqs is None else global_seqs
     if mode == "token-mean":
         denom = m.sum().clamp_min(1.0) if global_tokens is None else global_tokens
         return masked.sum() / denom
@@ -306,7 +331,10 @@ def policy_loss(
     check_range("clip_high", hi, 0.0, None)
     if dual_clip is not None:
         check_range("dual_clip", dual_clip, 1.0, None, low_inclusive=False)
-    m = _mask_like(logprobs, mask)
+    # at least float32: a float16 clamp bound such as 1 + clip_high = 1e9 is not representable
+    logprobs, old_logprobs, advantages, behavior_logprobs = _at_least_f32(
+        logprobs, old_logprobs, advantages, behavior_logprobs)
+    m = _mask_like(logprobs, check_mask("mask", mask))
     # padding may hold anything (old_logprobs = -inf with A < 0 gave inf * 0 = NaN): select first
     logprobs, old_logprobs, advantages, behavior_logprobs = _masked_in(
         m, logprobs, old_logprobs, advantages, behavior_logprobs)
@@ -329,7 +357,7 @@ def policy_loss(
         weight = torch.exp(old_logprobs - behavior_logprobs).clamp(max=tis_cap).detach()
         loss = loss * weight
         metrics["tis_weight_mean"] = _masked_mean(weight, m).detach()
-    out = aggregate(loss, m, agg_mode, **agg_kwargs)
+    out = _aggregate(loss, m, agg_mode, **agg_kwargs)
     with torch.no_grad():
         metrics["clip_frac"] = _masked_mean(clipped, m)
         metrics["approx_kl"] = _masked_mean(torch.expm1(log_ratio) - log_ratio, m)
@@ -362,7 +390,8 @@ def value_loss(
     >>> value_loss(v + 1.0, v, r, clip=0.5)[0].item()  # max(4, 2.25) and max(0, 0.25), halved, averaged
     1.0625
     """
-    m = _mask_like(values, mask)
+    values, old_values, returns = _at_least_f32(values, old_values, returns)  # a float16 clip may overflow
+    m = _mask_like(values, check_mask("mask", mask))
     values, old_values, returns = _masked_in(m, values, old_values, returns)
     err = (values - returns).square()
     metrics: dict[str, Tensor] = {}
@@ -373,7 +402,7 @@ def value_loss(
         metrics["vf_clip_frac"] = _masked_mean((err_c > err).to(err.dtype), m).detach()
         err = torch.maximum(err, err_c)
     metrics["value_mean"] = _masked_mean(values, m).detach()
-    return aggregate(0.5 * err, m, agg_mode, **agg_kwargs), metrics
+    return _aggregate(0.5 * err, m, agg_mode, **agg_kwargs), metrics
 
 
 @typechecked
@@ -395,9 +424,9 @@ def entropy_bonus(
     (-0.2, 2.0)
     """
     _check_finite("coef", coef)
-    m = _mask_like(entropy, mask)
+    m = _mask_like(entropy, check_mask("mask", mask))
     (entropy,) = _masked_in(m, entropy)
-    term = -coef * aggregate(entropy, m, agg_mode, **agg_kwargs)
+    term = -coef * _aggregate(entropy, m, agg_mode, **agg_kwargs)
     return term, {"entropy": _masked_mean(entropy, m).detach()}
 
 
@@ -554,6 +583,10 @@ def compute_policy_loss(
     spec = get_policy_loss(name)
     params = dict(params or {})
     _check_loss_names(spec, params)
+    for arg, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages),
+                   ("mask", mask), ("behavior_logprobs", behavior_logprobs)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch tensor, got {type(x).__name__} (convert it with torch.as_tensor)")
     given = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages,
              "mask": torch.ones_like(logprobs) if mask is None else mask, "behavior_logprobs": behavior_logprobs,
              "agg_mode": agg_mode, "global_tokens": global_tokens, "global_seqs": global_seqs}

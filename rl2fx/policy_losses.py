@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from rl2fx._typing import Float, Shaped, Tensor, check_choice, check_range, typechecked
+from rl2fx._typing import Float, Shaped, Tensor, check_choice, check_mask, check_range, typechecked
 from rl2fx.kl_estimators import KL_ESTIMATORS, kl_estimate
 from rl2fx.losses import AGG_MODES, aggregate, register_policy_loss
 
@@ -60,7 +60,7 @@ _LOGP_FILL = -1.0
 
 def _prep(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor | None):
     """Boolean mask and the three inputs in >= float32 with masked-out entries replaced."""
-    m = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask != 0
+    m = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else check_mask("mask", mask)
     dt = torch.promote_types(logprobs.dtype, torch.float32)
     lp = torch.where(m, logprobs.to(dt), _LOGP_FILL)
     old = torch.where(m, old_logprobs.to(dt), _LOGP_FILL)
@@ -80,7 +80,7 @@ def _row_mean(x: Tensor, m: Tensor) -> Tensor:
 def _reduce(loss: Tensor, m: Tensor, agg_mode: str, normalizer, global_tokens, global_seqs) -> Tensor:
     loss = torch.where(m, loss, 0.0)
     return aggregate(
-        loss, m.to(loss.dtype), agg_mode,
+        loss, m, agg_mode,
         normalizer=normalizer, global_tokens=global_tokens, global_seqs=global_seqs,
     )
 
@@ -149,14 +149,15 @@ def gspo(
     check_choice("agg_mode", agg_mode, AGG_MODES)
     m, lp, old, adv = _prep(logprobs, old_logprobs, advantages, mask)
     log_ratio = lp - old
-    s = torch.exp(_row_mean(log_ratio, m)).unsqueeze(-1).expand_as(lp)
+    s_row = torch.exp(_row_mean(log_ratio, m))
+    s = s_row.unsqueeze(-1).expand_as(lp)
     loss, clipped = _ppo_surrogate(s, adv, float(clip), hi)
     out = _reduce(loss, m, agg_mode, normalizer, global_tokens, global_seqs)
     metrics = _common_metrics(log_ratio, m)
     with torch.no_grad():
         metrics["clip_frac"] = _mmean(clipped.to(lp.dtype), m)
         rows = m.any(-1)
-        metrics["seq_ratio_mean"] = torch.where(rows, s[..., 0], 0.0).sum() / rows.sum().clamp_min(1)
+        metrics["seq_ratio_mean"] = torch.where(rows, s_row, 0.0).sum() / rows.sum().clamp_min(1)
     return out, metrics
 
 
@@ -453,7 +454,8 @@ def clip_cov(
     """
     check_range("cov_ratio", cov_ratio, 0.0, 1.0, low_inclusive=False)
     check_range("cov_low", cov_low, None, None)
-    check_range("cov_high", cov_high, cov_low, None)
+    if not cov_high >= cov_low:  # (also False for NaN)
+        raise ValueError(f"cov_high must be in [cov_low, inf] = [{cov_low}, inf], got {cov_high}")
     check_choice("agg_mode", agg_mode, AGG_MODES)
     m, lp, old, adv = _prep(logprobs, old_logprobs, advantages, mask)
     log_ratio = lp - old

@@ -312,6 +312,8 @@ def crowding_distance(
     implementation (``get_crowding_function("cd")``), which the ``"moocore"``
     back end calls; ``"torch"`` reproduces it for accelerator tensors. Pass one
     front at a time to get NSGA-II's per-front distance. Larger means less crowded.
+    The result never holds NaN. ``m = 0`` objectives raises ``ValueError`` naming
+    ``points`` (no objective to be crowded in; docs/contract.md).
 
     >>> import numpy as np
     >>> crowding_distance(np.array([[0.0, 4.0], [1.0, 2.0], [2.0, 1.0], [4.0, 0.0]]))

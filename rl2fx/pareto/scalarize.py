@@ -88,6 +88,9 @@ def tchebycheff(
     check_finite("weights", weights)
     check_finite("ideal", ideal)
     check_range("augment", augment, 0.0, None)
+    if objectives.shape[-1] == 0:
+        # a maximum over no objectives has no value (weighted_sum's empty sum is 0)
+        raise ValueError(f"objectives must have m >= 1 objectives for tchebycheff, got shape {tuple(objectives.shape)}")
     if bool((weights < 0).any()):
         raise ValueError(
             f"weights must be >= 0 for tchebycheff (preference magnitudes; objectives are "

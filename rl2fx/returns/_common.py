@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rl2fx._typing import check_finite, check_range
+from rl2fx._typing import check_finite, check_mask, check_range
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -33,16 +33,9 @@ def out_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def as_bool(name: str, flag: Tensor | None) -> Tensor | None:
-    """A boolean view of a 0/1 tensor; any other value raises instead of being silently cast."""
-    if flag is None or flag.dtype == torch.bool:
-        return flag
-    bad = (flag != 0) & (flag != 1)
-    if bool(bad.any()):
-        raise ValueError(
-            f"{name} must be a bool tensor or hold only 0/1 values, got the value "
-            f"{flag[bad].flatten()[0].item()!r}"
-        )
-    return flag != 0
+    """A boolean view of a 0/1 tensor; any other value raises instead of being silently cast
+    (:func:`rl2fx._typing.check_mask`, the rule the losses share)."""
+    return check_mask(name, flag)
 
 
 def resolve_cuts(*, terminated: Tensor | None, done: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -153,7 +146,8 @@ def is_last(mask: Tensor | None, *, like: Tensor, nxt: Tensor | None) -> Tensor:
     T = like.shape[-1]
     if mask is None:
         last = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
-        last[..., -1] = True
+        if T:  # no steps, no last step
+            last[..., -1] = True
         return last
     assert nxt is not None
     return mask & (nxt == T)

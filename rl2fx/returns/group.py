@@ -81,7 +81,7 @@ def _spread(adv: Tensor, rewards: Tensor, m: Tensor | None) -> Tensor:
 
 def _std(x: Tensor, dim: int | None = None) -> Tensor:
     n = x.numel() if dim is None else x.shape[dim]
-    if n < 2:
+    if n < 2 or x.numel() == 0:  # (an empty batch: no std to take, and torch warns about one)
         return torch.zeros_like(x.sum() if dim is None else x.sum(dim, keepdim=True))
     return x.std() if dim is None else x.std(dim, keepdim=True)
 
@@ -256,7 +256,7 @@ def reinforce_pp(
     G = discounted(tok, gamma=gamma, mask=m, backend=backend, allow_nonfinite=True)  # rewards checked above
     if group_size > 1:
         G = G - scores.view(-1, group_size).mean(-1, keepdim=True).expand(-1, group_size).reshape(-1, 1)
-    adv = whiten(G, m, group=group, eps=eps)
+    adv = whiten(G, m, group=group, eps=eps, allow_nonfinite=allow_nonfinite)
     if rewards.ndim == 1 and m is None:
         adv = adv[:, 0]
     return adv.to(rewards.dtype)
@@ -501,6 +501,6 @@ def reinforce_pp_baseline(
     else:
         centred = scores
     if rewards.ndim == 1 and m is None:
-        return whiten(centred, group=group, eps=eps).to(rewards.dtype)
+        return whiten(centred, group=group, eps=eps, allow_nonfinite=allow_nonfinite).to(rewards.dtype)
     tok = C.masked_out(centred.unsqueeze(-1).expand(rewards.shape if m is None else m.shape), m)
-    return whiten(tok, m, group=group, eps=eps).to(rewards.dtype)
+    return whiten(tok, m, group=group, eps=eps, allow_nonfinite=allow_nonfinite).to(rewards.dtype)

@@ -144,7 +144,7 @@ def retrace(
     cs = lam * log_rhos.to(dt).exp().clamp(max=1.0)
     # Z_t = Q^ret_t - Q_t satisfies Z_t = (r_t + γ_t v_next_t - Q_t) + γ_t c_{t+1} Z_{t+1}:
     # the trace coefficient at t is the *next* masked-in step's c (0 past the end, where Z = 0 anyway).
-    c_next = C.next_along(cs, tail=torch.zeros_like(cs[..., 0]), nxt=nxt)
+    c_next = C.next_along(cs, tail=cs.new_zeros(cs.shape[:-1]), nxt=nxt)
     out = S.scan(r + g * vn - q, g * c_next, mask=m, backend=backend) + q
     return C.masked_out(out, m).to(C.out_dtype(rewards.dtype, q_values.dtype, v_next.dtype))
 
@@ -225,6 +225,9 @@ def _retrace_estimator(
 ) -> tuple[Tensor, Tensor]:
     """Retrace(λ) (Munos et al. 2016) for a state-value critic: ``Q`` defaults to ``V`` and ``V(x_{t+1})`` to
     the next masked-in step's value; advantages are ``targets - values`` (see :func:`retrace`)."""
+    # checked here, under the caller's names: retrace() sees values as q_values and v_next
+    C.check_all_finite(allow_nonfinite, rewards=rewards, values=values, log_rhos=log_rhos, q_values=q_values,
+                       v_next=v_next, bootstrap_value=bootstrap_value)
     m = C.as_bool("mask", mask)
     q = values if q_values is None else q_values
     if v_next is None:
@@ -232,7 +235,7 @@ def _retrace_estimator(
                 if bootstrap_value is None else bootstrap_value.to(values.dtype))
         v_next = C.next_along(values, tail=boot, nxt=None if m is None else C.next_index(m))
     ret = retrace(rewards, q, v_next, log_rhos, gamma=gamma, lamda=lamda, bootstrap_value=bootstrap_value,
-                  mask=mask, backend=backend, allow_nonfinite=allow_nonfinite)
+                  mask=mask, backend=backend, allow_nonfinite=True)  # every input checked above
     return C.masked_out(ret - values, m).to(ret.dtype), ret
 
 

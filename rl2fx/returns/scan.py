@@ -168,8 +168,16 @@ def scan(
         y, finite = masked.masked_const_scan_(x2, mf, c=ca, tail=None if tail is None else tail.reshape(-1))
         if finite:
             return y.view(x.shape).to(x.dtype)
-        # a NaN/inf somewhere, possibly at a skipped step (where the definition ignores
-        # it but a weight of 0 times inf is NaN): the general path below is exact
+        # a NaN/inf somewhere, possibly at a skipped step, where the definition ignores it
+        # but a weight of 0 times inf is NaN. With the skipped steps zeroed the fast path
+        # gives, bit for bit, what any finite value there gives (a masked-out value must not
+        # change the result, not even by rounding); a non-finite masked-in value or tail
+        # takes the general path below
+        x3 = torch.where(mask.reshape(-1, n), x.reshape(-1, n).to(dt), torch.zeros((), dtype=dt, device=x.device))
+        if bool(torch.isfinite(x3).all()):
+            y, finite = masked.masked_const_scan_(x3, mf, c=ca, tail=None if tail is None else tail.reshape(-1))
+            if finite:
+                return y.view(x.shape).to(x.dtype)
     if tail is not None:
         # the scan ends with y_T = 0, so the tail enters as extra input at each row's last step
         last = is_last(mask, like=xa, nxt=None if mask is None else next_index(mask))
@@ -271,6 +279,14 @@ def gae_fast_path(
     m2 = mask.reshape(-1, T)
     if lamda >= _MASKED_MIN_LAMDA and masked.masked_const_ok(c):
         out = gae_const.k_form(r2, v2, mask=m2, boot=b1, lamda=lamda, c=c)
+        if out is None and allow_nonfinite:
+            # not finite, and allowed: with the masked-out steps zeroed the same path gives, bit for bit,
+            # what finite values there give (a masked-out value must not change the result,
+            # not even by rounding); a non-finite masked-in value goes on to the checks below
+            zero = torch.zeros((), dtype=r2.dtype, device=r2.device)
+            r3, v3 = torch.where(m2, r2, zero), torch.where(m2, v2, zero)
+            if bool(torch.isfinite(r3).all()) and bool(torch.isfinite(v3).all()):
+                out = gae_const.k_form(r3, v3, mask=m2, boot=b1, lamda=lamda, c=c)
         if out is not None:
             return out[0].view(shape), out[1].view(shape)
         # not finite: the check below names a non-finite input, or (all finite: an

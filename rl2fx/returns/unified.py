@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -134,6 +135,10 @@ def advantages(method: str, **kw: Any) -> dict[str, Tensor]:
         ignorable = sorted(BATCH_INPUTS | set(_RATIO_INPUTS))
         raise ValueError(f"method {method!r} does not take argument(s) {unknown}; it accepts "
                          f"{sorted(spec.accepts)} (batch inputs it does not read are ignored: {ignorable})")
+    for k, v in given.items():
+        if (k in BATCH_INPUTS or k in _RATIO_INPUTS) and isinstance(v, np.ndarray | list | tuple):
+            # estimators take tensors (compute_advantages_unified converts per-sequence lists)
+            raise TypeError(f"{k} must be a torch tensor, got {type(v).__name__}; convert it with torch.as_tensor")
     args = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.accepts or k in _RATIO_INPUTS}}
     if reads_rhos and ("log_rhos" in args or any(k in args for k in _RATIO_INPUTS) or "log_rhos" in spec.required):
         _log_rhos(method, args)
@@ -160,6 +165,43 @@ _DATA_KEYS = {
 
 #: per-dict key of ReMax's greedy-response reward (a float or 0-d tensor, the same for every dict of a prompt)
 GREEDY_KEY = "greedy_reward"
+
+
+#: fields holding flags (bool or 0/1); every other field holds real numbers
+_FLAG_KEYS = ("action_mask", "terminated", "done")
+
+
+def _field(i: int, key: str, value: Any) -> Tensor:
+    """``data_list[i][key]`` as a tensor: the conversion rule for lists and NumPy arrays.
+
+    A tensor is taken as is. A NumPy array keeps its dtype (``torch.from_numpy``). A
+    list or tuple has no dtype of its own: numbers become torch's default float dtype
+    (float32 unless changed) for the real-valued fields, and bool for the flag fields
+    (whose values must then be 0/1 or bools). Anything else raises ``TypeError`` naming
+    the field; so does an integer or bool array in a real-valued field (no silent cast).
+    """
+    where = f"data_list[{i}][{key!r}]"
+    if isinstance(value, Tensor):
+        t = value
+    elif isinstance(value, np.ndarray):
+        if value.dtype == object or not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+            raise TypeError(f"{where} must be a tensor, a NumPy array or a list of numbers, got a NumPy array of "
+                            f"dtype {value.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(value))
+    elif isinstance(value, list | tuple):
+        try:
+            t = torch.tensor(value, dtype=torch.get_default_dtype())
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{where} must be a tensor, a NumPy array or a list of numbers; the list could not "
+                            f"be converted ({e})") from None
+        if key in _FLAG_KEYS:
+            t = C.as_bool(where, t)
+    else:
+        raise TypeError(f"{where} must be a tensor, a NumPy array or a list of numbers, got {type(value).__name__}")
+    if key not in _FLAG_KEYS and not t.is_floating_point():
+        raise TypeError(f"{where} must hold floating-point values, got dtype {t.dtype} (convert it explicitly, "
+                        f"e.g. .float())")
+    return t
 
 
 def _pad(seqs: list[Tensor], T: int) -> Tensor:
@@ -200,7 +242,9 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
 
     Each dict holds ``rewards`` and, as the method needs them, ``values``,
     ``action_mask``, ``logps``/``old_logps`` (or ``log_rhos``), ``terminated``,
-    ``done``. The sequences are right-padded to the longest, the padding is
+    ``done``: tensors, NumPy arrays (dtype kept) or lists of numbers (torch's
+    default float dtype; bool for the flags), see :func:`_field`; an integer
+    array in a real-valued field raises ``TypeError`` naming it. The sequences are right-padded to the longest, the padding is
     masked out (so every sequence bootstraps from 0 after its own last step),
     :func:`advantages` runs once on the batch, and ``advantages`` and
     ``returns`` (each of the sequence's own length) are written into every dict.
@@ -231,12 +275,16 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
     if clash:
         raise ValueError(f"{clash} come from the data dicts; do not pass them as parameters")
     lengths = []
+    fields: list[dict[str, Tensor]] = []
     for i, d in enumerate(data_list):
+        if not isinstance(d, Mapping):
+            raise TypeError(f"data_list[{i}] must be a dict of per-sequence fields, got {type(d).__name__}")
         if "rewards" not in d:
             raise ValueError(f"data_list[{i}] has no 'rewards'")
-        if d["rewards"].ndim != 1:
-            raise ValueError(f"data_list[{i}]['rewards'] must be 1-D, got shape {tuple(d['rewards'].shape)}")
-        lengths.append(d["rewards"].shape[0])
+        fields.append({k: _field(i, k, d[k]) for k in _DATA_KEYS if k in d})
+        if fields[i]["rewards"].ndim != 1:
+            raise ValueError(f"data_list[{i}]['rewards'] must be 1-D, got shape {tuple(fields[i]['rewards'].shape)}")
+        lengths.append(fields[i]["rewards"].shape[0])
     T = max(lengths)
     batch: dict[str, Any] = {}
     for key, arg in _DATA_KEYS.items():
@@ -248,11 +296,11 @@ def compute_advantages_unified(data_list: list[dict[str, Any]], method: str = "g
         if any(p == "absent" for p in present):
             i = present.index("absent")
             raise ValueError(f"data_list[{i}] lacks {key!r}, which other sequences have")
-        seqs = [d[key] for d in data_list]
+        seqs = [f[key] for f in fields]
         for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
             if s.shape != (n,):
                 raise ValueError(f"data_list[{i}][{key!r}] has shape {tuple(s.shape)}, but its rewards have length {n}")
-        if key in ("action_mask", "terminated", "done"):
+        if key in _FLAG_KEYS:
             seqs = [C.as_bool(f"data_list[{i}][{key!r}]", s) for i, s in enumerate(seqs)]
         batch[arg] = _pad(seqs, T)
     valid = torch.arange(T, device=batch["rewards"].device) < torch.tensor(lengths, device=batch["rewards"].device)[:, None]

@@ -102,13 +102,13 @@ def gdpo(
                              f"got {tuple(reward_weights.shape)}")
         C.check_all_finite(False, reward_weights=reward_weights)
         w = reward_weights.to(dt)
-    g = reward_components.to(dt).view(-1, group_size, K)
+    g = reward_components.to(dt).view(B // group_size, group_size, K)
     same = (g == g[:, :1]).all(1, keepdim=True)
-    sd = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])
+    sd = g.std(1, keepdim=True) if group_size > 1 and g.numel() else torch.zeros_like(g[:, :1])
     per = torch.where(same, 0.0, (g - g.mean(1, keepdim=True)) / (sd + eps))
     adv = (per * w).sum(-1).reshape(-1)
     if batch_norm:
-        adv = torch.where((adv == adv[0]).all(), 0.0, (adv - adv.mean()) / (_std(adv) + eps))
+        adv = torch.where((adv == adv[:1]).all(), 0.0, (adv - adv.mean()) / (_std(adv) + eps))
     if m is None:
         return adv.to(reward_components.dtype)
     return C.masked_out(adv.unsqueeze(-1).expand(m.shape), m).to(reward_components.dtype)
@@ -177,7 +177,8 @@ def optimal_token_baseline(
     if rollout_is_weights is not None:
         w = w * rollout_is_weights.to(dt) ** 2
     W = torch.where(mm, w, 0.0).cumsum(-1)
-    Gg, Wg, Mg = G.view(-1, group_size, T), W.view(-1, group_size, T), mm.view(-1, group_size, T)
+    n = B // group_size  # not -1: an empty batch has no size to infer
+    Gg, Wg, Mg = G.view(n, group_size, T), W.view(n, group_size, T), mm.view(n, group_size, T)
     num = torch.where(Mg, Gg * Wg, 0.0).sum(1, keepdim=True)
     den = torch.where(Mg, Wg, 0.0).sum(1, keepdim=True) + eps
     base = (num / den).expand(-1, group_size, -1)
