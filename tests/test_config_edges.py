@@ -142,3 +142,15 @@ def test_hydra_entry_reports_a_validation_error_in_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert "'trainer.device'" in lines[0] and "cuda:99" in lines[0] and "available" in lines[0]
+
+
+@pytest.mark.parametrize("flags", [["--config-path", "{d}", "--config-name", "bad"], ["--config-path={d}", "-cn", "bad"]])
+def test_hydra_entry_reports_invalid_yaml_in_one_line(tmp_path, flags):
+    (tmp_path / "bad.yaml").write_text("trainer:\n\ttotal_steps: 3\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = [f.format(d=tmp_path) for f in flags]
+    res = subprocess.run([sys.executable, "-m", "rl2fx.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "bad.yaml" in lines[0] and "line 2" in lines[0] and "invalid YAML" in lines[0]

@@ -981,10 +981,9 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Any = ())
     return validate_config(_merge_into_schema(raw, cls))
 
 
-def _load_composed(path: Path, depth: int = 0) -> dict[str, Any]:
-    """Load ``path`` and the packaged configs its Hydra ``defaults`` list names (``_self_`` last)."""
-    if depth > 8:
-        raise ConfigError(f"config defaults nest too deeply at {str(path)!r}")
+def parse_yaml_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds, unresolved; one :class:`ConfigError` line (file, line, problem)
+    for invalid YAML (syntax, tabs, duplicate keys, ``!!python`` tags), an unreadable, empty or non-mapping file."""
     try:
         text = path.read_text(encoding="utf-8")
         loaded = OmegaConf.create(text) if text.strip() else None
@@ -1002,6 +1001,14 @@ def _load_composed(path: Path, depth: int = 0) -> dict[str, Any]:
     raw = OmegaConf.to_container(loaded, resolve=False)
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping")
+    return raw
+
+
+def _load_composed(path: Path, depth: int = 0) -> dict[str, Any]:
+    """Load ``path`` and the packaged configs its Hydra ``defaults`` list names (``_self_`` last)."""
+    if depth > 8:
+        raise ConfigError(f"config defaults nest too deeply at {str(path)!r}")
+    raw = parse_yaml_file(path)
     defaults = raw.pop("defaults", None) or []
     raw.pop("hydra", None)
     merged = OmegaConf.create({})

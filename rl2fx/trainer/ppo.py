@@ -69,6 +69,7 @@ from rl2fx.trainer.config import (
     lagrangian_args,
     load_config,
     multi_objective_args,
+    parse_yaml_file,
     policy_loss_params,
     structured_from_hydra,
     to_container,
@@ -1174,10 +1175,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def _hydra_config_file(argv: Sequence[str]) -> Path | None:
+    """The YAML file ``--config-path``/``-cp`` and ``--config-name``/``-cn`` name, if it exists (else Hydra reports)."""
+    opts: dict[str, str] = {}
+    it = iter(argv)
+    for a in it:
+        for long, short in (("--config-path", "-cp"), ("--config-name", "-cn")):
+            if a in (long, short):
+                opts[long] = next(it, "")
+            elif a.startswith(long + "="):
+                opts[long] = a.split("=", 1)[1]
+    if "--config-path" not in opts:
+        return None
+    name = opts.get("--config-name", "ppo")
+    path = Path(opts["--config-path"]).expanduser() / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return path if path.is_file() else None
+
+
 def main() -> None:
     """Hydra entry point: ``python -m rl2fx.train [--config-name demo] key=value ...``."""
     try:  # Hydra would reject a misspelt key too, but without suggesting the right one
         check_override_keys(sys.argv[1:])
+        user_file = _hydra_config_file(sys.argv[1:])
+        if user_file is not None:  # Hydra would print a 40-line YAML traceback for a broken file
+            parse_yaml_file(user_file)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
