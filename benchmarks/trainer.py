@@ -133,6 +133,19 @@ def _rss_mib() -> float:
 
 
 # ---------------------------------------------------------------------------- workers
+class _Clock:
+    """Wall and process-CPU time at each training callback (train begin, then every step end), and the rewards."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.cpu: list[float] = []
+        self.rewards: list[float] = []
+
+    def tick(self) -> None:
+        self.marks.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+
 def run_rl2fx(seed: int, steps: int, lr: float) -> dict[str, Any]:
     import torch
 
@@ -142,19 +155,15 @@ def run_rl2fx(seed: int, steps: int, lr: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     base = _rss_mib()
     model, tok, ds = setup()
-    marks: list[float] = []
-    cpu: list[float] = []
-    rewards: list[float] = []
+    clock = _Clock()
 
     class Timer:
         def on_train_begin(self, trainer: Any) -> None:
-            marks.append(time.perf_counter())
-            cpu.append(time.process_time())
+            clock.tick()
 
         def on_step_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
-            marks.append(time.perf_counter())
-            cpu.append(time.process_time())
-            rewards.append(float(metrics["reward"]))
+            clock.tick()
+            clock.rewards.append(float(metrics["reward"]))
 
     with tempfile.TemporaryDirectory(prefix="rl2fx-bench-") as out:
         cfg = load_config("demo", overrides={
@@ -176,7 +185,7 @@ def run_rl2fx(seed: int, steps: int, lr: float) -> dict[str, Any]:
                              callbacks=[Timer()])
         trainer.train()
         extra = {"old_logprob_forward": trainer.needs.old, "reference_forward": trainer.needs.ref}
-    return _result(t0, marks, cpu, rewards, base, extra)
+    return _result(t0, clock.marks, clock.cpu, clock.rewards, base, extra)
 
 
 def run_trl(seed: int, steps: int, lr: float) -> dict[str, Any]:
@@ -187,22 +196,18 @@ def run_trl(seed: int, steps: int, lr: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     base = _rss_mib()
     model, tok, ds = setup()
-    marks: list[float] = []
-    cpu: list[float] = []
-    rewards: list[float] = []
+    clock = _Clock()
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            marks.append(time.perf_counter())
-            cpu.append(time.process_time())
+            clock.tick()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            marks.append(time.perf_counter())
-            cpu.append(time.process_time())
+            clock.tick()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if logs and "reward" in logs:
-                rewards.append(float(logs["reward"]))
+                clock.rewards.append(float(logs["reward"]))
 
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out:
         args = GRPOConfig(
@@ -225,7 +230,7 @@ def run_trl(seed: int, steps: int, lr: float) -> dict[str, Any]:
                               processing_class=tok, callbacks=[Timer()])
         trainer.train()
         extra = {"reference_model": trainer.ref_model is not None}
-    return _result(t0, marks, cpu, rewards, base, extra)
+    return _result(t0, clock.marks, clock.cpu, clock.rewards, base, extra)
 
 
 def _result(t0: float, marks: list[float], cpu: list[float], rewards: list[float], base: float,

@@ -605,7 +605,7 @@ class PPOTrainer:
                        generate_kwargs=generate_kwargs(self.policy),
                        return_logprobs=do_sample and self._wants_behavior(self.cfg.trainer))
 
-    def _multi_turn(self, prompts: Prompts) -> dict[str, torch.Tensor]:
+    def _multi_turn(self, prompts: Prompts) -> tuple[dict[str, torch.Tensor], Scored]:
         """A token-in-token-out rollout of ``rollout.max_turns`` turns with the environment
         (:func:`rl2fx.multiturn.multi_turn_rollout`); its trajectory scores and per-turn rewards."""
         r, col = self.cfg.rollout, str(self.cfg.data.prompt_column)
@@ -625,11 +625,10 @@ class PPOTrainer:
                               else None)
         scores = batch["scores"].float()
         stats = {f"multi_turn/{k}": float(v) for k, v in multi_turn_stats(batch).items()}
-        self._env_scored = Scored(scores=scores, components=scores.unsqueeze(-1), metrics=stats)
         # per-trajectory bookkeeping stays out of the training batch (rows are trajectories here)
         for k in ("scores", "turns", "failed", "truncated", "sample_index", "segment_index", "turn_ids"):
             batch.pop(k, None)
-        return batch
+        return batch, Scored(scores=scores, components=scores.unsqueeze(-1), metrics=stats)
 
     @torch.no_grad()
     def greedy_rewards(self, prompts: Prompts) -> torch.Tensor:
@@ -646,7 +645,7 @@ class PPOTrainer:
     def _draw(self) -> tuple[dict[str, torch.Tensor], Scored, torch.Tensor | None]:
         prompts = self.source.sample(self.prompt_generator)
         if self.env is not None:
-            return self._multi_turn(prompts), self._env_scored, None
+            return (*self._multi_turn(prompts), None)
         batch = self._rollout(prompts, self.group_size)
         scored = self.source.score(prompts, batch, self.group_size)
         t = self.cfg.trainer

@@ -128,15 +128,14 @@ class DatasetSource:
 
     def score(self, prompts: Prompts, batch: Mapping[str, torch.Tensor], group_size: int) -> Scored:
         mask = batch["response_mask"]
-        resp = torch.where(mask > 0, batch["response_ids"], torch.full_like(batch["response_ids"],
-                                                                             self.tokenizer.pad_token_id))
-        completions = self.tokenizer.batch_decode(resp, skip_special_tokens=True)
+        # rollout pads every response after its eos with pad_token_id, which skip_special_tokens drops
+        completions = self.tokenizer.batch_decode(batch["response_ids"], skip_special_tokens=True)
         raw = repeat_columns({"p": prompts.raw}, group_size)["p"]
         columns = repeat_columns(prompts.columns, group_size)
         s = score(self.reward_funcs, raw, completions, columns, weights=self.weights)
         self.reward_names = s.names
         device = mask.device
-        combined = s.combined(self.weights, method=self.combine).to(device)
+        combined = s.combined(method=self.combine).to(device)  # with the weights score() was given
         # a None becomes its group's mean: GDPO's per-group normalisation then gives it exactly 0
         comps = s.reward_components(group_size).to(device)
         return Scored(scores=combined, components=comps, metrics=s.metrics(), completions=completions, per_function=s)
