@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rl2fx._typing import Float, Tensor, check_choice, typechecked
+from rl2fx.logprobs import eval_mode
 from rl2fx.losses import KL_ESTIMATORS, kl_estimate, kl_penalized_rewards
 from rl2fx.multiturn import from_trajectories, to_trajectories
 from rl2fx.returns import advantages, get_estimator, whiten
@@ -119,13 +120,8 @@ def reference_logprobs(
         raise ValueError("ref_model is None and the policy has no adapters to disable (not a PEFT model): "
                          "pass a frozen reference model, e.g. copy.deepcopy(policy).eval().requires_grad_(False)")
     inner: Any = getattr(model, "module", model)  # DDP
-    was_training = inner.training
-    inner.eval()
-    try:
-        with torch.no_grad(), ctx:
-            lp, _ = compute_logprobs(inner, dict(batch), temperature=temperature, chunk_size=chunk_size)
-    finally:
-        inner.train(was_training)
+    with eval_mode(inner), torch.no_grad(), ctx:
+        lp, _ = compute_logprobs(inner, dict(batch), temperature=temperature, chunk_size=chunk_size)
     return lp
 
 
@@ -236,13 +232,9 @@ def make_experience(
     inner: Any = getattr(policy, "module", policy)
     old_lp = ent = None
     if needs.old:
-        was_training = inner.training
-        inner.eval()
-        try:
+        with eval_mode(inner):
             old_lp, ent = compute_logprobs(inner, out, temperature=temperature, chunk_size=chunk_size,
                                            with_entropy=with_entropy)
-        finally:
-            inner.train(was_training)
         out["old_logprobs"] = old_lp
         if ent is not None:
             out["entropy"] = ent

@@ -39,16 +39,18 @@ sampler's.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from rl2fx._typing import Float, Int, Shaped, Tensor, check_choice, check_range, typechecked
 
-__all__ = ["token_logprobs", "token_logprobs_and_entropy", "naive_logprobs_and_entropy", "response_logits",
+__all__ = ["eval_mode", "token_logprobs", "token_logprobs_and_entropy", "naive_logprobs_and_entropy", "response_logits",
            "position_ids_from_mask", "forward_accepts", "linear_logprobs_and_entropy", "response_logprobs"]
 
 
@@ -220,6 +222,26 @@ def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 _ACCEPTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, bool]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode inside the block (no dropout: sampling and scoring passes must agree with the
+    update's), its previous mode restored on exit, also after an exception.
+
+    >>> m = torch.nn.Dropout().train()
+    >>> with eval_mode(m):
+    ...     m.training
+    False
+    >>> m.training
+    True
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def forward_accepts(model: torch.nn.Module, name: str) -> bool:
@@ -532,17 +554,13 @@ def _fused_unsupported(model: torch.nn.Module, input_ids: Tensor, attention_mask
         n = input_ids.shape[0]
         kwargs1 = {k: v[:1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
                    for k, v in forward_kwargs.items()}
-        was_training = inner.training
-        inner.eval()  # dropout would make the two passes differ
-        try:
+        with eval_mode(inner):  # dropout would make the two passes differ
             # a structural check: autocast off, so only the weights' own dtype sets the tolerance
             with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
                 out = inner(input_ids=ids, attention_mask=mask, **_forward_kwargs(inner, mask, 2, kwargs1))
                 ref = (out.logits if hasattr(out, "logits") else out[0])[:, -2:].float()
                 h = _hidden_into_head(inner, head, ids, mask, 2, kwargs1)
                 z = None if h is None else _head_logits(h[:, -2:], head.weight, head.bias, torch.float32)
-        finally:
-            inner.train(was_training)
         if z is None:
             reason = "its forward does not call the output embedding exactly once"
         else:

@@ -68,6 +68,7 @@ import torch
 
 from rl2fx._typing import Int, Tensor, check_range
 from rl2fx.envs import EnvError, EnvResponse, EnvSample, LoadedEnv, load_env, step_env
+from rl2fx.logprobs import eval_mode
 
 __all__ = ["multi_turn_rollout", "multi_turn_stats", "to_trajectories", "from_trajectories"]
 
@@ -314,9 +315,7 @@ def multi_turn_rollout(
 
     inner: Any = getattr(model, "module", model)
     device = next(inner.parameters()).device
-    was_training = inner.training
-    inner.eval()
-    try:
+    with eval_mode(inner):
         for turn in range(1, max_turns + 1):
             for t in trajs:
                 if not t.done and max_length is not None and len(t.segments[-1].context()) + max_new_tokens > max_length:
@@ -337,8 +336,6 @@ def multi_turn_rollout(
                     _fail(t, resp, loaded)
                     continue
                 _apply(t, resp, tokenizer, add_special_tokens, last_turn=turn == max_turns, env=loaded)
-    finally:
-        inner.train(was_training)
     failed = [t for t in trajs if t.failed]
     if trajs and len(failed) == len(trajs):
         raise EnvError(f"every sample failed ({len(trajs)} of {len(trajs)}); the first: {failed[0].error}")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from rl2fx._typing import Float, Int, Tensor, check_range, typechecked
-from rl2fx.logprobs import forward_accepts
+from rl2fx.logprobs import eval_mode, forward_accepts
 
 __all__ = ["rollout", "response_mask", "scatter_last", "concat_rollouts", "select_rows", "sample_tokens",
            "can_sample_directly"]
@@ -243,14 +243,10 @@ def rollout(
     pmask = torch.ones_like(ids) if prompt_mask is None else prompt_mask.repeat_interleave(responses_per_prompt, 0)
     # the sampler's log-probs and a parallel strategy's generate arguments (synced_gpus) need generate itself
     if not return_logprobs and not generate_kwargs and can_sample_directly(unwrapped):
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
+        with eval_mode(unwrapped):
             seqs = sample_tokens(unwrapped, ids, pmask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                  pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
                                  do_sample=do_sample)
-        finally:
-            unwrapped.train(was_training)
         return _layout(ids, pmask, seqs, eos_token_id, pad_token_id)
     if do_sample:
         gen_cfg = GenerationConfig(
@@ -260,14 +256,10 @@ def rollout(
     else:
         gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    was_training = unwrapped.training
-    unwrapped.eval()
-    try:
+    with eval_mode(unwrapped):
         extra = {"output_logits": True, "return_dict_in_generate": True} if return_logprobs else {}
         out = unwrapped.generate(input_ids=ids, attention_mask=pmask, generation_config=gen_cfg,
                                  **extra, **dict(generate_kwargs or {}))
-    finally:
-        unwrapped.train(was_training)
     seqs = out.sequences if return_logprobs else out
     batch = _layout(ids, pmask, seqs, eos_token_id, pad_token_id)
     if return_logprobs:
