@@ -38,7 +38,8 @@ from rl2fx.rollout import scatter_last
 from rl2fx.rollout_correction import masked_is, mismatch_metrics, truncated_is_weights
 from rl2fx.step import compute_logprobs
 
-__all__ = ["ExperienceNeeds", "experience_needs", "reference_logprobs", "make_experience"]
+__all__ = ["ExperienceNeeds", "experience_needs", "reference_logprobs", "make_experience", "estimate_advantages",
+           "critic_values"]
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def make_experience(
     ...             pad_token_id=0)
     >>> exp = make_experience(m, b, torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=4)
     >>> sorted(k for k in exp if k not in b), exp["advantages"].shape == b["response_mask"].shape
-    (['advantages', 'returns', 'scores'], True)
+    (['advantages', 'returns', 'scores', 'token_rewards'], True)
     """
     check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     spec = get_estimator(estimator)
@@ -268,23 +269,93 @@ def make_experience(
             if kl_in_reward:
                 rewards = kl_penalized_rewards(rewards, old_lp, ref_lp, kl_coef, estimator=kl_estimator, mask=mask,
                                                **clamps)
+    out["token_rewards"] = rewards
+    if reward_components is not None:
+        out["reward_components"] = reward_components
+    if weights is not None:
+        out["is_weights"] = weights
+    values = None
+    if critic is not None and needs.values:
+        values = critic_values(critic, out)
+        out["old_values"] = values
+    adv, ret = estimate_advantages(out, estimator=spec.name, estimator_params=estimator_params,
+                                   group_size=group_size, values=values, whiten_advantages=whiten_advantages,
+                                   group=group, trajectories=trajectories, extra_inputs=extra_inputs)
+    out["advantages"], out["returns"] = adv, ret
+    return out
+
+
+@torch.no_grad()
+def critic_values(critic: torch.nn.Module, batch: Mapping[str, Tensor]) -> Float[Tensor, "batch time"]:
+    """The critic's value of each response position (the state before that token), 0 where masked out.
+
+    ``critic(input_ids, attention_mask)`` returns one value per input position; the value of
+    response token ``t`` is read at the position before it.
+    """
+    mask = batch["response_mask"]
+    c: Any = getattr(critic, "module", critic)
+    values = c(batch["input_ids"], batch["attention_mask"])[:, -mask.shape[1] - 1:-1]
+    return torch.where(mask != 0, values, 0.0)
+
+
+def estimate_advantages(
+    exp: Mapping[str, Tensor],
+    *,
+    estimator: str,
+    group_size: int,
+    estimator_params: Mapping[str, Any] | None = None,
+    log_rhos: Float[Tensor, "batch time"] | None = None,
+    values: Float[Tensor, "batch time"] | None = None,
+    whiten_advantages: bool = True,
+    group: Any = None,
+    trajectories: Mapping[str, Tensor] | None = None,
+    extra_inputs: Mapping[str, Any] | None = None,
+) -> tuple[Float[Tensor, "batch time"], Float[Tensor, "batch time"]]:
+    r"""Advantages and returns of a :func:`make_experience` batch, from its stored rewards.
+
+    ``exp`` holds ``response_mask``, ``token_rewards`` (the rewards the estimator reads, the
+    KL penalty already folded in when ``kl_in_reward``), ``scores``, and where they were made
+    ``old_logprobs``, ``reward_components`` and ``is_weights`` (rollout correction);
+    ``trajectories`` as in :func:`make_experience` (segmented multi-turn rows). ``log_rhos``:
+    :math:`\log\pi_	heta(a_t|s_t) - \log\pi_{old}(a_t|s_t)`, the current policy's log-probs
+    against the sampler's; ``None`` (0) at the first update of a rollout, where the two are one
+    policy. Re-estimating before each later epoch with the current ratios and values
+    (``PPOTrainer``'s ``trainer.recompute_advantages``) is what gives V-trace's truncated
+    ratios (Espeholt et al. 2018), Retrace's traces (Munos et al. 2016) and clipped IS
+    anything to correct. Value-based estimators' advantages are whitened
+    (``whiten_advantages``, over ``group``'s ranks); the rollout-correction weights multiply them.
+
+    Returns ``(advantages, returns)``, both ``[batch, time]`` and 0 on masked-out positions.
+
+    >>> from rl2fx.rollout import scatter_last
+    >>> m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    >>> exp = {"response_mask": m, "token_rewards": scatter_last(torch.tensor([1.0, 0.0]), m),
+    ...        "scores": torch.tensor([1.0, 0.0])}
+    >>> adv, ret = estimate_advantages(exp, estimator="rloo", group_size=2)
+    >>> adv.tolist()
+    [[1.0, 1.0, 0.0], [-1.0, -1.0, -1.0]]
+    """
+    spec = get_estimator(estimator)
+    row_mask = exp["response_mask"]
+    rewards = torch.where(row_mask != 0, exp["token_rewards"], 0.0)
+    old_lp = exp.get("old_logprobs")
     dtype = old_lp.dtype if old_lp is not None else torch.float32
     # segments: the estimator sees each trajectory's rows end to end (masked equals packed), then back to rows
+    segmented = trajectories is not None and int(trajectories["turns"].shape[0]) != row_mask.shape[0]
+
     def lay(x: Tensor) -> Tensor:
         return to_trajectories(x, trajectories) if segmented else x  # type: ignore[arg-type]
 
-    row_mask, mask, rewards = mask, lay(mask), lay(rewards)
-    kw: dict[str, Any] = {"rewards": rewards, "mask": mask, "log_rhos": torch.zeros_like(rewards),
+    mask = lay(row_mask)
+    rhos = torch.zeros_like(rewards) if log_rhos is None else torch.where(row_mask != 0, log_rhos, 0.0)
+    components = exp.get("reward_components")
+    kw: dict[str, Any] = {"rewards": lay(rewards), "mask": mask, "log_rhos": lay(rhos.to(rewards.dtype)),
                           "group_size": group_size, "group": group,
-                          "reward_components": (reward_components if reward_components is not None
-                                                else scores.unsqueeze(-1))}
+                          "reward_components": components if components is not None else exp["scores"].unsqueeze(-1)}
     if old_lp is not None:
         kw["old_logprobs"] = lay(old_lp)
-    if critic is not None and needs.values:
-        c: Any = getattr(critic, "module", critic)
-        values = c(out["input_ids"], out["attention_mask"])[:, -row_mask.shape[1] - 1:-1]
-        out["old_values"] = values * row_mask
-        kw["values"] = lay(out["old_values"])
+    if values is not None:
+        kw["values"] = lay(values)
     kw.update(extra_inputs or {})
     res = advantages(spec.name, **kw, **dict(estimator_params or {}))
     adv = res["advantages"].to(dtype)
@@ -294,11 +365,10 @@ def make_experience(
     ret = (ret if ret.ndim == 2 else ret.unsqueeze(-1)) * mask
     if segmented:
         adv, ret = from_trajectories(adv, trajectories), from_trajectories(ret, trajectories)  # type: ignore[arg-type]
-    mask = row_mask
     if whiten_advantages and spec.needs_values:
-        adv = whiten(adv, mask, group=group)
+        adv = whiten(adv, row_mask, group=group)
+    weights = exp.get("is_weights")
     if weights is not None:
         adv = adv * weights.to(adv.dtype)
-    out["advantages"] = adv * mask
-    out["returns"] = ret * mask
-    return out
+    keep = row_mask != 0
+    return torch.where(keep, adv, 0.0), torch.where(keep, ret, 0.0)

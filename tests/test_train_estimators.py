@@ -81,3 +81,46 @@ def test_kl_in_reward_with_adaptive_coefficient_runs(tmp_path):
 def test_grpo_passk_needs_two_responses_per_prompt():
     with pytest.raises(ConfigError, match="config key 'data.responses_per_prompt' must be >= 2 for grpo_passk"):
         load_config("demo", overrides=["adv.estimator=grpo_passk", "data.responses_per_prompt=1"])
+
+
+def test_recompute_advantages_uses_the_current_policys_ratios_and_critic(tmp_path):
+    # With one estimate per rollout V-trace sees log_rhos = 0 at every epoch: nothing to correct.
+    # trainer.recompute_advantages re-estimates after each update with the current policy and critic.
+    from rl2fx.experience import critic_values
+    from rl2fx.step import compute_logprobs, train_step
+    from rl2fx.testing.reference import ref_vtrace, ref_whiten
+
+    trainer = _trainer(tmp_path, "vtrace", "trainer.update_epochs=2", "trainer.recompute_advantages=true",
+                       "actor.lr=1e-2")
+    assert trainer.recompute_advantages and trainer.critic is not None
+    exp = trainer.make_experience()
+    same, _, st = trainer.reestimate_advantages(exp)  # the policy is still the sampler: same advantages
+    assert st["recompute/abs_log_rho"] < 1e-6
+    torch.testing.assert_close(same, exp["advantages"], atol=1e-5, rtol=0)
+    batch = {k: exp[k] for k in ("input_ids", "attention_mask", "response_ids", "response_mask", "old_logprobs",
+                                 "advantages")}
+    train_step(trainer.policy, trainer.optimizer, batch, loss_fn=trainer.loss_fn)
+    train_step(trainer.critic, trainer.critic_optimizer, {k: exp[k] for k in (
+        "input_ids", "attention_mask", "response_mask", "old_values", "returns")}, loss_fn=trainer.value_loss_fn)
+    adv, ret, st = trainer.reestimate_advantages(exp)
+    mask = exp["response_mask"]
+    with torch.no_grad():
+        cur, _ = compute_logprobs(trainer.policy, exp)
+    log_rhos = torch.where(mask != 0, cur - exp["old_logprobs"], 0.0)
+    assert st["recompute/abs_log_rho"] == pytest.approx(float(log_rhos.abs().sum() / mask.sum()), rel=1e-5)
+    assert st["recompute/abs_log_rho"] > 1e-3 and 0 < st["recompute/rho_above_1"] < 1
+    # independent reference: the closed-sum V-trace of the paper, then the trainer's whitening
+    vs, pg = ref_vtrace(exp["token_rewards"].double(), critic_values(trainer.critic, exp).double(),
+                        log_rhos.double(), **trainer.estimator_params, mask=mask)
+    torch.testing.assert_close(adv.double(), ref_whiten(pg, mask), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ret.double(), torch.where(mask != 0, vs, 0.0), atol=1e-5, rtol=0)
+    assert (adv - exp["advantages"]).abs().max() > 1e-3
+
+
+def test_recompute_advantages_is_off_for_estimators_that_read_neither_ratios_nor_values(tmp_path):
+    trainer = _trainer(tmp_path, "grpo", "trainer.update_epochs=2", "trainer.recompute_advantages=true")
+    assert not trainer.recompute_advantages  # group baselines of the scores: nothing would change
+    seen = []
+    trainer = _trainer(tmp_path, "retrace", "trainer.update_epochs=2", "trainer.recompute_advantages=true")
+    trainer.train(on_step=lambda t, m: seen.append(m))
+    assert seen and seen[0]["recompute/abs_log_rho"] > 0 and math.isfinite(seen[0]["recompute/rho_above_1"])

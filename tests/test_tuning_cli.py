@@ -156,3 +156,22 @@ def test_hyperopt_params_selects_a_subset_and_rejects_unknown_names():
     for bad in (["actor.lrr"], [], ["actor.lr", "actor.lr"]):
         with pytest.raises(ConfigError, match="hyperopt.params"):
             select_params(space, bad)
+
+
+def test_seeds_per_trial_averages_runs_of_consecutive_seeds(tmp_path):
+    cfg = load_config("demo", overrides={**QUIET, "hyperopt.optimizer_type": "grid",
+                                         "hyperopt.n_trials": 1, "hyperopt.save_dir": str(tmp_path),
+                                         "hyperopt.seeds_per_trial": 2, "hyperopt.report_interval": 1,
+                                         "trainer.seed": 3, "model.seed": 5})
+    space = [HyperparameterConfig("actor.clip", "categorical", choices=[0.2])]
+    tune_from_config(cfg, param_configs=space, show_progress_bar=False, verbose=False)
+    (t,) = [json.loads(x) for x in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    runs = [PPOTrainer(apply_params(cfg, {"trainer.seed": 3 + i, "model.seed": 5 + i,
+                                          "trainer.output_dir": str(tmp_path / f"again{i}")})).train()
+            for i in range(2)]
+    assert [t["metrics"]["reward_seed0"], t["metrics"]["reward_seed1"]] == [r["reward_end"] for r in runs]
+    assert t["value"] == pytest.approx((runs[0]["reward_end"] + runs[1]["reward_end"]) / 2)
+    assert t["metrics"]["kl"] == pytest.approx((runs[0]["kl"] + runs[1]["kl"]) / 2)
+    assert sorted(t["intermediate"]) == ["1", "2"]  # the pruner sees the first seed's reports only
+    with pytest.raises(ConfigError, match="hyperopt.seeds_per_trial"):
+        load_config(overrides={"hyperopt.seeds_per_trial": 0})

@@ -289,6 +289,9 @@ class HyperoptConfig:
     # postgresql+psycopg://...); null: the save_dir directory (safe for processes on one machine)
     storage: str | None = None
     report_interval: int = 10
+    # training runs per trial, seeds trainer.seed + i and model.seed + i; the objective is their mean
+    # reward (one lucky seed cannot win the study); the pruner sees the first seed's reports
+    seeds_per_trial: int = 1
     pruner: str = "none"
     # the search space's parameters to tune (dotted config keys of ppo_search_space); null: all of them
     params: list[str] | None = None
@@ -374,6 +377,9 @@ class TrainerConfig:
     dual_clip: float | None = None
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
+    # re-estimate advantages before every update epoch after the first, from the current policy's
+    # log-prob ratios to the sampler (log_rhos) and the current critic: what V-trace/Retrace/clipped IS correct
+    recompute_advantages: bool = False
     logprob_chunk_size: int = 256
     output_dir: str = "outputs/rl2fx"
     save_interval: int = 0  # steps between checkpoints; 0 = only at the end
@@ -797,6 +803,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _checked(make_sampler, {"optimizer_type": "bayesian", "exploration_weight": h.bayesian.exploration_weight}, hk,
              "hyperopt.bayesian")
     _in(cfg, "hyperopt.report_interval", 1)
+    _in(cfg, "hyperopt.seeds_per_trial", 1)
     if h.storage is not None and "://" not in str(h.storage):  # a typo must not become a directory named "sqlite:"
         _fail("hyperopt.storage", h.storage, "must be null or a database URL such as 'sqlite:///study.db' "
               "(a directory study goes in hyperopt.save_dir)")

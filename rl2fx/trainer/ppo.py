@@ -48,7 +48,8 @@ from rl2fx.distributed import (
     wrap_policy,
 )
 from rl2fx.envs import load_env
-from rl2fx.experience import experience_needs, make_experience
+from rl2fx.experience import critic_values, estimate_advantages, experience_needs, make_experience
+from rl2fx.logprobs import eval_mode
 from rl2fx.memory.context import memory_efficient_context
 from rl2fx.memory.optimizer import MemoryOptimizer, autocast_dtype
 from rl2fx.memory.profiler import MemoryProfiler
@@ -58,7 +59,7 @@ from rl2fx.returns import get_estimator
 from rl2fx.rewards import load_reward_func
 from rl2fx.rollout import concat_rollouts, rollout, select_rows
 from rl2fx.shaping import overlong_penalty
-from rl2fx.step import make_ppo_loss, make_value_loss, train_step
+from rl2fx.step import compute_logprobs, make_ppo_loss, make_value_loss, train_step
 from rl2fx.tracking import ExperimentConfig, ExperimentTracker
 from rl2fx.trainer.config import (
     CONFIG_DIR,
@@ -255,6 +256,10 @@ def _save_atomic(obj: Any, file: Path, trainer: PPOTrainer) -> None:
             tmp.unlink()
         raise trainer._checkpoint_write_error(file, e) from None
 
+
+#: Estimator inputs the trainer makes besides the batch (a greedy rollout's reward), kept in the experience
+#: for re-estimating at later epochs.
+_EXTRA_INPUTS = ("greedy_rewards",)
 
 CALLBACK_HOOKS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end")
 
@@ -453,6 +458,9 @@ class PPOTrainer:
             or (mo_on and "kl_penalty" in cfg.multi_objective.objectives),
             kl_in_reward=t.kl_type == "reward" and kl_on, log_kl=bool(t.log_kl) or ref_model is not None,
             with_entropy=mo_on, off_policy=self._wants_behavior(t))
+        # re-estimating changes something only for an estimator that reads the ratios or the values
+        self.recompute_advantages = (bool(t.recompute_advantages) and int(t.update_epochs) > 1
+                                     and ("log_rhos" in self.estimator.inputs or self.estimator.needs_values))
         if self.needs.ref:
             if ref_model is not None:
                 self.ref_model: torch.nn.Module | None = load_model(ref_model, key="ref_model", local_files_only=local)
@@ -736,6 +744,7 @@ class PPOTrainer:
             rollout_rs_high=float(cfg.trainer.rollout_rs_high), stats=stats,
             token_rewards=batch.get("rewards") if self.env is not None else None,
             trajectories=self._trajectories if self.env is not None else None)
+        exp.update(extra)  # an estimator's extra inputs, for re-estimating at later epochs
         self._reward_metrics = {**scored.metrics, **stats}
         for m in (self.policy, self.ref_model, self.critic):  # free FSDP2 parameters the no-grad passes gathered
             if m is not None:
@@ -809,6 +818,9 @@ class PPOTrainer:
         objective_point = self.objective_point(exp) if self.multi_objective is not None else None
         with region("update"):
             for epoch in range(int(t.update_epochs)):
+                if epoch > 0 and self.recompute_advantages:
+                    policy_batch["advantages"], exp["returns"], rho = self.reestimate_advantages(exp)
+                    metrics.update(rho)
                 out = train_step(self.policy, self.optimizer, policy_batch, loss_fn=self.loss_fn,
                                  micro_batch_size=t.micro_batch_size, max_grad_norm=t.max_grad_norm,
                                  autocast_dtype=self.autocast_dtype, kl_coef=kl_coef,
@@ -853,6 +865,42 @@ class PPOTrainer:
         self.history.setdefault("kl_coef", []).append(float(metrics.get("kl_coef", 0.0)))
         self.step += 1
         return metrics
+
+    @torch.no_grad()
+    def reestimate_advantages(self, exp: Mapping[str, torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        r"""The advantages and returns of ``exp`` under the current policy and critic (``trainer.recompute_advantages``).
+
+        After the first update epoch the policy :math:`\pi_\theta` is no longer the sampler
+        :math:`\pi_{old}`; this pass measures ``log_rhos`` :math:`= \log\pi_\theta - \log\pi_{old}`
+        on the rollout's tokens and the current critic's values, and runs the estimator again
+        (:func:`rl2fx.experience.estimate_advantages`), so that V-trace (Espeholt et al. 2018) and
+        Retrace (Munos et al. 2016) truncate what has gone off-policy. Also returns
+        ``recompute/abs_log_rho`` (token mean of :math:`|\log\rho|`) and ``recompute/rho_above_1``
+        (fraction of tokens with :math:`\rho > 1`), over all ranks.
+        """
+        policy = _unwrap(self.policy)
+        inner: Any = getattr(policy, "module", policy)
+        with eval_mode(inner):
+            cur, _ = compute_logprobs(inner, exp, temperature=float(self.cfg.rollout.temperature),
+                                      chunk_size=int(self.cfg.trainer.logprob_chunk_size))
+        reshard(policy)
+        keep = exp["response_mask"] != 0
+        log_rhos = torch.where(keep, cur - exp["old_logprobs"], 0.0)
+        values = critic_values(self.critic, exp) if self.critic is not None and self.estimator.needs_values else None
+        if self.critic is not None:
+            reshard(self.critic)
+        adv, ret = estimate_advantages(
+            exp, estimator=self.estimator.name, estimator_params=self.estimator_params, group_size=self.group_size,
+            log_rhos=log_rhos, values=values, whiten_advantages=bool(self.cfg.trainer.whiten_advantages),
+            group=dist.group.WORLD if self.distributed else None,
+            trajectories=self._trajectories if self.env is not None else None,
+            extra_inputs={k: exp[k] for k in self.estimator.inputs if k in _EXTRA_INPUTS and k in exp})
+        stats = torch.stack([log_rhos.abs().sum(), ((log_rhos > 0) & keep).sum(), keep.sum()]).double()
+        if self.distributed:
+            dist.all_reduce(stats)
+        n = float(stats[2].clamp_min(1.0))
+        return adv, ret, {"recompute/abs_log_rho": float(stats[0]) / n, "recompute/rho_above_1": float(stats[1]) / n}
 
     def objective_point(self, exp: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """The rollout's measured objectives on the Pareto archive's scale: mean task score, ``-KL``

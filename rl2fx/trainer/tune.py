@@ -3,9 +3,11 @@
 Each trial is a :class:`~rl2fx.trainer.ppo.PPOTrainer` run of the config with the trial's
 parameters applied as overrides (the search space's names are dotted config keys);
 its objective is ``reward_end``, the mean task reward over the last
-``trainer.summary_window`` steps, maximised. Every ``hyperopt.report_interval`` steps
+``trainer.summary_window`` steps, maximised; with ``hyperopt.seeds_per_trial = n`` a trial is
+``n`` runs (seeds ``trainer.seed + i``, ``model.seed + i``) and its value their mean, so the
+study does not pick a configuration for one lucky seed. Every ``hyperopt.report_interval`` steps
 the run reports the same running value (the mean task reward over the last
-``trainer.summary_window`` steps so far) to the study, at step = training step, and
+``trainer.summary_window`` steps so far; the first seed's) to the study, at step = training step, and
 stops when ``hyperopt.pruner`` says so; such a trial is recorded as ``pruned`` with its
 last reported value, and the study goes on. The study lives in
 ``hyperopt.save_dir`` (or the database ``hyperopt.storage`` names) and is resumed when
@@ -169,20 +171,34 @@ def _objective(cfg: DictConfig, *, report: bool = True):
     bound to the study) it takes the parameters only and reports nothing."""
     interval, window = int(cfg.hyperopt.report_interval), int(cfg.trainer.summary_window)
 
-    def run_one(params: dict[str, Any], trial: Any) -> dict[str, Any]:
+    n_seeds = int(cfg.hyperopt.seeds_per_trial)
+
+    def run_seed(params: dict[str, Any], trial: Any, i: int) -> dict[str, Any]:
+        # seed i of a trial: both seeds moved by i from the trial's own (a search space may tune them)
+        seeds = {k: int(params.get(k, OmegaConf.select(cfg, k))) + i for k in ("trainer.seed", "model.seed")}
         with tempfile.TemporaryDirectory(prefix="rl2fx-tune-") as tmp:
             # checkpoints go to a folder deleted after the trial, but every trial's tracking goes to
             # the study's one store: the paths the base config derives from its trainer.output_dir
             et = cfg.experiment_tracking
             run_cfg = apply_params(cfg, {**params, "trainer.output_dir": tmp, "trainer.progress_bar": False,
-                                         "trainer.resume_from": None,
+                                         "trainer.resume_from": None, **seeds,
                                          "experiment_tracking.tracking_uri": str(et.tracking_uri),
                                          "experiment_tracking.wandb_dir": et.wandb_dir,
                                          "memory_optimization.profiling.save_path": str(Path(tmp) / "mem.json")})
-            on_step = _reporter(trial, interval, window) if trial is not None else None
-            result = PPOTrainer(run_cfg).train(on_step=on_step)
-        return {"reward": float(result["reward_end"]), "reward_start": float(result["reward_start"]),
-                "kl": float(result["kl"]), "wall_time_s": float(result["wall_time_s"])}
+            # the pruner compares trials at one training step: only the first seed reports
+            on_step = _reporter(trial, interval, window) if trial is not None and i == 0 else None
+            return PPOTrainer(run_cfg).train(on_step=on_step)
+
+    def run_one(params: dict[str, Any], trial: Any) -> dict[str, Any]:
+        results = [run_seed(params, trial, i) for i in range(n_seeds)]
+        out = {k: sum(float(r[src]) for r in results) / n_seeds
+               for k, src in (("reward", "reward_end"), ("reward_start", "reward_start"), ("kl", "kl"))}
+        out["wall_time_s"] = sum(float(r["wall_time_s"]) for r in results)
+        if n_seeds > 1:
+            rewards = [float(r["reward_end"]) for r in results]
+            out["reward_std"] = math.sqrt(sum((x - out["reward"]) ** 2 for x in rewards) / (n_seeds - 1))
+            out.update({f"reward_seed{i}": x for i, x in enumerate(rewards)})
+        return out
 
     def fn(params: dict[str, Any], trial: Any) -> dict[str, Any]:
         return run_one(params, trial)
