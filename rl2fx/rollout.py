@@ -283,7 +283,7 @@ def _layout(ids: Tensor, pmask: Tensor, seqs: Tensor, eos_token_id: int, pad_tok
 
 #: per-token tensors laid out like ``response_ids`` (``[rows, response]``), padded with 0 on concatenation
 TIME_ALIGNED = ("behavior_logprobs", "old_logprobs", "ref_logprobs", "kl", "entropy", "advantages", "returns",
-                "rewards", "old_values")
+                "rewards", "token_rewards", "is_weights", "old_values")
 
 
 def select_rows(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:

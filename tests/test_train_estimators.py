@@ -124,3 +124,24 @@ def test_recompute_advantages_is_off_for_estimators_that_read_neither_ratios_nor
     trainer = _trainer(tmp_path, "retrace", "trainer.update_epochs=2", "trainer.recompute_advantages=true")
     trainer.train(on_step=lambda t, m: seen.append(m))
     assert seen and seen[0]["recompute/abs_log_rho"] > 0 and math.isfinite(seen[0]["recompute/rho_above_1"])
+
+
+def test_token_level_partial_credit_reaches_the_estimator(tmp_path):
+    # task.reward_level=token: each right digit's 1/n_digits sits on its own token (same sum as the
+    # outcome reward); a critic's GAE and REINFORCE++'s returns-to-go read it per token.
+    from rl2fx.trainer.tasks import VOCAB
+
+    seq = _trainer(tmp_path, "reinforce_pp", "adv.gamma=1.0").make_experience()
+    tok = _trainer(tmp_path, "reinforce_pp", "adv.gamma=1.0", "task.reward_level=token").make_experience()
+    assert torch.equal(seq["response_ids"], tok["response_ids"])  # same seed, same samples
+    torch.testing.assert_close(tok["token_rewards"].sum(-1), tok["scores"])
+    torch.testing.assert_close(tok["scores"], seq["scores"])
+    answers_hit = tok["token_rewards"] > 0
+    assert answers_hit.any() and torch.all(tok["response_ids"][answers_hit] != VOCAB["<eos>"])
+    # returns-to-go: the last answer token's return is its own digit's credit only
+    mask = tok["response_mask"]
+    last = torch.where(mask.sum(-1) >= 3)[0]
+    torch.testing.assert_close(tok["returns"][last, 1], tok["token_rewards"][last, 1] + tok["token_rewards"][last, 2])
+    torch.testing.assert_close(seq["returns"][last, 1], seq["scores"][last])
+    with pytest.raises(ConfigError, match="task.reward_level"):
+        load_config("demo", overrides=["task.reward_level=tokens"])

@@ -83,6 +83,7 @@ from rl2fx.rollout_correction import LEVELS as IS_LEVELS
 from rl2fx.rollout_correction import RS_LEVELS
 from rl2fx.step import check_step_args, make_ppo_loss, make_value_loss
 from rl2fx.trainer.tasks import VOCAB, DigitCopyTask, check_model_args
+from rl2fx.trainer.tasks.digits import REWARD_LEVELS
 from rl2fx.tuning.pruners import make_pruner
 from rl2fx.tuning.samplers import make_sampler
 from rl2fx.tuning.tuner import HyperparameterTuner
@@ -429,6 +430,8 @@ class TaskConfig:
     name: str = "digits"
     mode: str = "reverse"  # copy | reverse | repeat
     n_digits: int = 2
+    # sequence: one outcome reward per response; token: each right digit's 1/n_digits on its own token
+    reward_level: str = "sequence"
 
 
 @dataclass
@@ -889,6 +892,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     _in(cfg, "rollout.top_p", 0.0, 1.0, low_open=True)
     if cfg.task.name != "digits":
         _fail("task.name", cfg.task.name, "must be one of ['digits']")
+    if cfg.task.reward_level not in REWARD_LEVELS:
+        _fail("task.reward_level", cfg.task.reward_level, f"must be one of {list(REWARD_LEVELS)}")
     _checked(DigitCopyTask, {"n_digits": cfg.task.n_digits, "mode": cfg.task.mode}, _keys("task", ("n_digits", "mode")),
              "task")
     m = cfg.model

@@ -57,7 +57,7 @@ from rl2fx.multiturn import multi_turn_rollout, multi_turn_stats
 from rl2fx.pareto.optimizer import MultiObjectiveOptimizer
 from rl2fx.returns import get_estimator
 from rl2fx.rewards import load_reward_func
-from rl2fx.rollout import concat_rollouts, rollout, select_rows
+from rl2fx.rollout import concat_rollouts, rollout, scatter_last, select_rows
 from rl2fx.shaping import overlong_penalty
 from rl2fx.step import compute_logprobs, make_ppo_loss, make_value_loss, train_step
 from rl2fx.tracking import ExperimentConfig, ExperimentTracker
@@ -427,6 +427,10 @@ class PPOTrainer:
             _check_tokenizer(self.tokenizer)
             self.task = None
             self.max_new_tokens = int(cfg.rollout.max_new_tokens)
+            if cfg.task.reward_level != "sequence":
+                raise ConfigError(f"config key 'task.reward_level' {cfg.task.reward_level!r} is a setting of the "
+                                  "built-in digits task; reward functions give one reward per completion (a "
+                                  "multi-turn environment gives per-turn rewards): leave it at 'sequence'")
         else:
             if eval_src is not None:
                 raise ConfigError("eval_dataset (data.test_data_path) needs train_dataset and reward_funcs; the "
@@ -486,7 +490,8 @@ class PPOTrainer:
             raise ConfigError(f"config key 'adv.estimator' {self.estimator.name!r} needs a greedy rollout's reward, "
                               "which a multi-turn environment does not give; use grpo, rloo, gae, ...")
         if self.task is not None:
-            self.source: Any = TaskSource(self.task, self.tokenizer, self.prompts_per_rollout)
+            self.source: Any = TaskSource(self.task, self.tokenizer, self.prompts_per_rollout,
+                                          token_level=cfg.task.reward_level == "token")
         else:
             self.source = DatasetSource(
                 train_src, self.tokenizer, funcs, prompts_per_rollout=self.prompts_per_rollout,
@@ -656,11 +661,16 @@ class PPOTrainer:
             return (*self._multi_turn(prompts), None)
         batch = self._rollout(prompts, self.group_size)
         scored = self.source.score(prompts, batch, self.group_size)
+        if scored.token_rewards is not None:  # per-token credit: the estimator reads it as the batch's rewards
+            batch["rewards"] = scored.token_rewards
         t = self.cfg.trainer
         if t.overlong_buffer_len is not None:  # DAPO's soft overlong punishment, added to the reward
             pen = overlong_penalty(batch["response_mask"].sum(1), max_len=self.max_new_tokens,
                                    cache_len=int(t.overlong_buffer_len), factor=float(t.overlong_penalty_factor))
             scored.scores = scored.scores + pen.to(scored.scores.dtype)
+            if "rewards" in batch:  # on the last token, where the outcome would be
+                batch["rewards"] = batch["rewards"] + scatter_last(pen.to(batch["rewards"].dtype),
+                                                                   batch["response_mask"])
             scored.metrics["overlong_penalty_mean"] = float(pen.mean())
         greedy = self.greedy_rewards(prompts) if "greedy_rewards" in self.estimator.inputs else None
         return batch, scored, greedy
@@ -742,7 +752,7 @@ class PPOTrainer:
             rollout_is=cfg.trainer.rollout_is, rollout_is_cap=float(cfg.trainer.rollout_is_cap),
             rollout_rs=cfg.trainer.rollout_rs, rollout_rs_low=float(cfg.trainer.rollout_rs_low),
             rollout_rs_high=float(cfg.trainer.rollout_rs_high), stats=stats,
-            token_rewards=batch.get("rewards") if self.env is not None else None,
+            token_rewards=batch.get("rewards"),
             trajectories=self._trajectories if self.env is not None else None)
         exp.update(extra)  # an estimator's extra inputs, for re-estimating at later epochs
         self._reward_metrics = {**scored.metrics, **stats}

@@ -46,16 +46,18 @@ class Scored:
     metrics: dict[str, float]
     completions: list[str] = field(default_factory=list)
     per_function: Scores | None = None
+    token_rewards: torch.Tensor | None = None  # [B, response]: per-token credit summing to scores, if the source has it
 
 
 class TaskSource:
     """The built-in digits task: prompts ``<bos> d1 .. dn :`` drawn from the trainer's prompt generator,
-    reward = fraction of answer digits in place (:class:`~rl2fx.trainer.tasks.DigitCopyTask`)."""
+    reward = fraction of answer digits in place (:class:`~rl2fx.trainer.tasks.DigitCopyTask`); with
+    ``token_level`` (``task.reward_level: token``) also as per-token credit, each right digit's share on its token."""
 
     reward_names: tuple[str, ...] = ("task",)
 
-    def __init__(self, task: Any, tokenizer: Any, prompts_per_rollout: int) -> None:
-        self.task, self.tokenizer, self.n = task, tokenizer, prompts_per_rollout
+    def __init__(self, task: Any, tokenizer: Any, prompts_per_rollout: int, *, token_level: bool = False) -> None:
+        self.task, self.tokenizer, self.n, self.token_level = task, tokenizer, prompts_per_rollout, token_level
 
     def sample(self, generator: torch.Generator) -> Prompts:
         p = self.task.sample_prompts(self.n, generator)
@@ -65,7 +67,8 @@ class TaskSource:
         assert prompts.answers is not None
         answers = prompts.answers.repeat_interleave(group_size, 0).to(batch["response_ids"].device)
         s = self.task.reward(batch["response_ids"], answers)
-        return Scored(scores=s, components=s.unsqueeze(-1), metrics={})
+        tok = self.task.token_rewards(batch["response_ids"], answers) if self.token_level else None
+        return Scored(scores=s, components=s.unsqueeze(-1), metrics={}, token_rewards=tok)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # the prompts come from the trainer's generator, whose state is checkpointed with the RNGs

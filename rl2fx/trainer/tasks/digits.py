@@ -29,7 +29,11 @@ import torch
 from rl2fx._typing import Float, Int, Tensor, check_choice, check_range, typechecked
 from rl2fx.trainer.tasks.tokenizer import VOCAB
 
-__all__ = ["DigitCopyTask", "PromptBatch"]
+__all__ = ["DigitCopyTask", "PromptBatch", "REWARD_LEVELS"]
+
+#: Where the task's reward goes: ``sequence``, one outcome per response (on its last token);
+#: ``token``, each right digit's share on its own token (:meth:`DigitCopyTask.token_rewards`).
+REWARD_LEVELS = ("sequence", "token")
 
 _DIGIT0 = VOCAB["0"]
 
@@ -103,6 +107,27 @@ class DigitCopyTask:
             pad = torch.full((responses.shape[0], k - responses.shape[-1]), VOCAB["<pad>"], dtype=responses.dtype)
             responses = torch.cat([responses, pad], dim=-1)
         return (responses[:, :k] == answers).float().mean(-1)
+
+    @typechecked
+    def token_rewards(self, responses: Int[Tensor, "n resp"], answers: Int[Tensor, "n answer"]
+                      ) -> Float[Tensor, "n resp"]:
+        """The reward as token-level partial credit: :math:`1/k` on each answer token that is right, 0 elsewhere.
+
+        Row sums equal :meth:`reward`; the credit sits on the token that earned it, so an
+        estimator that reads per-token rewards (a critic's TD errors, returns-to-go) can tell
+        which digit was right, while one that reads only the outcome sees the sum.
+
+        >>> task = DigitCopyTask(n_digits=2, mode="copy")
+        >>> ans = torch.tensor([[VOCAB["3"], VOCAB["4"]]])
+        >>> task.token_rewards(torch.tensor([[VOCAB["3"], VOCAB["9"], VOCAB["<eos>"]]]), ans).tolist()
+        [[0.5, 0.0, 0.0]]
+        """
+        k = answers.shape[-1]
+        t = responses.shape[-1]
+        hit = responses[:, : min(k, t)] == answers[:, : min(k, t)]
+        out = torch.zeros(responses.shape, dtype=torch.float32, device=responses.device)
+        out[:, : hit.shape[-1]] = hit.float() / k
+        return out
 
     def chance_reward(self, vocab_size: int = len(VOCAB)) -> float:
         """Expected reward of a policy uniform over ``vocab_size`` tokens: :math:`1/V`."""
