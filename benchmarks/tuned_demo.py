@@ -6,8 +6,8 @@ the study's), ``--steps`` steps each, and reports the final reward (mean task re
 last ``trainer.summary_window`` steps) and KL of both, mean ± std, with the study's convergence
 (best reward so far against trial). The study itself::
 
-    rl2fx tune --config demo 'hyperopt.params=[actor.lr,actor.clip,actor.kl.adaptive_kl.target_kl,actor.kl.adaptive_kl.initial_coef,trainer.entropy_coef]' \\
-        hyperopt.n_trials=20 hyperopt.optimizer_type=bayesian trainer.total_steps=150 \\
+    rl2fx tune --config demo 'hyperopt.params=[actor.lr,actor.clip,actor.kl.adaptive_kl.target_kl,trainer.entropy_coef,trainer.update_epochs]' \\
+        hyperopt.n_trials=24 hyperopt.seeds_per_trial=2 hyperopt.optimizer_type=bayesian trainer.total_steps=150 \\
         hyperopt.save_dir=outputs/tune_demo experiment_tracking.enabled=false \\
         memory_optimization.profiling.enabled=false trainer.save_interval=0 trainer.output_dir=outputs/tune_demo/run
     PYTHONPATH=. python benchmarks/tuned_demo.py --study outputs/tune_demo
@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from _results import add_out_argument, write_json  # noqa: E402
 
-from rl2fx.trainer.ablate import _RUN_OVERRIDES, _machine, _mean_std, run_one  # noqa: E402
+from rl2fx.trainer.ablate import _RUN_OVERRIDES, _machine, _mean_std, _welch, run_one  # noqa: E402
 
 
 def _trials(study: Path) -> list[dict]:
@@ -43,7 +43,7 @@ def _trials(study: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--study", default="outputs/tune_demo")
-    ap.add_argument("--seeds", default="10,11,12", help="fresh seeds, comma-separated")
+    ap.add_argument("--seeds", default="10,11,12,13,14", help="fresh seeds, comma-separated")
     ap.add_argument("--steps", type=int, default=150)
     add_out_argument(ap)
     args = ap.parse_args()
@@ -68,14 +68,23 @@ def main() -> None:
         rs = [r for r in runs if r["arm"] == arm]
         rm, rsd = _mean_std([r["reward_end"] for r in rs])
         km, ksd = _mean_std([r["kl"] for r in rs])
-        summary.append({"arm": arm, "reward_mean": rm, "reward_std": rsd, "kl_mean": km, "kl_std": ksd})
+        wm, wsd = _mean_std([r["wall_time_s"] for r in rs])
+        summary.append({"arm": arm, "reward_mean": rm, "reward_std": rsd, "kl_mean": km, "kl_std": ksd,
+                        "wall_time_mean_s": wm, "wall_time_std_s": wsd})
+    names = list(arms)
+    diff, half, p = _welch([r["reward_end"] for r in runs if r["arm"] == names[1]],
+                           [r["reward_end"] for r in runs if r["arm"] == names[0]])
     out = {"study": str(study), "n_trials": len(trials), "best_trial": best, "seeds": seeds, "steps": args.steps,
            "machine": _machine(), "summary": summary, "runs": runs,
+           "tuned_minus_shipped": {"diff": diff, "ci95": half, "p_welch": p},
            "convergence": [{"number": t["number"], "value": t.get("value"), "state": t.get("state")}
                            for t in trials]}
-    print(f"\n| config | final reward ({args.steps} steps, seeds {seeds}) | final KL |\n|---|---|---|")
+    print(f"\n| config | final reward ({args.steps} steps, seeds {seeds}) | final KL | wall time per run (s) |\n"
+          "|---|---|---|---|")
     for s in summary:
-        print(f"| {s['arm']} | {s['reward_mean']:.3f} ± {s['reward_std']:.3f} | {s['kl_mean']:.3f} ± {s['kl_std']:.3f} |")
+        print(f"| {s['arm']} | {s['reward_mean']:.3f} ± {s['reward_std']:.3f} | {s['kl_mean']:.3f} ± {s['kl_std']:.3f} "
+              f"| {s['wall_time_mean_s']:.1f} ± {s['wall_time_std_s']:.1f} |")
+    print(f"\ntuned - shipped: {diff:+.3f}, 95% CI [{diff - half:+.3f}, {diff + half:+.3f}], Welch p = {p:.2g}")
     print(f"\nbest params: {best['params']}")
     path = write_json(args.out, "tuned_demo.json", out, indent=1)
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -15,7 +15,9 @@ from rl2fx.trainer.ablate import (
     ABLATIONS,
     DEFAULT_STEPS,
     _command,
+    _holm,
     _run_overrides,
+    _welch,
     ablation_arms,
     run_ablation,
     run_one,
@@ -195,3 +197,29 @@ def test_multi_turn_ablation_trains_on_the_shipped_task_with_one_model_per_seed(
         assert all(0.0 <= x <= 1.0 for x in r["reward_curve"])  # games won: the environment's rewards
     assert not Path(out["runs"][0]["overrides"]["actor.model_name"]).exists()  # the models' folder is removed
     assert "0.75" in (tmp_path / "out" / "multi_turn.md").read_text()
+
+
+def test_welch_and_holm_match_scipy_and_the_definition():
+    from scipy import stats
+
+    a, b = [0.30, 0.35, 0.41, 0.38], [0.20, 0.22, 0.31]
+    d, half, p = _welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    lo, hi = ref.confidence_interval(0.95)
+    assert p == pytest.approx(ref.pvalue, rel=1e-9) and (d - half, d + half) == pytest.approx((lo, hi), rel=1e-9)
+    assert math.isnan(_welch([0.1], b)[2]) and math.isnan(_welch([0.2, 0.2], [0.2, 0.2])[2])
+    # Holm: sorted p times (m - rank), running maximum, capped at 1; NaN (untested) kept out of m
+    assert _holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adj = _holm([0.5, math.nan, 0.01])
+    assert adj[0] == pytest.approx(0.5) and math.isnan(adj[1]) and adj[2] == pytest.approx(0.02)
+
+
+def test_estimator_page_tests_every_arm_against_the_configs_estimator(tmp_path):
+    out = run_ablation("estimators", seeds=2, out_dir=tmp_path, overrides=TINY, arms=["rloo", "grpo", "gpg"],
+                       workers=1, show_progress_bar=False)
+    assert out["reference_arm"] == "grpo" and [c["arm"] for c in out["comparisons"]] == ["rloo", "gpg"]
+    by_arm = {a: [r["reward_end"] for r in out["runs"] if r["arm"] == a] for a in ("rloo", "grpo", "gpg")}
+    for c in out["comparisons"]:
+        assert c["diff"] == pytest.approx(sum(by_arm[c["arm"]]) / 2 - sum(by_arm["grpo"]) / 2)
+    md = (tmp_path / "estimators.md").read_text()
+    assert "| arm | Δ reward vs grpo | 95% CI | p | p (Holm) |" in md and "Holm" in md

@@ -66,7 +66,7 @@ __all__ = ["ABLATIONS", "DEFAULT_STEPS", "ablation_arms", "format_table", "run_a
 
 #: Default ``trainer.total_steps`` per ablation, chosen so that each default run
 #: (3 seeds, 2 worker processes) takes about 10 minutes on 2 idle CPU cores.
-DEFAULT_STEPS: dict[str, int] = {"estimators": 300, "kl": 400, "kl_frontier": 400, "losses": 300, "pareto": 400,
+DEFAULT_STEPS: dict[str, int] = {"estimators": 150, "kl": 400, "kl_frontier": 400, "losses": 300, "pareto": 400,
                                  "multi_turn": 200}
 
 DEFAULT_CONFIG = "demo"
@@ -101,9 +101,21 @@ _TURN_GAMMA = 0.5
 _NO_FEEDBACK_WINS = 0.75
 
 
+# The estimator ablation's task, where the estimators' mechanisms differ: token-level partial credit
+# (a critic's TD errors or returns-to-go can tell which digit earned it, a baseline of the outcome
+# cannot), three digits, four update epochs per rollout with the advantages re-estimated before each
+# (V-trace, Retrace and clipped IS then see ratios other than 1), and no KL control (the demo's KL
+# budget would hold every estimator at the reward that budget allows).
+_ESTIMATOR_TASK: dict[str, Any] = {"task.n_digits": 3, "task.reward_level": "token", "trainer.update_epochs": 4,
+                                   "trainer.recompute_advantages": True, f"{_AK}.enabled": False}
+
+
 def _task_overrides(name: str, seed: int, models: Path | None) -> dict[str, Any]:
-    """The task of ablation ``name`` for seed ``seed``: nothing for the demo's digits task; for
+    """The task of ablation ``name`` for seed ``seed``: for ``estimators`` the demo's digits task made to
+    separate them (:data:`_ESTIMATOR_TASK`); nothing for the other ablations on the demo; for
     ``multi_turn`` the shipped multi-turn task, with seed ``seed``'s initial model saved under ``models``."""
+    if name == "estimators":
+        return dict(_ESTIMATOR_TASK)
     if name != "multi_turn":
         return {}
     from rl2fx.envs_examples import higher_lower as hl
@@ -194,7 +206,11 @@ def ablation_arms(name: str, *, total_steps: int) -> list[tuple[str, dict[str, A
 
 
 _ARM_NOTES = {
-    "estimators": "`adv.estimator`: every registered estimator (those that read values train a critic).",
+    "estimators": ("`adv.estimator`: every registered estimator (those that read values train a critic), on "
+                   "the demo's digits task with " + ", ".join(f"`{k}={str(v).lower()}`" for k, v in _ESTIMATOR_TASK.items())
+                   + ": three-digit reversal with token-level partial credit (each right digit's 1/3 on its "
+                   "own token), four update epochs per rollout with the advantages re-estimated before each "
+                   "later one from the current policy's ratios and critic, no KL control."),
     "kl": (f"the KL controller (`{_AK}.controller_type`; each controller starts from the demo's "
            f"`initial_coef`, bounds and `target_kl={_DEMO_TARGET_KL}`), no KL at all, and the Lagrangian "
            f"constraint `KL <= {_DEMO_TARGET_KL}` instead of a controller."),
@@ -267,6 +283,46 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     m = sum(xs) / n
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
     return m, s
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Welch's two-sample t-test of mean(a) - mean(b): ``(difference, half-width of its 95% CI, two-sided p)``.
+
+    With fewer than 2 values on a side, or no spread at all, the CI and p are NaN (nothing to test).
+    """
+    from scipy import stats
+
+    d = float(np.mean(a) - np.mean(b))
+    if len(a) < 2 or len(b) < 2:
+        return d, math.nan, math.nan
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return d, math.nan, math.nan
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    p = float(2 * stats.t.sf(abs(d) / se, df))
+    return d, float(stats.t.ppf(0.975, df) * se), p
+
+
+def _holm(ps: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (Holm 1979), in the input order; NaN stays NaN."""
+    idx = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=lambda i: ps[i])
+    out = [math.nan] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def _compare(out: dict[str, Any], reference: str) -> list[dict[str, Any]]:
+    """Each other arm's final reward against ``reference``'s: Welch difference, 95% CI, p, Holm-adjusted p."""
+    by_arm = {s["arm"]: [r["reward_end"] for r in out["runs"] if r["arm"] == s["arm"]] for s in out["summary"]}
+    rows = [{"arm": arm, **dict(zip(("diff", "ci95", "p"), _welch(xs, by_arm[reference]), strict=True))}
+            for arm, xs in by_arm.items() if arm != reference]
+    for row, adj in zip(rows, _holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = adj
+    return rows
 
 
 def _machine() -> str:
@@ -353,6 +409,10 @@ def run_ablation(
     first_cfg = load_config(base, overrides=jobs[0][2])
     window = int(first_cfg.trainer.summary_window)
     target_kl = float(first_cfg.actor.kl.adaptive_kl.target_kl) if name == "kl" else None
+    # the arm every other is tested against: the base config's own choice
+    base_choice = {"estimators": str(load_config(base, overrides=user).adv.estimator),
+                   "losses": str(load_config(base, overrides=user).actor.loss_type)}.get(name)
+    reference = base_choice if base_choice in dict(all_arms) else None
 
     started = _dt.datetime.now().astimezone()
     machine = _machine()
@@ -416,7 +476,10 @@ def run_ablation(
         "total_wall_time_s": total_wall,
         "summary": summary,
         "runs": runs,
+        "reference_arm": reference,
     }
+    if reference is not None and seeds > 1:
+        out["comparisons"] = _compare(out, reference)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -482,6 +545,8 @@ def format_table(out: dict[str, Any]) -> str:
         lines += ["", f"Target KL {target:g}: a feedback controller holds it when KL / target is within "
                   "0.75–1.25 (the shaded band in the middle panel). `fixed`, `no_kl` and `schedule` do not "
                   "use the measured KL, so they are not expected to."]
+    if out.get("comparisons"):
+        lines += _comparison_lines(out)
     if any(r.get("pareto_front") for r in out["runs"]):
         lines += ["", "The trade-off each multi-objective arm reached: its end point (reward, KL) is in the "
                   "table; its final Pareto archive (the non-dominated iterations' measured reward, -KL and "
@@ -494,6 +559,26 @@ def format_table(out: dict[str, Any]) -> str:
               + " with a ±1 std band. All per-run numbers and curves: "
               f"[{name}.json]({name}.json).", ""]
     return "\n".join(lines)
+
+
+def _comparison_lines(out: dict[str, Any]) -> list[str]:
+    """The page's test of every arm against the reference arm, and which differences exceed the noise."""
+    ref, rows = out["reference_arm"], out["comparisons"]
+
+    def p_fmt(p: float) -> str:
+        return "n/a" if math.isnan(p) else f"{p:.2g}" if p >= 1e-3 else "<0.001"
+
+    lines = ["", f"Each arm against `{ref}` (the base config's choice): difference of final reward, its 95% "
+             f"confidence interval and two-sided p of Welch's t-test over the {len(out['seeds'])} seeds, and p "
+             f"adjusted for the {len(rows)} comparisons (Holm–Bonferroni). **Bold**: beyond the noise "
+             "(adjusted p < 0.05).", "",
+             f"| arm | Δ reward vs {ref} | 95% CI | p | p (Holm) |", "|---|---|---|---|---|"]
+    for r in rows:
+        sig = not math.isnan(r["p_holm"]) and r["p_holm"] < 0.05
+        arm = f"**{r['arm']}**" if sig else r["arm"]
+        ci = "n/a" if math.isnan(r["ci95"]) else f"[{r['diff'] - r['ci95']:+.3f}, {r['diff'] + r['ci95']:+.3f}]"
+        lines.append(f"| {arm} | {r['diff']:+.3f} | {ci} | {p_fmt(r['p'])} | {p_fmt(r['p_holm'])} |")
+    return lines
 
 
 def _smooth_window(out: dict[str, Any]) -> int:
