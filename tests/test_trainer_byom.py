@@ -254,6 +254,9 @@ def test_bad_setup_errors_name_the_argument(tmp_path):
         PPOTrainer(cfg, model=tiny_model(tok), tokenizer=tok, reward_funcs=short)
     with pytest.raises(ConfigError, match="tokenizer is required"):
         PPOTrainer(cfg, model=tiny_model(tok), reward_funcs=short, train_dataset=rows())
+    with pytest.raises(ConfigError, match="'task.reward_level' 'token' is a setting of the built-in digits task"):
+        PPOTrainer(config(tmp_path, "experiment_tracking.enabled=false", "task.reward_level=token"),
+                   model=tiny_model(tok), tokenizer=tok, reward_funcs=short, train_dataset=rows())
     with pytest.raises(ConfigError, match=r"reward_funcs\[1\] is a str"):
         PPOTrainer(cfg, model=tiny_model(tok), tokenizer=tok, reward_funcs=[short, "short"], train_dataset=rows())
     with pytest.raises(ConfigError, match="peft_config must be a peft.PeftConfig"):
