@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from rl2fx.losses import list_policy_losses
-from rl2fx.returns import list_estimators
+from rl2fx.returns import get_estimator, list_estimators
 from rl2fx.tracking.system import cpu_model
 from rl2fx.trainer.ablate_names import ABLATIONS, DEFAULT_OUT
 from rl2fx.trainer.config import load_config, parse_override, trainer_supports
@@ -554,7 +554,8 @@ def format_table(out: dict[str, Any]) -> str:
     lines += ["", f"![reward curves]({name}.png)", "",
               ("Left: reward per step; middle: rollout KL per token; right: the KL coefficient "
                "(log scale). Curves are means over seeds" if target is not None else
-               "Reward per step, mean over seeds")
+               "Reward per step (left: the value-based arms, with a critic; right: the critic-free ones), "
+               "mean over seeds" if name == "estimators" else "Reward per step, mean over seeds")
               + (f" (moving average over {_smooth_window(out)} steps)" if _smooth_window(out) > 1 else "")
               + " with a ±1 std band. All per-run numbers and curves: "
               f"[{name}.json]({name}.json).", ""]
@@ -638,7 +639,11 @@ def _plot(out: dict[str, Any], path: Path) -> None:
     if out["ablation"] == "kl_frontier":
         _plot_frontier(out, path)
         return
-    if front_panel:  # each arm's final Pareto archive in the reward-KL plane
+    # estimators: value-based arms (with a critic) on the left, critic-free ones on the right, one y scale
+    by_family = out["ablation"] == "estimators" and all(s["arm"] in list_estimators() for s in out["summary"])
+    if by_family:
+        fig, (ax, ax_free) = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
+    elif front_panel:  # each arm's final Pareto archive in the reward-KL plane
         fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(13, 4.8))
     elif kl_panel:  # second row: KL and coefficient against step, with the target
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
@@ -650,8 +655,9 @@ def _plot(out: dict[str, Any], path: Path) -> None:
         curves = _seed_curves(out, s["arm"], "reward_curve", k)
         x = np.arange(curves.shape[1]) + k
         m, sd = curves.mean(0), curves.std(0, ddof=1) if len(curves) > 1 else np.zeros(curves.shape[1])
-        (line,) = ax.plot(x, m, label=s["arm"], lw=1.5, ls=styles[i % len(styles)])
-        ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
+        here = ax_free if by_family and not get_estimator(s["arm"]).needs_values else ax
+        (line,) = here.plot(x, m, label=s["arm"], lw=1.5, ls=styles[i % len(styles)])
+        here.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.15, lw=0)
         if kl_panel:
             kl = _seed_curves(out, s["arm"], "kl_curve", k).mean(0)
             ax_kl.plot(x, kl, lw=1.2, ls=styles[i % len(styles)], color=line.get_color(), label=s["arm"])
@@ -691,8 +697,14 @@ def _plot(out: dict[str, Any], path: Path) -> None:
         ax.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
     ax.set_xlabel("training step")
     ax.set_ylabel("task reward")
-    ax.set_title(f"rl2fx ablate {out['ablation']}: {len(out['seeds'])} seed(s), mean ± std")
+    ax.set_title(f"rl2fx ablate {out['ablation']}: {len(out['seeds'])} seed(s), mean ± std"
+                 + (": value-based (critic)" if by_family else ""))
     ax.legend(fontsize=8, ncol=2)
+    if by_family:
+        ax_free.axhline(out["chance_reward"], color="k", ls=":", lw=1, label="chance")
+        ax_free.set_xlabel("training step")
+        ax_free.set_title("critic-free", fontsize=10)
+        ax_free.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
