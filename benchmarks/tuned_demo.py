@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--study", default="outputs/tune_demo")
     ap.add_argument("--seeds", default="10,11,12,13,14", help="fresh seeds, comma-separated")
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--name", default="tuned_demo", help="result file name: <--out>/<name>.json and .png")
     add_out_argument(ap)
     args = ap.parse_args()
     study = Path(args.study)
@@ -102,7 +103,7 @@ def main() -> None:
     print(f"tuned - shipped at equal wall time: {diff_eq:+.3f}, 95% CI [{diff_eq - half_eq:+.3f}, "
           f"{diff_eq + half_eq:+.3f}], Welch p = {p_eq:.2g}")
     print(f"\nbest params: {best['params']}")
-    path = write_json(args.out, "tuned_demo.json", out, indent=1)
+    path = write_json(args.out, f"{args.name}.json", out, indent=1)
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [t["number"] for t in done]
     vals = [t["value"] for t in done]
