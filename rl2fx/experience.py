@@ -317,7 +317,7 @@ def estimate_advantages(
     KL penalty already folded in when ``kl_in_reward``), ``scores``, and where they were made
     ``old_logprobs``, ``reward_components`` and ``is_weights`` (rollout correction);
     ``trajectories`` as in :func:`make_experience` (segmented multi-turn rows). ``log_rhos``:
-    :math:`\log\pi_	heta(a_t|s_t) - \log\pi_{old}(a_t|s_t)`, the current policy's log-probs
+    :math:`\log\pi_\theta(a_t|s_t) - \log\pi_{old}(a_t|s_t)`, the current policy's log-probs
     against the sampler's; ``None`` (0) at the first update of a rollout, where the two are one
     policy. Re-estimating before each later epoch with the current ratios and values
     (``PPOTrainer``'s ``trainer.recompute_advantages``) is what gives V-trace's truncated

@@ -389,7 +389,7 @@ def run_ablation(
             raise ValueError(f"override {key!r} is set by rl2fx ablate for every run (seeds: --seeds; "
                              f"checkpoints: a temporary folder); remove it")
     steps = int(user.get("trainer.total_steps", DEFAULT_STEPS[name]))
-    load_config(base, overrides=user)  # imports the config's `imports`: their estimators become arms
+    base_cfg = load_config(base, overrides=user)  # imports the config's `imports`: their estimators become arms
     all_arms = ablation_arms(name, total_steps=steps)
     if arms is not None:
         unknown = [a for a in arms if a not in dict(all_arms)]
@@ -410,8 +410,7 @@ def run_ablation(
     window = int(first_cfg.trainer.summary_window)
     target_kl = float(first_cfg.actor.kl.adaptive_kl.target_kl) if name == "kl" else None
     # the arm every other is tested against: the base config's own choice
-    base_choice = {"estimators": str(load_config(base, overrides=user).adv.estimator),
-                   "losses": str(load_config(base, overrides=user).actor.loss_type)}.get(name)
+    base_choice = {"estimators": str(base_cfg.adv.estimator), "losses": str(base_cfg.actor.loss_type)}.get(name)
     reference = base_choice if base_choice in dict(all_arms) else None
 
     started = _dt.datetime.now().astimezone()
