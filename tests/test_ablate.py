@@ -223,3 +223,27 @@ def test_estimator_page_tests_every_arm_against_the_configs_estimator(tmp_path):
         assert c["diff"] == pytest.approx(sum(by_arm[c["arm"]]) / 2 - sum(by_arm["grpo"]) / 2)
     md = (tmp_path / "estimators.md").read_text()
     assert "| arm | Δ reward vs grpo | 95% CI | p | p (Holm) |" in md and "Holm" in md
+
+
+def test_estimator_planned_tests_pair_by_seed_and_isolate_the_corrections():
+    from scipy import stats
+
+    from rl2fx.trainer.ablate import _estimator_tests
+
+    rewards = {"gae": [0.5, 0.6, 0.7], "td_lambda": [0.4, 0.5, 0.65], "retrace": [0.6, 0.7, 0.8],
+               "clipped_is": [0.5, 0.6, 0.7], "grpo": [0.3, 0.45, 0.5], "rloo": [0.35, 0.4, 0.5],
+               "grpo_passk": [0.0, 0.0, 0.0]}
+    out = {"seeds": [0, 1, 2], "runs": [{"arm": a, "seed": s, "reward_end": x}
+                                        for a, xs in rewards.items() for s, x in enumerate(xs)]}
+    res = _estimator_tests(out)
+    fam = res["family"]
+    assert fam["value_arms"] == ["gae", "td_lambda", "retrace", "clipped_is"] and fam["free_arms"] == ["grpo", "rloo"]
+    per_seed = [(rewards["gae"][s] + rewards["td_lambda"][s] + rewards["retrace"][s] + rewards["clipped_is"][s]) / 4
+                - (rewards["grpo"][s] + rewards["rloo"][s]) / 2 for s in range(3)]
+    assert fam["per_seed"] == pytest.approx(per_seed)
+    assert fam["p"] == pytest.approx(stats.ttest_rel([sum(x) for x in zip(*[rewards[a] for a in fam["value_arms"]],
+                                                                        strict=True)],
+                                                     [2 * sum(x) for x in zip(rewards["grpo"], rewards["rloo"],
+                                                                              strict=True)]).pvalue)
+    assert [(c["arm"], c["base"]) for c in res["corrections"]] == [("retrace", "td_lambda"), ("clipped_is", "gae")]
+    assert res["corrections"][1]["diff"] == 0.0 and res["corrections"][0]["diff"] == pytest.approx(0.55 / 3)

@@ -325,6 +325,43 @@ def _compare(out: dict[str, Any], reference: str) -> list[dict[str, Any]]:
     return rows
 
 
+# Estimators that optimise another objective than the mean reward, left out of the family comparison.
+_OTHER_OBJECTIVE = ("grpo_passk",)
+# Each off-policy correction and the estimator it computes when every ratio is 1: with the advantages
+# re-estimated at every epoch from the same critic, the pair's difference is the correction's effect.
+# (V-trace's on-policy form is none of the arms: its advantage bootstraps on the next step's target.)
+_CORRECTION_PAIRS = (("retrace", "td_lambda"), ("clipped_is", "gae"))
+
+
+def _estimator_tests(out: dict[str, Any]) -> dict[str, Any]:
+    """The estimator ablation's two planned tests.
+
+    ``family``: the value-based arms (with a critic) against the critic-free ones (those of
+    :data:`_OTHER_OBJECTIVE` aside), paired by seed: per seed, the mean final reward over the
+    value-based arms minus the mean over the critic-free ones; a one-sample t-test of those
+    differences (difference, 95% CI half-width, p). ``corrections``: each pair of
+    :data:`_CORRECTION_PAIRS` present, Welch's test of its difference.
+    """
+    from scipy import stats
+
+    runs: dict[str, dict[int, float]] = {}
+    for r in out["runs"]:
+        runs.setdefault(r["arm"], {})[r["seed"]] = r["reward_end"]
+    value = [a for a in runs if get_estimator(a).needs_values]
+    free = [a for a in runs if not get_estimator(a).needs_values and a not in _OTHER_OBJECTIVE]
+    res: dict[str, Any] = {"corrections": [
+        {"arm": a, "base": b, **dict(zip(("diff", "ci95", "p"), _welch(list(runs[a].values()),
+                                                                       list(runs[b].values())), strict=True))}
+        for a, b in _CORRECTION_PAIRS if a in runs and b in runs]}
+    if value and free and len(out["seeds"]) > 1:
+        d = [float(np.mean([runs[a][s] for a in value]) - np.mean([runs[a][s] for a in free])) for s in out["seeds"]]
+        t = stats.ttest_1samp(d, 0.0)
+        lo, _ = t.confidence_interval(0.95)
+        res["family"] = {"value_arms": value, "free_arms": free, "per_seed": d, "diff": float(np.mean(d)),
+                         "ci95": float(np.mean(d) - lo), "p": float(t.pvalue)}
+    return res
+
+
 def _machine() -> str:
     cpu = cpu_model()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
@@ -479,6 +516,8 @@ def run_ablation(
     }
     if reference is not None and seeds > 1:
         out["comparisons"] = _compare(out, reference)
+    if name == "estimators" and all(s["arm"] in list_estimators() for s in summary):
+        out["estimator_tests"] = _estimator_tests(out)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -573,11 +612,25 @@ def _comparison_lines(out: dict[str, Any]) -> list[str]:
              f"adjusted for the {len(rows)} comparisons (Holm–Bonferroni). **Bold**: beyond the noise "
              "(adjusted p < 0.05).", "",
              f"| arm | Δ reward vs {ref} | 95% CI | p | p (Holm) |", "|---|---|---|---|---|"]
+    def ci(r: dict[str, Any]) -> str:
+        return "n/a" if math.isnan(r["ci95"]) else f"[{r['diff'] - r['ci95']:+.3f}, {r['diff'] + r['ci95']:+.3f}]"
+
     for r in rows:
         sig = not math.isnan(r["p_holm"]) and r["p_holm"] < 0.05
         arm = f"**{r['arm']}**" if sig else r["arm"]
-        ci = "n/a" if math.isnan(r["ci95"]) else f"[{r['diff'] - r['ci95']:+.3f}, {r['diff'] + r['ci95']:+.3f}]"
-        lines.append(f"| {arm} | {r['diff']:+.3f} | {ci} | {p_fmt(r['p'])} | {p_fmt(r['p_holm'])} |")
+        lines.append(f"| {arm} | {r['diff']:+.3f} | {ci(r)} | {p_fmt(r['p'])} | {p_fmt(r['p_holm'])} |")
+    tests = out.get("estimator_tests")
+    if tests and tests.get("family"):
+        f = tests["family"]
+        lines += ["", f"Planned tests. **Value-based against critic-free**, paired by seed (per seed: mean final reward "
+                  f"of the {len(f['value_arms'])} value-based arms minus that of the {len(f['free_arms'])} critic-free "
+                  f"ones, {', '.join(f'`{a}`' for a in _OTHER_OBJECTIVE)} aside; t-test of the "
+                  f"{len(f['per_seed'])} differences): {f['diff']:+.3f}, 95% CI {ci(f)}, p {p_fmt(f['p'])}."]
+    if tests and tests.get("corrections"):
+        lines += ["", "**Off-policy corrections** (each against the estimator it equals when every ratio is 1; "
+                  "both re-estimate from the current critic at every epoch, so the difference is the "
+                  "correction's): " + "; ".join(f"`{r['arm']}` − `{r['base']}` {r['diff']:+.3f}, 95% CI {ci(r)}, "
+                                                f"Welch p {p_fmt(r['p'])}" for r in tests["corrections"]) + "."]
     return lines
 
 
