@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,7 +197,7 @@ def _objective(cfg: DictConfig, *, report: bool = True):
         out["wall_time_s"] = sum(float(r["wall_time_s"]) for r in results)
         if n_seeds > 1:
             rewards = [float(r["reward_end"]) for r in results]
-            out["reward_std"] = math.sqrt(sum((x - out["reward"]) ** 2 for x in rewards) / (n_seeds - 1))
+            out["reward_std"] = statistics.stdev(rewards)
             out.update({f"reward_seed{i}": x for i, x in enumerate(rewards)})
         return out
 
